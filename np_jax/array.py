@@ -1,0 +1,215 @@
+"""The core array: a weight matrix tiled over the 16 x 16 grid, and the array VMM.
+
+Tiling (explicit and inspectable): a [K, N] matrix is cut into `rows` blocks along K and
+`cols` blocks along N; core (r, c) of the tiling holds `W[r*Kb:(r+1)*Kb, c*Nb:(c+1)*Nb]`
+(Kb = ceil(K / rows), Nb = ceil(N / cols); the last blocks are zero-padded). The tiling may
+occupy a sub-grid of the chip starting at (row0, col0). `Tiling.table()` lists which core
+holds which block.
+
+The array VMM (`array_vmm`) is a vmap over cores of `core.core_vmm`: core (r, c) multiplies
+the r-th K-block of the input by its weight block, giving an int32 partial sum; the
+partial-sum network then adds the partial sums of each grid column in row order with
+saturating int32 arithmetic (`core.saturating_sum`). It is jit-compiled and pure, and the
+core-row axis can be sharded over devices (`shard_weights`).
+
+Storage: the tiled weights are kept as the padded matrix viewed as [R, Kb, C, Nb] (core
+(r, c)'s block is `w[r, :, c, :]`). That is a zero-copy view of the row-major matrix and lets
+XLA batch the per-core products into one efficient dot; it is the same per-core data as a
+[R, C, Kb, Nb] array, laid out differently in host memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from np_jax import core
+from np_jax.core import VmmCost, check_bits, int_range, stored_bytes, vmm_cycles
+from np_jax.memory import CoreMemory
+from np_jax.spec import NORTHPOLE, ChipSpec
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a [K, N] matrix is cut over a `rows` x `cols` block of cores at (row0, col0)."""
+
+    k: int
+    n: int
+    rows: int = 16
+    cols: int = 16
+    row0: int = 0
+    col0: int = 0
+
+    def __post_init__(self):
+        for name in ("k", "n", "rows", "cols"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Tiling.{name} must be >= 1, got {getattr(self, name)}")
+        if self.row0 < 0 or self.col0 < 0:
+            raise ValueError("Tiling origin must be non-negative")
+
+    @property
+    def kb(self) -> int:
+        return math.ceil(self.k / self.rows)
+
+    @property
+    def nb(self) -> int:
+        return math.ceil(self.n / self.cols)
+
+    def check_fits_grid(self, chip: ChipSpec = NORTHPOLE) -> None:
+        if self.row0 + self.rows > chip.grid_rows or self.col0 + self.cols > chip.grid_cols:
+            raise ValueError(
+                f"tiling of {self.rows}x{self.cols} cores at ({self.row0}, {self.col0}) "
+                f"exceeds the {chip.grid_rows}x{chip.grid_cols} core grid"
+            )
+
+    def block(self, r: int, c: int) -> tuple[slice, slice]:
+        """(K slice, N slice) of the matrix held by tiling core (r, c), without padding."""
+        if not (0 <= r < self.rows and 0 <= c < self.cols):
+            raise IndexError(f"core ({r}, {c}) is outside the {self.rows}x{self.cols} tiling")
+        return (slice(min(r * self.kb, self.k), min((r + 1) * self.kb, self.k)),
+                slice(min(c * self.nb, self.n), min((c + 1) * self.nb, self.n)))
+
+    def core_of(self, k_index: int, n_index: int) -> tuple[int, int]:
+        """Chip-grid coordinates of the core holding element W[k_index, n_index]."""
+        return self.row0 + k_index // self.kb, self.col0 + n_index // self.nb
+
+    def table(self) -> list[dict]:
+        """One row per tiling core: chip coordinates and the block it holds."""
+        out = []
+        for r in range(self.rows):
+            for c in range(self.cols):
+                ks, ns = self.block(r, c)
+                out.append({"core": (self.row0 + r, self.col0 + c), "k": (ks.start, ks.stop), "n": (ns.start, ns.stop)})
+        return out
+
+    def values_RxC(self) -> np.ndarray:
+        """Number of (unpadded) matrix elements each tiling core holds, shape [rows, cols]."""
+        k_r = np.clip(self.k - np.arange(self.rows) * self.kb, 0, self.kb)
+        n_c = np.clip(self.n - np.arange(self.cols) * self.nb, 0, self.nb)
+        return np.outer(k_r, n_c).astype(np.int64)
+
+    def bytes_on_chip(self, bits: int, chip: ChipSpec = NORTHPOLE) -> np.ndarray:
+        """Packed bytes per chip core ([grid_rows, grid_cols]) for this matrix at `bits`."""
+        self.check_fits_grid(chip)
+        per_core = np.vectorize(lambda v: stored_bytes(int(v), bits))(self.values_RxC())
+        out = np.zeros((chip.grid_rows, chip.grid_cols), np.int64)
+        out[self.row0:self.row0 + self.rows, self.col0:self.col0 + self.cols] = per_core
+        return out
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class TiledWeights:
+    """A weight matrix resident in the core array. `w_RxKbxCxNb_i8[r, :, c, :]` is core (r, c)'s block."""
+
+    w_RxKbxCxNb_i8: jax.Array
+    tiling: Tiling = field(metadata=dict(static=True))
+    bits: int = field(metadata=dict(static=True))
+    signed: bool = field(default=True, metadata=dict(static=True))
+
+    def core_block(self, r: int, c: int) -> jax.Array:
+        """The [Kb, Nb] block held by tiling core (r, c), padding included."""
+        return self.w_RxKbxCxNb_i8[r, :, c, :]
+
+    def to_matrix(self) -> jax.Array:
+        t = self.tiling
+        return self.w_RxKbxCxNb_i8.reshape(t.rows * t.kb, t.cols * t.nb)[: t.k, : t.n]
+
+    def packed_core_image(self, r: int, c: int) -> jax.Array:
+        """The bytes core (r, c) stores: its unpadded block packed at `bits` (row-major)."""
+        ks, ns = self.tiling.block(r, c)
+        blk = self.core_block(r, c)[: ks.stop - ks.start, : ns.stop - ns.start]
+        return core.pack_bits(blk.reshape(-1), self.bits)
+
+
+def tile_weights(w_KxN_i8: jax.Array, *, bits: int, tiling: Tiling | None = None, signed: bool = True,
+                 memory: CoreMemory | None = None, name: str = "weights", chip: ChipSpec = NORTHPOLE) -> TiledWeights:
+    """Place an integer matrix (values of width `bits`, held in int8) on the core array.
+
+    If `memory` is given, its per-core bytes (packed at `bits`) are allocated there, raising
+    `CoreMemoryError` (card, core, bytes over) if they do not fit. Values outside the range
+    of `bits` raise ValueError (checked when `w_KxN_i8` is concrete).
+    """
+    bits = check_bits(bits)
+    if w_KxN_i8.ndim != 2:
+        raise ValueError(f"expected a [K, N] matrix, got shape {w_KxN_i8.shape}")
+    k, n = w_KxN_i8.shape
+    tiling = tiling or Tiling(k, n, chip.grid_rows, chip.grid_cols)
+    if (tiling.k, tiling.n) != (k, n):
+        raise ValueError(f"tiling is for a [{tiling.k}, {tiling.n}] matrix, got [{k}, {n}]")
+    tiling.check_fits_grid(chip)
+    if not isinstance(w_KxN_i8, jax.core.Tracer):
+        lo, hi = int_range(bits, signed)
+        w_np = np.asarray(w_KxN_i8)
+        if w_np.size and (w_np.min() < lo or w_np.max() > hi):
+            raise ValueError(f"weights of {name!r} lie in [{w_np.min()}, {w_np.max()}], outside INT{bits} [{lo}, {hi}]")
+    if memory is not None:
+        memory.allocate(name, tiling.bytes_on_chip(bits, chip), kind="weights")
+    w = jnp.asarray(w_KxN_i8, jnp.int8)
+    w = jnp.pad(w, ((0, tiling.rows * tiling.kb - k), (0, tiling.cols * tiling.nb - n)))
+    return TiledWeights(w.reshape(tiling.rows, tiling.kb, tiling.cols, tiling.nb), tiling, bits, signed)
+
+
+def array_vmm(x_BxK_i8: jax.Array, tw: TiledWeights, *, x_bits: int = 8, x_signed: bool = True) -> jax.Array:
+    """`x @ W` on the core array: per-core int32 VMMs, then the saturating partial-sum network.
+
+    `x_BxK_i8` may have any number of leading axes (`[..., K]`); returns `[..., N]` int32.
+    """
+    t = tw.tiling
+    if x_BxK_i8.shape[-1] != t.k:
+        raise ValueError(f"input has {x_BxK_i8.shape[-1]} features, the mapped matrix expects K={t.k}")
+    lead = x_BxK_i8.shape[:-1]
+    x = x_BxK_i8.reshape(-1, t.k).astype(jnp.int8)
+    x = jnp.pad(x, ((0, 0), (0, t.rows * t.kb - t.k))).reshape(-1, t.rows, t.kb)
+
+    def one_core(x_BxKb, w_KbxNb):
+        return core.core_vmm(x_BxKb, w_KbxNb, x_bits=x_bits, w_bits=tw.bits, x_signed=x_signed, w_signed=tw.signed)
+
+    # Inner vmap: the cores of one grid row share that row's input block. Outer vmap: grid rows.
+    per_core_RxBxCxNb = jax.vmap(
+        jax.vmap(one_core, in_axes=(None, 1), out_axes=1), in_axes=(1, 0), out_axes=0
+    )(x, tw.w_RxKbxCxNb_i8)
+    acc_BxCxNb = core.saturating_sum(per_core_RxBxCxNb, axis=0)
+    return acc_BxCxNb.reshape(-1, t.cols * t.nb)[:, : t.n].reshape(*lead, t.n)
+
+
+def array_vmm_cost(b: int, tiling: Tiling, *, x_bits: int, w_bits: int, chip: ChipSpec = NORTHPOLE) -> VmmCost:
+    """Cost of `array_vmm` for `b` input rows.
+
+    input_bytes counts each core's delivery of its input block (a grid row's cores each
+    receive the same block); partial_sum_bytes counts the int32 partial sums passed down each
+    grid column (rows - 1 hops of B x Nb per column).
+    """
+    bits = max(check_bits(x_bits), check_bits(w_bits))
+    used_rows = min(tiling.rows, math.ceil(tiling.k / tiling.kb))
+    used_cols = min(tiling.cols, math.ceil(tiling.n / tiling.nb))
+    return VmmCost(
+        macs=b * tiling.k * tiling.n,
+        bits=bits,
+        cores=used_rows * used_cols,
+        cycles=vmm_cycles(b, tiling.kb, tiling.nb, bits, chip),
+        weight_bytes=stored_bytes(tiling.k * tiling.n, w_bits),
+        input_bytes=stored_bytes(b * tiling.k, x_bits) * used_cols,
+        partial_sum_bytes=4 * b * tiling.n * (used_rows - 1),
+        output_bytes=4 * b * tiling.n,
+    )
+
+
+def core_mesh(devices=None, axis: str = "cores") -> Mesh:
+    """A 1-D mesh over which the core-row axis of tiled weights is sharded."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.array(devices), (axis,))
+
+
+def shard_weights(tw: TiledWeights, mesh: Mesh, axis: str = "cores") -> TiledWeights:
+    """Shard the core-row axis of `tw` over mesh axis `axis` (rows must divide evenly)."""
+    n_dev = mesh.shape[axis]
+    if tw.tiling.rows % n_dev:
+        raise ValueError(f"{tw.tiling.rows} core rows cannot be split evenly over {n_dev} devices")
+    sharding = NamedSharding(mesh, P(axis, None, None, None))
+    return TiledWeights(jax.device_put(tw.w_RxKbxCxNb_i8, sharding), tw.tiling, tw.bits, tw.signed)

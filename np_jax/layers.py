@@ -1,0 +1,177 @@
+"""Quantized layers: one integer forward for training and serving, with LSQ gradients.
+
+Every quantized product (a linear layer `x @ W`, the attention scores `Q K^T`, the attention
+output `P V`) is computed exactly as the chip does it:
+  1. quantize the inputs with their LSQ steps (`vector_unit.quantize`),
+  2. multiply the integer codes on the core array (`array.array_vmm`) or on cores
+     (`core.core_vmm`, vmapped over heads/users), accumulating in int32,
+  3. scale the int32 accumulator in the vector unit: `fp16(fp32(acc) * fp32(s_a * s_b))`.
+That function is `scaled_int_product`, defined once. Training calls it through a
+`jax.custom_vjp` whose backward pass is the VJP of the LSQ fake-quant product
+`fq(a, s_a) @ fq(b, s_b)` (float32), so the training forward *is* the serving forward, bit for
+bit, and the gradients are the LSQ/straight-through ones.
+
+Serving converts a float linear layer once (`prepare_linear`): its weights are quantized with
+the same quantizer and tiled onto the core array (`TiledWeights`); `linear` then skips the
+weight quantization but runs the same `scaled_int_product`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from np_jax import activation_unit, core
+from np_jax.array import TiledWeights, Tiling, array_vmm, tile_weights
+from np_jax.quant import TensorQuant, act_grad_scale, check_step, fake_quant, lsq_fake_quant, weight_grad_scale
+from np_jax.vector_unit import VECTOR_DTYPE, quantize, scale_accumulator
+
+_EINSUM = {"linear": "...k,kn->...n", "qk": "...lk,...tk->...lt", "pv": "...lt,...tk->...lk"}
+
+
+@dataclass(frozen=True)
+class ProductSpec:
+    """A quantized product: its kind ("linear", "qk" or "pv") and its operands' quantizers."""
+
+    kind: str
+    a: TensorQuant
+    b: TensorQuant
+    out_dtype: object = VECTOR_DTYPE
+
+    def __post_init__(self):
+        if self.kind not in _EINSUM:
+            raise ValueError(f"unknown product kind {self.kind!r}")
+        if self.a.is_float or self.b.is_float:
+            raise ValueError("ProductSpec is for integer products; use float math for float tensors")
+
+
+def _batched_core_vmm(a_q, bT_q, spec: ProductSpec):
+    """`a @ bT` over leading batch axes, one core VMM per (user, head): [..., L, K] x [..., K, T]."""
+    lead = a_q.shape[:-2]
+    a2 = a_q.reshape(-1, *a_q.shape[-2:])
+    b2 = jnp.broadcast_to(bT_q, (*lead, *bT_q.shape[-2:])).reshape(-1, *bT_q.shape[-2:])
+    f = partial(core.core_vmm, x_bits=spec.a.bits, w_bits=spec.b.bits, x_signed=spec.a.signed, w_signed=spec.b.signed)
+    return jax.vmap(f)(a2, b2).reshape(*lead, a_q.shape[-2], bT_q.shape[-1])
+
+
+def scaled_int_product(a_q: jax.Array, b_q: jax.Array | TiledWeights, s_a: jax.Array, s_b: jax.Array,
+                       spec: ProductSpec) -> jax.Array:
+    """The chip's product of integer codes, scaled back by the vector unit (the one definition).
+
+    linear: a_q [..., K] codes, b_q `TiledWeights` [K, N], s_b () or [N]  -> [..., N]
+    qk:     a_q [..., L, D], b_q [..., T, D]                              -> [..., L, T]
+    pv:     a_q [..., L, T], b_q [..., T, D]                              -> [..., L, D]
+    """
+    if spec.kind == "linear":
+        acc = array_vmm(a_q, b_q, x_bits=spec.a.bits, x_signed=spec.a.signed)
+    elif spec.kind == "qk":
+        acc = _batched_core_vmm(a_q, jnp.swapaxes(b_q, -1, -2), spec)
+    else:
+        acc = _batched_core_vmm(a_q, b_q, spec)
+    return scale_accumulator(acc, jnp.asarray(s_a, jnp.float32) * jnp.asarray(s_b, jnp.float32), spec.out_dtype)
+
+
+def _quantize_b(b, s_b, spec: ProductSpec):
+    b_q = quantize(b, s_b, spec.b.bits, spec.b.signed)
+    return tile_weights(b_q, bits=spec.b.bits, signed=spec.b.signed) if spec.kind == "linear" else b_q
+
+
+def _fake_product(a, b, s_a, s_b, spec: ProductSpec):
+    a_hat = lsq_fake_quant(a, s_a, spec.a, act_grad_scale(a.shape, spec.a))
+    g_b = weight_grad_scale(b.shape, spec.b) if spec.kind == "linear" else act_grad_scale(b.shape, spec.b)
+    b_hat = lsq_fake_quant(b, s_b, spec.b, g_b)
+    return jnp.einsum(_EINSUM[spec.kind], a_hat, b_hat, preferred_element_type=jnp.float32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def quantized_product(a, b, s_a, s_b, spec: ProductSpec):
+    """Integer forward (`scaled_int_product` of the LSQ codes) with LSQ fake-quant gradients."""
+    return scaled_int_product(quantize(a, s_a, spec.a.bits, spec.a.signed), _quantize_b(b, s_b, spec), s_a, s_b, spec)
+
+
+def _qp_fwd(a, b, s_a, s_b, spec):
+    return quantized_product(a, b, s_a, s_b, spec), (a, b, s_a, s_b)
+
+
+def _qp_bwd(spec, res, g):
+    a, b, s_a, s_b = res
+    _, vjp = jax.vjp(lambda *args: _fake_product(*args, spec), a, b, s_a, s_b)
+    grads = vjp(g.astype(jnp.float32))
+    return tuple(gr.astype(jnp.asarray(p).dtype) for gr, p in zip(grads, res))
+
+
+quantized_product.defvjp(_qp_fwd, _qp_bwd)
+
+
+# --- linear layers -------------------------------------------------------------------------------
+
+def linear(x: jax.Array, p: dict, x_tq: TensorQuant, w_tq: TensorQuant, *, dtype=VECTOR_DTYPE) -> jax.Array:
+    """A linear layer `x @ W + b` under its precision.
+
+    `p` is either a training layer {"w": [K, N] float, "s_w", "s_x", ("b")} or a serving layer
+    from `prepare_linear` {"tw": TiledWeights, "s_w", "s_x", ("b")}; both run the same integer
+    forward. Float precision computes `x @ w` in float32 and returns `dtype`.
+    """
+    if w_tq.is_float or x_tq.is_float:
+        if "w" not in p:
+            raise ValueError("a float layer needs float weights 'w'")
+        y = jnp.einsum("...k,kn->...n", x.astype(jnp.float32), p["w"].astype(jnp.float32))
+    else:
+        spec = ProductSpec("linear", x_tq, w_tq, dtype)
+        if "tw" in p:
+            x_q = quantize(x, p["s_x"], x_tq.bits, x_tq.signed)
+            y = scaled_int_product(x_q, p["tw"], p["s_x"], p["s_w"], spec)
+        else:
+            y = quantized_product(x, p["w"], p["s_x"], p["s_w"], spec)
+    if "b" in p:
+        y = y.astype(dtype) + p["b"].astype(dtype)
+    return y.astype(dtype)
+
+
+def prepare_linear(p: dict, w_tq: TensorQuant, tiling: Tiling | None = None, memory=None, name: str = "w") -> dict:
+    """Quantize a training layer's weights once and place them on the core array (serving form)."""
+    if w_tq.is_float:
+        return dict(p)
+    for key in ("s_w", "s_x"):
+        try:
+            check_step(p[key])
+        except ValueError as e:
+            raise ValueError(f"{name}.{key}: {e}") from None
+    w_q = quantize(p["w"], p["s_w"], w_tq.bits, w_tq.signed)
+    tw = tile_weights(w_q, bits=w_tq.bits, signed=w_tq.signed, tiling=tiling, memory=memory, name=name)
+    return {k: v for k, v in p.items() if k != "w"} | {"tw": tw}
+
+
+# --- the activation-function unit in a trainable form --------------------------------------------
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def silu_lut(x: jax.Array, s_in: jax.Array, s_out: jax.Array, tq: TensorQuant) -> jax.Array:
+    """SiLU on the activation unit: quantize `x` (INT8), look the code up, dequantize.
+
+    Forward = the lookup table (bit-exact); backward = LSQ through `fq(silu(fq(x)))`.
+    Returns float32 values `code * s_out`.
+    """
+    lut = activation_unit.build_lut(activation_unit.silu, s_in, s_out, in_bits=tq.bits, out_bits=tq.bits,
+                                    in_signed=tq.signed, out_signed=tq.signed)
+    q = activation_unit.apply_lut(quantize(x, s_in, tq.bits, tq.signed), lut, in_bits=tq.bits, in_signed=tq.signed)
+    return q.astype(jnp.float32) * jnp.asarray(s_out, jnp.float32)
+
+
+def _silu_fake(x, s_in, s_out, tq):
+    h = activation_unit.silu(fake_quant(x, s_in, tq))
+    return fake_quant(h, s_out, tq)
+
+
+def _silu_fwd(x, s_in, s_out, tq):
+    return silu_lut(x, s_in, s_out, tq), (x, s_in, s_out)
+
+
+def _silu_bwd(tq, res, g):
+    _, vjp = jax.vjp(lambda *a: _silu_fake(*a, tq), *res)
+    return tuple(gr.astype(jnp.asarray(r).dtype) for gr, r in zip(vjp(g.astype(jnp.float32)), res))
+
+
+silu_lut.defvjp(_silu_fwd, _silu_bwd)

@@ -1,0 +1,199 @@
+"""LSQ quantization (Esser et al., ICLR 2020) and the precision policy.
+
+One quantizer definition serves training and inference:
+- integer codes: `vector_unit.quantize(v, s, bits, signed)` = clip(round(v / s), -Q_N, Q_P);
+- fake-quant for gradients: `lsq_fake_quant` returns `q * s` with the LSQ custom VJP:
+  d v_hat / d v = 1 inside the clip range, 0 outside (straight-through rounding);
+  d v_hat / d s = (-v/s + round(v/s)) inside, -Q_N below, Q_P above; times g.
+- gradient scale `g = 1 / sqrt(N * Q_P)`. For a weight step, N is the number of weights the
+  step governs (the whole tensor per-tensor; one output channel's K weights per-channel).
+  For an activation step, N is the number of features (the size of the quantized vector's last
+  axis, e.g. the hidden size), not batch x sequence: the loss is a mean over tokens, so the
+  per-token feature count is what keeps step and weight updates in proportion whatever the
+  batch shape (the paper's N_F).
+- initial step `s0 = 2 * mean(|v|) / sqrt(Q_P)` (per channel: mean over the other axes).
+
+The precision policy is data: an ordered list of (pattern, TensorQuant) rules; the first
+pattern (fnmatch) that matches a tensor's role decides its width. Roles are strings such as
+`layers.3.attn.q.w` (a weight), `layers.3.attn.q.x` (that linear layer's input),
+`layers.3.attn.kv` (the KV cache), `layers.3.attn.qk.q` (the query entering Q K^T),
+`layers.3.attn.probs` (attention probabilities entering P V), `layers.3.mlp.silu` (SiLU input
+and output), `lm_head.w`, `lm_head.x`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from np_jax.core import check_bits, int_range
+from np_jax.vector_unit import quantize
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """How one tensor is quantized: width (None = float), signedness, per-channel step."""
+
+    bits: int | None
+    signed: bool = True
+    per_channel: bool = False  # one step per output channel (last axis of a [K, N] weight)
+
+    def __post_init__(self):
+        if self.bits is not None:
+            check_bits(self.bits)
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits is None
+
+    @property
+    def q_n(self) -> int:
+        return -int_range(self.bits, self.signed)[0]
+
+    @property
+    def q_p(self) -> int:
+        return int_range(self.bits, self.signed)[1]
+
+
+FLOAT = TensorQuant(None)
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Which tensors get which width: ordered (fnmatch pattern, TensorQuant) rules, first match wins."""
+
+    name: str
+    rules: tuple[tuple[str, TensorQuant], ...]
+    description: str = ""
+
+    def __call__(self, role: str) -> TensorQuant:
+        for pattern, tq in self.rules:
+            if fnmatch.fnmatchcase(role, pattern):
+                return tq
+        raise KeyError(f"precision policy {self.name!r} has no rule for tensor {role!r}")
+
+    @property
+    def is_float(self) -> bool:
+        return all(tq.is_float for _, tq in self.rules)
+
+
+def _w(bits):  # weights: per-output-channel steps
+    return TensorQuant(bits, per_channel=True)
+
+
+POLICIES: dict[str, PrecisionPolicy] = {
+    p.name: p
+    for p in [
+        PrecisionPolicy(
+            "w4a4",
+            (("lm_head.w", _w(8)), ("lm_head.x", TensorQuant(8)), ("*.mlp.silu", TensorQuant(8)),
+             ("*.attn.probs", TensorQuant(4, signed=False)), ("*.w", _w(4)), ("*", TensorQuant(4))),
+            "HPEC24: INT4 weights, linear/matmul inputs and KV cache; INT8 output layer and SiLU",
+        ),
+        PrecisionPolicy(
+            "a8c8w4",
+            (("lm_head.w", _w(8)), ("*.attn.probs", TensorQuant(8, signed=False)), ("*.w", _w(4)),
+             ("*", TensorQuant(8))),
+            "rack successor: 8-bit activations and KV cache, 4-bit weights (INT8 output layer)",
+        ),
+        PrecisionPolicy(
+            "w8a8",
+            (("*.attn.probs", TensorQuant(8, signed=False)), ("*.w", _w(8)), ("*", TensorQuant(8))),
+            "INT8 weights, activations and KV cache",
+        ),
+        PrecisionPolicy("float", (("*", FLOAT),), "no quantization (float32 reference)"),
+    ]
+}
+
+
+def get_policy(name: str | PrecisionPolicy) -> PrecisionPolicy:
+    if isinstance(name, PrecisionPolicy):
+        return name
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(POLICIES)}") from None
+
+
+# --- step sizes ---------------------------------------------------------------------------------
+
+def check_step(step) -> None:
+    """Raise ValueError for a non-positive or non-finite step size (concrete values only)."""
+    if isinstance(step, jax.core.Tracer):
+        return
+    s = np.asarray(step)
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError(f"LSQ step sizes must be finite and positive, got min {s.min()!r}")
+
+
+def init_step(v: jax.Array, tq: TensorQuant) -> jax.Array:
+    """LSQ initial step `2 * mean|v| / sqrt(Q_P)`: per tensor (shape ()) or per channel ([N]).
+
+    NaN/inf in `v` raise ValueError; an all-zero `v` gets a tiny positive step (not zero).
+    """
+    v = jnp.asarray(v, jnp.float32)
+    if not isinstance(v, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(v))):
+        raise ValueError("cannot initialise an LSQ step from data containing NaN or inf")
+    axes = tuple(range(v.ndim - 1)) if tq.per_channel else None
+    s = 2 * jnp.mean(jnp.abs(v), axis=axes) / math.sqrt(tq.q_p)
+    return jnp.maximum(s, jnp.float32(1e-8))
+
+
+def grad_scale(n: int, tq: TensorQuant) -> float:
+    """LSQ gradient scale g = 1 / sqrt(N * Q_P)."""
+    return 1.0 / math.sqrt(max(n, 1) * tq.q_p)
+
+
+def weight_grad_scale(w_shape: tuple[int, ...], tq: TensorQuant) -> float:
+    n = int(np.prod(w_shape[:-1])) if tq.per_channel else int(np.prod(w_shape))
+    return grad_scale(n, tq)
+
+
+def act_grad_scale(x_shape: tuple[int, ...], tq: TensorQuant) -> float:
+    return grad_scale(int(x_shape[-1]), tq)
+
+
+# --- the LSQ quantizer --------------------------------------------------------------------------
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum `x` over the axes that were broadcast to reach its shape from `shape`."""
+    lead = x.ndim - len(shape)
+    x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
+    axes = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def lsq_fake_quant(v: jax.Array, s: jax.Array, tq: TensorQuant, g: float) -> jax.Array:
+    """Fake-quantized `q * s` (float32) with LSQ gradients for `v` and `s` (s broadcasts to v)."""
+    return quantize(v, s, tq.bits, tq.signed).astype(jnp.float32) * jnp.asarray(s, jnp.float32)
+
+
+def _lsq_fwd(v, s, tq, g):
+    return lsq_fake_quant(v, s, tq, g), (v, s)
+
+
+def _lsq_bwd(tq, g, res, g_out):
+    v, s = res
+    vs = v.astype(jnp.float32) / jnp.asarray(s, jnp.float32)
+    below, above = vs <= -tq.q_n, vs >= tq.q_p  # the paper's open interval -Q_N < v/s < Q_P
+    inside = ~(below | above)
+    dv = jnp.where(inside, g_out, 0.0).astype(v.dtype)
+    ds_elem = jnp.where(below, -float(tq.q_n), jnp.where(above, float(tq.q_p), jnp.round(vs) - vs))
+    ds = _sum_to_shape(g_out * ds_elem * g, jnp.shape(s)).reshape(jnp.shape(s))
+    return dv, ds.astype(jnp.asarray(s).dtype)
+
+
+lsq_fake_quant.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def fake_quant(v: jax.Array, s: jax.Array, tq: TensorQuant, *, weight: bool = False) -> jax.Array:
+    """`lsq_fake_quant` with the grad scale chosen from the tensor's shape and kind."""
+    g = weight_grad_scale(v.shape, tq) if weight else act_grad_scale(v.shape, tq)
+    return lsq_fake_quant(v, s, tq, g)

@@ -1,0 +1,144 @@
+"""The core array: tiling, array VMM vs oracle and vs one core, memory capacity, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from np_jax import array as na
+from np_jax import core
+from np_jax.core import INT32_MAX, INT32_MIN
+from np_jax.memory import CoreMemory, CoreMemoryError
+from np_jax.spec import NORTHPOLE
+
+bits_st = st.sampled_from(core.SUPPORTED_BITS)
+
+
+def rand_ints(rng, shape, bits, signed=True):
+    lo, hi = core.int_range(bits, signed)
+    return rng.integers(lo, hi + 1, size=shape).astype(np.int8)
+
+
+@given(b=st.integers(1, 4), k=st.integers(1, 200), n=st.integers(1, 90), rows=st.integers(1, 16),
+       cols=st.integers(1, 16), xb=bits_st, wb=bits_st, seed=st.integers(0, 2**31))
+def test_array_vmm_matches_oracle_and_single_core(b, k, n, rows, cols, xb, wb, seed):
+    rng = np.random.default_rng(seed)
+    x, w = rand_ints(rng, (b, k), xb), rand_ints(rng, (k, n), wb)
+    tw = na.tile_weights(jnp.asarray(w), bits=wb, tiling=na.Tiling(k, n, rows, cols))
+    got = np.asarray(na.array_vmm(jnp.asarray(x), tw, x_bits=xb), np.int64)
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64))
+    one = np.asarray(core.core_vmm(jnp.asarray(x), jnp.asarray(w), x_bits=xb, w_bits=wb), np.int64)
+    np.testing.assert_array_equal(got, one)
+
+
+@given(k=st.integers(1, 100), n=st.integers(1, 100), rows=st.integers(1, 16), cols=st.integers(1, 16),
+       seed=st.integers(0, 2**31))
+def test_tiling_blocks_partition_the_matrix(k, n, rows, cols, seed):
+    t = na.Tiling(k, n, rows, cols)
+    w = rand_ints(np.random.default_rng(seed), (k, n), 8)
+    tw = na.tile_weights(jnp.asarray(w), bits=8, tiling=t)
+    seen = np.zeros((k, n), np.int64)
+    for r in range(rows):
+        for c in range(cols):
+            ks, ns = t.block(r, c)
+            seen[ks, ns] += 1
+            blk = np.asarray(tw.core_block(r, c))
+            np.testing.assert_array_equal(blk[: ks.stop - ks.start, : ns.stop - ns.start], w[ks, ns])
+            assert not blk[ks.stop - ks.start:].any() and not blk[:, ns.stop - ns.start:].any()  # zero padding
+            if ks.stop > ks.start and ns.stop > ns.start:
+                assert t.core_of(ks.start, ns.start) == (r, c)
+    np.testing.assert_array_equal(seen, 1)
+    np.testing.assert_array_equal(np.asarray(tw.to_matrix()), w)
+    assert t.values_RxC().sum() == k * n
+
+
+def test_partial_sum_network_saturates_in_row_order():
+    # Three core rows, each reducing the widest legal K (2^17 - 1) of INT8 x INT8, so each
+    # partial sum is up to 2^31 - 2^14. Column 0: +max, +max, +max saturates at INT32_MAX.
+    # Column 1: -max three times saturates at INT32_MIN. Column 2: +max, +max, -max saturates
+    # after row 1 and comes back down: the result depends on the (defined) row order.
+    kb = 2**17 - 1
+    k = 3 * kb
+    x = jnp.full((1, k), -128, jnp.int8)
+    w = np.full((k, 3), -128, np.int8)
+    w[:, 1] = 127
+    w[2 * kb:, 2] = 127
+    tw = na.tile_weights(jnp.asarray(w), bits=8, tiling=na.Tiling(k, 3, rows=3, cols=1))
+    got = np.asarray(na.array_vmm(x, tw), np.int64)[0]
+    partials = (-128 * w.astype(np.int64)).reshape(3, kb, 3).sum(1)
+    acc = partials[0]
+    for p in partials[1:]:
+        acc = np.clip(acc + p, INT32_MIN, INT32_MAX)
+    np.testing.assert_array_equal(got, acc)
+    assert got[0] == INT32_MAX and got[1] == INT32_MIN
+    assert got[2] == INT32_MAX + partials[2, 2] != partials[:, 2].sum()
+
+
+def test_core_reduction_overflow_is_refused_at_mapping():
+    w = jnp.zeros((2**17, 1), jnp.int8)
+    tw = na.tile_weights(w, bits=8, tiling=na.Tiling(2**17, 1, rows=1, cols=1))
+    with pytest.raises(core.AccumulatorOverflowError):
+        na.array_vmm(jnp.zeros((1, 2**17), jnp.int8), tw)
+
+
+def test_capacity_error_names_card_core_and_bytes():
+    mem = CoreMemory(card=3)
+    cap = NORTHPOLE.core_sram_bytes
+    # 4096 x 4096 INT8 over 256 cores = 64 KiB each: twelve fit, the thirteenth overflows by 64 KiB.
+    w = jnp.zeros((4096, 4096), jnp.int8)
+    for i in range(12):
+        na.tile_weights(w, bits=8, memory=mem, name=f"w{i}")
+    assert (mem.used_RxC == 12 * 65536).all() and 12 * 65536 == cap
+    with pytest.raises(CoreMemoryError) as e:
+        na.tile_weights(w, bits=8, memory=mem, name="w12")
+    assert e.value.card == 3 and e.value.bytes_over == 65536 and e.value.core == (0, 0)
+    assert "card 3, core (0, 0)" in str(e.value) and "65,536 B" in str(e.value) and "'w12'" in str(e.value)
+    assert mem.used_RxC.max() == cap  # a refused placement leaves the ledger unchanged
+
+
+@given(k=st.integers(1, 3000), n=st.integers(1, 3000), bits=bits_st)
+def test_byte_accounting_at_stored_width(k, n, bits):
+    t = na.Tiling(k, n)
+    per = t.bytes_on_chip(bits)
+    assert per.sum() >= k * n * bits // 8
+    assert per.sum() <= k * n * bits / 8 + 256  # at most one partial byte per core
+    mem = CoreMemory()
+    mem.allocate("w", per, kind="weights")
+    assert mem.bytes_by_kind() == {"weights": int(per.sum())}
+
+
+def test_subgrid_tiling_places_on_its_cores_only():
+    t = na.Tiling(64, 32, rows=4, cols=2, row0=10, col0=14)
+    per = t.bytes_on_chip(4)
+    assert per[10:14, 14:16].sum() == 64 * 32 // 2 and per.sum() == per[10:14, 14:16].sum()
+    assert t.core_of(63, 31) == (13, 15)
+    with pytest.raises(ValueError, match="exceeds"):
+        na.Tiling(64, 32, rows=4, cols=4, row0=14).bytes_on_chip(4)
+
+
+def test_out_of_range_weights_rejected():
+    with pytest.raises(ValueError, match="outside INT4"):
+        na.tile_weights(jnp.array([[8]], jnp.int8), bits=4)
+
+
+def test_sharded_core_rows_equal_unsharded():
+    assert len(jax.devices()) == 16
+    rng = np.random.default_rng(0)
+    x, w = rand_ints(rng, (3, 512), 4), rand_ints(rng, (512, 96), 4)
+    tw = na.tile_weights(jnp.asarray(w), bits=4)
+    mesh = na.core_mesh()
+    sw = na.shard_weights(tw, mesh)
+    assert len(sw.w_RxKbxCxNb_i8.sharding.device_set) == 16
+    f = jax.jit(lambda x, t: na.array_vmm(x, t, x_bits=4))
+    np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), sw)), np.asarray(f(jnp.asarray(x), tw)))
+    np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), tw), np.int64), x.astype(np.int64) @ w.astype(np.int64))
+
+
+def test_array_cost_reports_busiest_core():
+    t = na.Tiling(4096, 14336)
+    c = na.array_vmm_cost(2, t, x_bits=4, w_bits=4)
+    assert c.cores == 256 and c.macs == 2 * 4096 * 14336
+    assert c.cycles == -(-2 * 2 * 256 * 896 // 4096)
+    assert c.weight_bytes == 4096 * 14336 // 2
+    assert c.partial_sum_bytes == 4 * 2 * 14336 * 15

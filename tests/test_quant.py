@@ -1,0 +1,208 @@
+"""LSQ quantizers, quantized products and the precision policy (issue: w4a4 LSQ)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, strategies as st
+
+from np_jax import layers, quant
+from np_jax.array import TiledWeights
+from np_jax.quant import TensorQuant
+from np_jax.vector_unit import quantize, dequantize
+
+tq_st = st.builds(TensorQuant, bits=st.sampled_from([2, 4, 8]), signed=st.booleans())
+
+
+@given(tq=tq_st, shape=st.sampled_from([(7,), (3, 5), (2, 3, 4)]), per_channel=st.booleans(),
+       seed=st.integers(0, 2**31), g=st.floats(0.01, 2.0))
+def test_lsq_gradients_match_analytic_formulas(tq, shape, per_channel, seed, g):
+    rng = np.random.default_rng(seed)
+    v = (rng.standard_normal(shape) * 3).astype(np.float32)
+    s_shape = (shape[-1],) if per_channel else ()
+    s = rng.uniform(0.05, 1.0, s_shape).astype(np.float32)
+    cot = rng.standard_normal(shape).astype(np.float32)
+    dv, ds = jax.grad(lambda v, s: jnp.sum(cot * quant.lsq_fake_quant(v, s, tq, g)), argnums=(0, 1))(v, s)
+    # Oracle: the LSQ paper's formulas, in float64 numpy.
+    vs = v.astype(np.float64) / s.astype(np.float64)
+    below, above = vs <= -tq.q_n, vs >= tq.q_p
+    inside = ~(below | above)
+    np.testing.assert_array_equal(np.asarray(dv), np.where(inside, cot, 0))
+    elem = np.where(below, -tq.q_n, np.where(above, tq.q_p, np.round(vs) - vs)) * cot * g
+    ref_ds = elem.reshape(-1, *s_shape).sum(0) if per_channel else elem.sum()
+    np.testing.assert_allclose(np.asarray(ds), ref_ds, rtol=1e-4, atol=1e-4)
+
+
+@given(tq=tq_st, seed=st.integers(0, 2**31), s=st.floats(1e-3, 10.0))
+def test_quantize_range_idempotence_monotonicity(tq, seed, s):
+    v = np.sort(np.random.default_rng(seed).standard_normal(64).astype(np.float32) * 20 * s)
+    q = np.asarray(quantize(jnp.asarray(v), s, tq.bits, tq.signed))
+    assert (q >= -tq.q_n).all() and (q <= tq.q_p).all()
+    assert (np.diff(q.astype(np.int64)) >= 0).all()  # monotone non-decreasing
+    q2 = np.asarray(quantize(dequantize(jnp.asarray(q), s), s, tq.bits, tq.signed))
+    np.testing.assert_array_equal(q2, q)  # dequantize then quantize is the identity on codes
+    vhat = np.asarray(quant.lsq_fake_quant(jnp.asarray(v), jnp.float32(s), tq, 1.0))
+    inside = (v / np.float32(s) > -tq.q_n) & (v / np.float32(s) < tq.q_p)
+    assert np.all(np.abs(vhat - v)[inside] <= np.float32(s) / 2 * (1 + 1e-5))
+
+
+def test_grad_scale_and_init_step():
+    tq = TensorQuant(4)
+    assert quant.grad_scale(100, tq) == pytest.approx(1 / math.sqrt(100 * 7))
+    assert quant.weight_grad_scale((64, 32), TensorQuant(4, per_channel=True)) == pytest.approx(1 / math.sqrt(64 * 7))
+    assert quant.weight_grad_scale((64, 32), tq) == pytest.approx(1 / math.sqrt(64 * 32 * 7))
+    assert quant.act_grad_scale((8, 10, 576), tq) == pytest.approx(1 / math.sqrt(576 * 7))
+    v = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    np.testing.assert_allclose(quant.init_step(v, tq), 2 * np.abs(v).mean() / math.sqrt(7), rtol=1e-6)
+    np.testing.assert_allclose(quant.init_step(v, TensorQuant(4, per_channel=True)),
+                               2 * np.abs(v).mean(0) / math.sqrt(7), rtol=1e-6)
+    assert float(quant.init_step(np.zeros(4), tq)) > 0
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="bit width"):
+        TensorQuant(3)
+    with pytest.raises(ValueError, match="bit width"):
+        TensorQuant(16)
+    for bad in (0.0, -1.0, np.nan, np.inf):
+        with pytest.raises(ValueError, match="positive"):
+            quant.check_step(np.array([0.1, bad]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quant.init_step(np.array([1.0, np.nan]), TensorQuant(4))
+    with pytest.raises(ValueError, match="unknown precision"):
+        quant.get_policy("w3a3")
+    p = {"w": jnp.ones((4, 4)), "s_w": jnp.array([0.1, 0.0, 0.1, 0.1]), "s_x": jnp.float32(0.1)}
+    with pytest.raises(ValueError, match="positive"):
+        layers.prepare_linear(p, TensorQuant(4, per_channel=True))
+
+
+def test_nan_and_inf_inputs_have_documented_codes():
+    v = jnp.array([np.nan, np.inf, -np.inf, 0.3], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(quantize(v, 0.1, 4)), [0, 7, -8, 3])
+
+
+def test_policy_presets():
+    w4a4 = quant.get_policy("w4a4")
+    assert w4a4("layers.0.attn.q.w").bits == 4 and w4a4("layers.0.attn.q.w").per_channel
+    assert w4a4("layers.3.mlp.down.x").bits == 4
+    assert w4a4("layers.0.attn.kv").bits == 4
+    assert w4a4("lm_head.w").bits == 8 and w4a4("lm_head.x").bits == 8
+    assert w4a4("layers.7.mlp.silu").bits == 8
+    assert not w4a4("layers.0.attn.probs").signed
+    a8 = quant.get_policy("a8c8w4")
+    assert a8("layers.0.attn.kv").bits == 8 and a8("layers.0.mlp.up.w").bits == 4 and a8("layers.0.mlp.up.x").bits == 8
+    assert quant.get_policy("float")("anything").is_float and quant.get_policy("float").is_float
+    custom = quant.PrecisionPolicy("w2", (("*.w", TensorQuant(2)), ("*", TensorQuant(8))))
+    assert custom("layers.1.attn.o.w").bits == 2  # a new policy is data, not code
+
+
+def _rand_layer(rng, k, n, tq_w, tq_x, bias=False):
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.1
+    x = rng.standard_normal((3, 5, k)).astype(np.float32)
+    p = {"w": jnp.asarray(w), "s_w": quant.init_step(w, tq_w), "s_x": quant.init_step(x, tq_x)}
+    if bias:
+        p["b"] = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    return x, p
+
+
+@given(k=st.integers(1, 70), n=st.integers(1, 40), wb=st.sampled_from([2, 4, 8]), xb=st.sampled_from([2, 4, 8]),
+       bias=st.booleans(), seed=st.integers(0, 2**31))
+def test_linear_integer_forward_matches_int64_oracle(k, n, wb, xb, bias, seed):
+    tq_w, tq_x = TensorQuant(wb, per_channel=True), TensorQuant(xb)
+    x, p = _rand_layer(np.random.default_rng(seed), k, n, tq_w, tq_x, bias)
+    y = layers.linear(jnp.asarray(x), p, tq_x, tq_w)
+    xq = np.asarray(quantize(jnp.asarray(x), p["s_x"], xb)).astype(np.int64)
+    wq = np.asarray(quantize(p["w"], p["s_w"], wb)).astype(np.int64)
+    acc = (xq @ wq).astype(np.float32)  # |acc| < 2^24 here, so float32 holds it exactly
+    ref = (acc * (np.float32(p["s_x"]) * np.asarray(p["s_w"], np.float32))).astype(np.float16)
+    if bias:
+        ref = ref + np.asarray(p["b"]).astype(np.float16)
+    np.testing.assert_array_equal(np.asarray(y), ref)
+
+
+def test_training_forward_equals_serving_forward_on_a_small_model():
+    """A 3-layer SwiGLU-style MLP: training params (float weights) vs serving (tiled codes), jitted."""
+    rng = np.random.default_rng(0)
+    pol = quant.get_policy("w4a4")
+    d, f = 48, 80
+    x = jnp.asarray(rng.standard_normal((4, 6, d)), jnp.float32)
+    names = {"gate": (d, f), "up": (d, f), "down": (f, d)}
+    params = {}
+    for name, (k, n) in names.items():
+        w = rng.standard_normal((k, n)).astype(np.float32) / np.sqrt(k)
+        params[name] = {"w": jnp.asarray(w), "s_w": quant.init_step(w, pol(f"mlp.{name}.w")),
+                        "s_x": jnp.float32(0.2)}
+    params["silu"] = {"s_in": jnp.float32(0.05), "s_out": jnp.float32(0.04)}
+
+    def forward(p, x):
+        role = lambda n, t: pol(f"layers.0.mlp.{n}.{t}")
+        g = layers.linear(x, p["gate"], role("gate", "x"), role("gate", "w"))
+        u = layers.linear(x, p["up"], role("up", "x"), role("up", "w"))
+        h = layers.silu_lut(g, p["silu"]["s_in"], p["silu"]["s_out"], pol("layers.0.mlp.silu"))
+        return layers.linear((h * u).astype(jnp.float16), p["down"], role("down", "x"), role("down", "w"))
+
+    serving = {k: (layers.prepare_linear(v, pol(f"layers.0.mlp.{k}.w")) if k in names else v) for k, v in params.items()}
+    assert isinstance(serving["gate"]["tw"], TiledWeights)
+    y_train = jax.jit(forward)(params, x)
+    y_serve = jax.jit(forward)(serving, x)
+    np.testing.assert_array_equal(np.asarray(y_train), np.asarray(y_serve))
+    # and the training forward is differentiable, with finite, non-zero step-size gradients
+    loss = lambda p: jnp.mean(forward(p, x).astype(jnp.float32) ** 2)
+    grads = jax.jit(jax.grad(loss))(params)
+    for name in names:
+        assert np.isfinite(np.asarray(grads[name]["w"])).all() and np.abs(np.asarray(grads[name]["s_x"])) > 0
+        assert np.abs(np.asarray(grads[name]["s_w"])).sum() > 0
+    assert np.abs(float(grads["silu"]["s_out"])) > 0
+
+
+@given(seed=st.integers(0, 2**31), l=st.integers(1, 6), t=st.integers(1, 9), dh=st.integers(1, 16))
+def test_attention_products_match_int64_oracle(seed, l, t, dh):
+    rng = np.random.default_rng(seed)
+    q, k = rng.standard_normal((2, 3, l, dh)).astype(np.float32), rng.standard_normal((2, 3, t, dh)).astype(np.float32)
+    p = rng.uniform(0, 1, (2, 3, l, t)).astype(np.float32)
+    tq, tp = TensorQuant(4), TensorQuant(4, signed=False)
+    s_q, s_k, s_p = np.float32(0.3), np.float32(0.25), np.float32(1 / 15)
+    scores = layers.quantized_product(jnp.asarray(q), jnp.asarray(k), s_q, s_k, layers.ProductSpec("qk", tq, tq))
+    qq = np.asarray(quantize(jnp.asarray(q), s_q, 4)).astype(np.int64)
+    kq = np.asarray(quantize(jnp.asarray(k), s_k, 4)).astype(np.int64)
+    ref = (np.einsum("bhlk,bhtk->bhlt", qq, kq).astype(np.float32) * (s_q * s_k)).astype(np.float16)
+    np.testing.assert_array_equal(np.asarray(scores), ref)
+    out = layers.quantized_product(jnp.asarray(p), jnp.asarray(k), s_p, s_k, layers.ProductSpec("pv", tp, tq))
+    pq = np.asarray(quantize(jnp.asarray(p), s_p, 4, False)).astype(np.int64)
+    assert pq.min() >= 0 and pq.max() <= 15
+    ref = (np.einsum("bhlt,bhtk->bhlk", pq, kq).astype(np.float32) * (s_p * s_k)).astype(np.float16)
+    np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+def test_product_gradients_are_the_fake_quant_gradients():
+    rng = np.random.default_rng(3)
+    tq_x, tq_w = TensorQuant(4), TensorQuant(4, per_channel=True)
+    x, p = _rand_layer(rng, 32, 16, tq_w, tq_x)
+    spec = layers.ProductSpec("linear", tq_x, tq_w, jnp.float32)
+    args = (jnp.asarray(x), p["w"], p["s_x"], p["s_w"])
+    f_int = lambda *a: jnp.sum(jnp.sin(layers.quantized_product(*a, spec)))
+    f_fake = lambda *a: jnp.sum(jnp.sin(layers._fake_product(*a, spec)))
+    np.testing.assert_allclose(layers.quantized_product(*args, spec), layers._fake_product(*args, spec), rtol=1e-5, atol=1e-5)
+    for gi, gf in zip(jax.grad(f_int, argnums=(0, 1, 2, 3))(*args), jax.grad(f_fake, argnums=(0, 1, 2, 3))(*args)):
+        np.testing.assert_allclose(np.asarray(gi), np.asarray(gf), rtol=1e-4, atol=1e-5)
+
+
+def test_optimizer_groups_and_activation_step_warm_start():
+    params = {"lin": {"w": jnp.ones((4, 4)), "s_w": jnp.ones((4,)), "s_x": jnp.float32(1.0), "b": jnp.ones(4)},
+              "norm": jnp.ones(4)}
+    from np_jax.optim import lsq_optimizer, param_groups
+    groups = param_groups(params)
+    assert groups == {"lin": {"w": "weights", "s_w": "weight_steps", "s_x": "act_steps", "b": "other"}, "norm": "other"}
+    tx = lsq_optimizer(1e-3, weight_decay=0.1, act_step_warmup_steps=2, grad_clip=None)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    sizes = []
+    for _ in range(3):
+        upd, state = tx.update(grads, state, params)
+        sizes.append((abs(float(upd["lin"]["s_x"])), abs(float(upd["lin"]["s_w"][0]))))
+    assert sizes[0][0] == pytest.approx(200 * sizes[0][1], rel=1e-4)  # warm start: 200x
+    assert sizes[1][0] == pytest.approx(200 * sizes[1][1], rel=1e-4)
+    assert sizes[2][0] == pytest.approx(sizes[2][1], rel=1e-4)  # after the warm-up steps: 1x
