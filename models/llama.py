@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from np_jax import layers as qlayers
+from np_jax.array import tile_weights
 from np_jax import quant, vector_unit as vu
 from np_jax.core import stored_bytes
 from np_jax.quant import PrecisionPolicy, TensorQuant, get_policy
@@ -427,3 +428,52 @@ def step(params: Params, tokens_BxL: jax.Array, positions_BxL: jax.Array, cache:
     prec = resolve(policy, cfg)
     x, cache = run_layers(params["layers"], embed(params, tokens_BxL, prec), positions_BxL, cache, cfg, prec)
     return head(params, x, cfg, prec), cache
+
+
+def init_serving_random(cfg: ModelConfig | str, key: jax.Array, policy="w4a4") -> Params:
+    """Random weights generated directly in serving form (integer codes on the core array).
+
+    For large shapes (the 3B and 8B configs) where a float32 training copy would not fit or
+    is not needed: each layer's codes are drawn uniformly over the weight width, steps are
+    chosen so activations stay O(1) (weight step 1/(Q_P sqrt(K)), activation steps 4/Q_P).
+    """
+    cfg = get_config(cfg)
+    prec = resolve(policy, cfg)
+    if prec.policy.is_float:
+        raise ValueError("init_serving_random is for quantized policies; use init_params for float")
+    n = cfg.n_layers
+    # Billions of random codes: XLA's RngBitGenerator is ~2x faster than threefry on CPU.
+    key = jax.random.key(int(jax.random.randint(key, (), 0, 2**31 - 1)), impl="unsafe_rbg")
+    keys = iter(jax.random.split(key, 2 + len(LINEARS)))
+
+    def codes(k, shape, tq):  # uniform over the 2^b codes, from random bytes (cheaper than randint)
+        u = jax.random.bits(k, shape, jnp.uint8) >> (8 - tq.bits)
+        return (u.astype(jnp.int16) - tq.q_n).astype(jnp.int8)
+
+    def served(k, k_in, k_out, tq, bias):
+        per_layer = jax.jit(lambda k: tile_weights(codes(k, (k_in, k_out), tq), bits=tq.bits, signed=tq.signed))
+        tws = [per_layer(kk) for kk in jax.random.split(k, n)]
+        tw = jax.tree.map(lambda *xs: jnp.stack(xs), *tws)
+        p = {"tw": tw, "s_w": jnp.full((n, k_out), 1.0 / (tq.q_p * math.sqrt(k_in)), jnp.float32)}
+        if bias:
+            p["b"] = jnp.zeros((n, k_out), jnp.float32)
+        return p
+
+    d = cfg.d_model
+    act = lambda role: jnp.full((n,), 4.0 / prec.layer(role).q_p, jnp.float32)
+    lay: dict = {"attn_norm": jnp.ones((n, d), jnp.float32), "mlp_norm": jnp.ones((n, d), jnp.float32),
+                 "attn": {"s_x": act("attn.x"), "s_q": act("attn.qk.q"), "s_k": act("attn.kv"), "s_v": act("attn.kv"),
+                          "s_p": jnp.full((n,), 1.0 / prec.layer("attn.probs").q_p, jnp.float32)},
+                 "mlp": {"s_x": act("mlp.x"), "s_in": act("mlp.silu"), "s_out": act("mlp.silu")}}
+    for name in LINEARS:
+        blk, lin = name.split(".")
+        k_in, k_out = cfg.layer_matrices()[name]
+        lay[blk][lin] = served(next(keys), k_in, k_out, prec.layer(f"{name}.w"), cfg.attn_bias if blk == "attn" else cfg.mlp_bias)
+    lay["attn"]["o"]["s_x"] = act("attn.o.x")
+    lay["mlp"]["down"]["s_x"] = act("mlp.down.x")
+    htq = prec.head("w")
+    head_codes = jax.jit(lambda k: tile_weights(codes(k, (d, cfg.vocab_size), htq), bits=htq.bits, signed=htq.signed))
+    lm_head = {"tw": head_codes(next(keys)), "s_w": jnp.full((cfg.vocab_size,), 1.0 / (htq.q_p * math.sqrt(d)), jnp.float32),
+               "s_x": jnp.float32(4.0 / prec.head("x").q_p)}
+    embed_ = (0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d))).astype(jnp.float16)
+    return {"embed": embed_, "layers": lay, "final_norm": jnp.ones((d,), jnp.float32), "lm_head": lm_head}
