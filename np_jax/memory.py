@@ -67,11 +67,16 @@ class CoreMemory:
                 card=self.card, core=(int(r), int(c)), bytes_over=over, name=name,
             )
 
-    def allocate(self, name: str, bytes_RxC: np.ndarray, kind: str = "other") -> Allocation:
-        """Place `bytes_RxC` bytes on each core under `name`; raises if it does not fit."""
+    def allocate(self, name: str, bytes_RxC: np.ndarray, kind: str = "other", force: bool = False) -> Allocation:
+        """Place `bytes_RxC` bytes on each core under `name`; raises if it does not fit.
+
+        `force=True` records an over-capacity placement instead (for reports of mappings
+        that do not fit).
+        """
         if any(a.name == name for a in self.allocations):
             raise ValueError(f"card {self.card}: {name!r} is already placed")
-        self.check(bytes_RxC, name)
+        if not force:
+            self.check(bytes_RxC, name)
         alloc = Allocation(name, kind, np.asarray(bytes_RxC, np.int64).copy())
         self.used_RxC += alloc.bytes_RxC
         self.allocations.append(alloc)

@@ -1,0 +1,193 @@
+"""The appliance's GPipe pipeline: cards as stages of a `jax.shard_map` over a device mesh.
+
+Cards are the pipeline stages. A mini-batch of users is split into M equal micro-batches that
+flow card to card; at tick t, card c works on micro-batch t - depth(c). Card-to-card transfers
+are `ppermute`s between the devices holding the cards (the appliance's direct PCIe transfers).
+The output-layer cards all take their input from the last layer card and run in the same
+tick (tensor parallel over vocabulary slices).
+
+With fewer devices than cards, each device holds a contiguous block of cards and steps
+through them (a `lax.scan` over its cards; each card's `lax.switch` runs only its own role),
+so the arithmetic, and hence every bit, is the same on 1, 2, 4, 8 or 16 devices.
+
+The pipeline is generic: the model supplies
+  layer_fn(card_params, x, aux, state) -> (x_out, state)   for layer cards,
+  head_fn(card_params, x, aux) -> result                   for output-layer cards,
+where `card_params` is one card's slice of a card-stacked pytree, `x` one micro-batch's
+activation, `aux` that micro-batch's slice of per-micro-batch data (positions, lengths), and
+`state` the card's per-user state (its KV cache) restricted to the micro-batch's users (every
+state leaf has the user axis first). Idle cards and ticks outside a card's window do nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+ROLES = ("layers", "head", "idle")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Static description of the cards: role, tick offset (depth) and source card of each."""
+
+    roles: tuple[str, ...]
+    micro_batches: int
+
+    def __post_init__(self):
+        if any(r not in ROLES for r in self.roles):
+            raise ValueError(f"card roles must be among {ROLES}, got {self.roles}")
+        if "layers" not in self.roles or "head" not in self.roles:
+            raise ValueError("a pipeline needs at least one layer card and one output-layer card")
+        if self.micro_batches < 1:
+            raise ValueError("micro_batches must be >= 1")
+
+    @property
+    def n_cards(self) -> int:
+        return len(self.roles)
+
+    @property
+    def layer_cards(self) -> list[int]:
+        return [c for c, r in enumerate(self.roles) if r == "layers"]
+
+    @property
+    def head_cards(self) -> list[int]:
+        return [c for c, r in enumerate(self.roles) if r == "head"]
+
+    def depth_of(self, card: int) -> int:
+        """Tick offset of a card: its index among layer cards; all output cards share the last."""
+        r = self.roles[card]
+        if r == "layers":
+            return self.layer_cards.index(card)
+        return len(self.layer_cards) if r == "head" else -1
+
+    def source_of(self, card: int) -> int:
+        """The card whose previous-tick output this card consumes (-1: the host)."""
+        if self.roles[card] == "layers":
+            i = self.layer_cards.index(card)
+            return -1 if i == 0 else self.layer_cards[i - 1]
+        return self.layer_cards[-1] if self.roles[card] == "head" else -1
+
+    @property
+    def depth(self) -> int:
+        return len(self.layer_cards) + 1
+
+    @property
+    def ticks(self) -> int:
+        """GPipe ticks for M micro-batches through `depth` card steps: M + depth - 1."""
+        return self.micro_batches + self.depth - 1
+
+
+def card_mesh(n_devices: int | None = None, axis: str = "cards") -> Mesh:
+    """A 1-D mesh over the first `n_devices` devices (all by default)."""
+    devs = jax.devices()
+    n = len(devs) if n_devices is None else n_devices
+    if not 1 <= n <= len(devs):
+        raise ValueError(f"asked for {n} devices, {len(devs)} available")
+    return Mesh(np.array(devs[:n]), (axis,))
+
+
+def place_cards(tree, mesh: Mesh, axis: str = "cards"):
+    """Shard the leading card axis of every leaf over the mesh (cards must divide evenly)."""
+    n = mesh.shape[axis]
+
+    def put(x):
+        if x.shape[0] % n:
+            raise ValueError(f"{x.shape[0]} cards cannot be split evenly over {n} devices")
+        return jax.device_put(x, NamedSharding(mesh, P(axis)))
+
+    return jax.tree.map(put, tree)
+
+
+def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, head_fn: Callable, card_params, x_MxBxLxD,
+                 aux_M, state, *, axis: str = "cards"):
+    """Run M micro-batches through the cards. Returns (results [n_cards, M, ...], new state).
+
+    `card_params` and `state` have a leading card axis (sharded over `axis`); `x_MxBxLxD` and
+    `aux_M` (leading micro-batch axis) are replicated host inputs. `results[c, m]` is output
+    card c's `head_fn` result for micro-batch m (zeros on other cards).
+    """
+    C, M = schedule.n_cards, schedule.micro_batches
+    n_dev = mesh.shape[axis]
+    if C % n_dev:
+        raise ValueError(f"{C} cards cannot be split evenly over {n_dev} devices")
+    if x_MxBxLxD.shape[0] != M:
+        raise ValueError(f"expected {M} micro-batches, got {x_MxBxLxD.shape[0]}")
+    c_loc = C // n_dev
+    mb = x_MxBxLxD.shape[1]
+
+    # Static routing tables, indexed [device, local card].
+    role_idx = np.array([ROLES.index(r) for r in schedule.roles], np.int32).reshape(n_dev, c_loc)
+    depth = np.array([schedule.depth_of(c) for c in range(C)], np.int32).reshape(n_dev, c_loc)
+    src = [schedule.source_of(c) for c in range(C)]
+    offsets = sorted({c // c_loc - s // c_loc for c, s in enumerate(src) if s >= 0})
+    off_idx = np.array([offsets.index(c // c_loc - s // c_loc) if s >= 0 else 0 for c, s in enumerate(src)],
+                       np.int32).reshape(n_dev, c_loc)
+    src_loc = np.array([s % c_loc if s >= 0 else 0 for s in src], np.int32).reshape(n_dev, c_loc)
+    from_host = np.array([s < 0 for s in src]).reshape(n_dev, c_loc)
+
+    one_params = jax.tree.map(lambda a: a[0], card_params)
+    one_state = jax.tree.map(lambda a: a[0, :mb], state)
+    one_aux = jax.tree.map(lambda a: a[0], aux_M)
+    res_shape = jax.eval_shape(head_fn, one_params, x_MxBxLxD[0], one_aux)
+    hid_dtype = jax.eval_shape(layer_fn, one_params, x_MxBxLxD[0], one_aux, one_state)[0].dtype
+
+    def body(params_loc, state_loc, xs, aux):
+        dev = jax.lax.axis_index(axis)
+        t_role, t_depth = jnp.asarray(role_idx)[dev], jnp.asarray(depth)[dev]
+        t_off, t_src, t_host = jnp.asarray(off_idx)[dev], jnp.asarray(src_loc)[dev], jnp.asarray(from_host)[dev]
+        zeros_res = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), res_shape)
+        regs = jnp.zeros((c_loc, *x_MxBxLxD.shape[1:]), hid_dtype)
+        results = jax.tree.map(lambda s: jnp.zeros((c_loc, M, *s.shape), s.dtype), res_shape)
+
+        def tick(carry, t):
+            regs, state_loc, results = carry
+
+            def card(_, inp):
+                j, p, x, st, res_j = inp
+                m = t - t_depth[j]
+                active = (m >= 0) & (m < M)
+                mc = jnp.clip(m, 0, M - 1)
+                a = jax.tree.map(lambda v: v[mc], aux)
+                st_m = jax.tree.map(lambda v: jax.lax.dynamic_slice_in_dim(v, mc * mb, mb, 0), st)
+
+                def do_layer(_):
+                    y, st_new = layer_fn(p, x, a, st_m)
+                    return y.astype(hid_dtype), st_new, zeros_res
+
+                def do_head(_):
+                    return jnp.zeros_like(x), st_m, head_fn(p, x, a)
+
+                def idle(_):
+                    return jnp.zeros_like(x), st_m, zeros_res
+
+                branch = jnp.where(active, t_role[j], ROLES.index("idle"))
+                y, st_new, r = jax.lax.switch(branch, (do_layer, do_head, idle), None)
+                st = jax.tree.map(lambda v, n: jax.lax.dynamic_update_slice_in_dim(v, n, mc * mb, 0), st, st_new)
+                res_j = jax.tree.map(lambda buf, v: jnp.where(active & (t_role[j] == 1), buf.at[mc].set(v), buf), res_j, r)
+                return None, (y, st, res_j)
+
+            _, (outs, state_loc, results) = jax.lax.scan(
+                card, None, (jnp.arange(c_loc), params_loc, regs, state_loc, results))
+            # Card-to-card transfers for the next tick: each card reads its source's output.
+            cands = [outs if o == 0 else jax.lax.ppermute(outs, axis, [(d, d + o) for d in range(n_dev - o)])
+                     for o in offsets]
+            cand = jnp.stack(cands)  # [n_offsets, c_loc, mb, L, D]
+            routed = cand[t_off, t_src]
+            host_in = xs[jnp.clip(t + 1, 0, M - 1)].astype(hid_dtype)
+            regs = jnp.where(t_host.reshape(-1, *([1] * (routed.ndim - 1))), host_in[None], routed)
+            return (regs, state_loc, results), None
+
+        regs = jnp.where(jnp.asarray(t_host).reshape(-1, *([1] * (regs.ndim - 1))), xs[0].astype(hid_dtype)[None], regs)
+        (_, state_loc, results), _ = jax.lax.scan(tick, (regs, state_loc, results), jnp.arange(schedule.ticks))
+        return results, state_loc
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(axis), P(axis), P(), P()), out_specs=(P(axis), P(axis)),
+                      check_vma=False)
+    return f(card_params, state, x_MxBxLxD, aux_M)

@@ -1,0 +1,87 @@
+"""The appliance runtime: configure the cards once, then send and receive tensors.
+
+Mirrors the paper's user-space runtime (HPEC24 sec. III-C): at initialisation every card is
+configured with its resident data (weights, KV cache) which stays on its device; at run time
+the host sends input frames (one per micro-batch) to the first card and receives result frames
+from the output cards; intermediate tensors move card to card inside the pipeline. A
+`FrameLedger` books the bytes each card's frame buffer receives and sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import numpy as np
+
+from np_jax.pipeline import Schedule, card_mesh, place_cards, run_pipeline
+
+
+@dataclass
+class FrameLedger:
+    """Bytes through each card's frame buffer (input and output frames), accumulated over runs."""
+
+    n_cards: int
+    bytes_in: np.ndarray = field(default=None)
+    bytes_out: np.ndarray = field(default=None)
+    runs: int = 0
+
+    def __post_init__(self):
+        self.bytes_in = np.zeros(self.n_cards, np.int64)
+        self.bytes_out = np.zeros(self.n_cards, np.int64)
+
+    def record(self, schedule: Schedule, frame_bytes: int, result_bytes: int) -> None:
+        """One pipeline run: every active card receives and sends one frame per micro-batch."""
+        M = schedule.micro_batches
+        for c, r in enumerate(schedule.roles):
+            if r == "layers":
+                self.bytes_in[c] += M * frame_bytes
+                self.bytes_out[c] += M * frame_bytes
+            elif r == "head":
+                self.bytes_in[c] += M * frame_bytes
+                self.bytes_out[c] += M * result_bytes
+        self.runs += 1
+
+    def summary(self) -> dict:
+        return {"runs": self.runs, "bytes_in": self.bytes_in.tolist(), "bytes_out": self.bytes_out.tolist()}
+
+
+def default_devices(n_cards: int) -> int:
+    """The most devices (<= available) over which `n_cards` split evenly."""
+    n = len(jax.devices())
+    return max(d for d in range(1, min(n, n_cards) + 1) if n_cards % d == 0)
+
+
+class ApplianceRuntime:
+    """Cards configured once (params and state resident, sharded over a mesh); `run` streams micro-batches."""
+
+    def __init__(self, schedule: Schedule, layer_fn, head_fn, card_params, state, *, devices: int | None = None,
+                 axis: str = "cards"):
+        self.schedule = schedule
+        n_dev = default_devices(schedule.n_cards) if devices is None else devices
+        if schedule.n_cards % n_dev:
+            raise ValueError(f"{schedule.n_cards} cards cannot be split evenly over {n_dev} devices")
+        self.mesh = card_mesh(n_dev, axis)
+        self.params = place_cards(card_params, self.mesh, axis)  # configure: weights resident on their cards
+        self.state = place_cards(state, self.mesh, axis)  # KV cache resident on its card
+        self.frames = FrameLedger(schedule.n_cards)
+        self._run = jax.jit(partial(run_pipeline, schedule, self.mesh, layer_fn, head_fn, axis=axis),
+                            donate_argnums=(3,))
+
+    @property
+    def devices(self) -> int:
+        return self.mesh.devices.size
+
+    def run(self, x_MxBxLxD: jax.Array, aux_M) -> object:
+        """Send one input frame per micro-batch through the cards; returns the output cards' results."""
+        results, self.state = self._run(self.params, x_MxBxLxD, aux_M, self.state)
+        frame = int(np.prod(x_MxBxLxD.shape[1:])) * x_MxBxLxD.dtype.itemsize
+        res = sum(int(np.prod(r.shape[2:])) * r.dtype.itemsize for r in jax.tree.leaves(results))
+        self.frames.record(self.schedule, frame, res)
+        return results
+
+    def reset(self) -> None:
+        """Clear the per-user state (start a new mini-batch of users)."""
+        self.state = place_cards(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), self.state), self.mesh,
+                                 self.mesh.axis_names[0])

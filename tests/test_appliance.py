@@ -1,0 +1,166 @@
+"""The 16-card appliance: mapping, GPipe pipeline vs sequential (bits and gradients), runtime."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import llama
+from models.appliance import ApplianceGenerator, CardLayout, build_cards, card_programs, combine_greedy
+from models.config import get_config
+from models.generate import Generator
+from np_jax.mapping import map_model, plot_card
+from np_jax.memory import CoreMemoryError
+from np_jax.pipeline import Schedule, card_mesh, run_pipeline
+
+CFG = get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    p = llama.init_params(CFG, jax.random.key(0))
+    p = llama.calibrate(p, jax.random.randint(jax.random.key(1), (2, 32), 0, CFG.vocab_size), CFG, "w4a4")
+    return p, llama.prepare_serving(p, CFG, "w4a4")
+
+
+# --- mapping ------------------------------------------------------------------------------------
+
+def test_published_mapping_fits_and_8bit_kv_does_not():
+    cfg = get_config("granite-3b-northpole")
+    m = map_model(cfg, "w4a4", users=28, context=2048)
+    assert m.fits and len(m.layer_cards) == 14 and len(m.head_cards) == 2
+    assert (m.micro_batches, m.micro_batch_size) == (14, 2)
+    assert all(c.layers == (i,) for i, c in enumerate(m.layer_cards))
+    assert [c.vocab_slice for c in m.head_cards] == [(0, 24576), (24576, 49152)]
+    s = m.cards[0].summary()
+    assert s["weights_bytes"] >= 218_103_808 // 2 and s["kv_cache_bytes"] == 28 * 2048 * 2 * 1024 // 2
+    assert s["fullest_core_bytes"] <= s["core_capacity_bytes"]
+    with pytest.raises(CoreMemoryError) as e:  # spec sec. 3: an 8-bit KV cache would not fit
+        map_model(cfg, "a8c8w4", users=28, context=2048)
+    assert e.value.card == 0 and e.value.bytes_over > 0 and "card 0, core (" in str(e.value)
+    loose = map_model(cfg, "a8c8w4", users=28, context=2048, strict=False)
+    assert not loose.fits and "over by" in loose.first_error()
+
+
+def test_mapping_layers_per_card_and_errors():
+    m = map_model(get_config("smollm2-135m"), "w4a4", users=4, context=512)
+    assert m.fits and sum(len(c.layers) for c in m.layer_cards) == 30
+    assert sorted({c.role for c in m.cards}) == ["head", "layers"]
+    with pytest.raises(ValueError, match="at least one card"):
+        map_model(CFG, "w4a4", users=2, context=16, cards=0)
+    with pytest.raises(ValueError, match="equal micro-batches"):
+        map_model(CFG, "w4a4", users=5, context=16, micro_batches=2)
+    with pytest.raises(CoreMemoryError, match="kv_cache"):  # more users than the KV cache can hold
+        map_model(get_config("granite-3b-northpole"), "w4a4", users=64, context=2048)
+
+
+def test_more_core_memory_never_breaks_a_fitting_mapping():
+    import dataclasses
+
+    from np_jax.spec import APPLIANCE
+    cfg = get_config("granite-3b-northpole")
+    for users in (8, 28, 40):
+        base = map_model(cfg, "w4a4", users=users, context=2048, strict=False)
+        bigger = dataclasses.replace(APPLIANCE, chip=dataclasses.replace(APPLIANCE.chip, core_sram_bytes=1024 * 1024))
+        more = map_model(cfg, "w4a4", users=users, context=2048, strict=False, appliance=bigger)
+        assert more.fits or not base.fits
+
+
+def test_plot_card_writes_png(tmp_path):
+    m = map_model(get_config("granite-3b-northpole"), "w4a4", users=28, context=2048)
+    out = plot_card(m, 0, str(tmp_path / "card0.png"))
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# --- execution ----------------------------------------------------------------------------------
+
+def _sequential_logits(serving, toks, cache_len):
+    cache = llama.init_cache(CFG, toks.shape[0], cache_len, "w4a4")
+    B, L = toks.shape
+    return llama.step(serving, toks, jnp.broadcast_to(jnp.arange(L), (B, L)), cache, CFG, "w4a4")
+
+
+@pytest.mark.parametrize("devices", [16, 1])
+def test_pipelined_prefill_and_decode_equal_sequential_bits(model, devices):
+    _, serving = model
+    layout = CardLayout.simple(CFG, 16, micro_batches=2, head_cards=2)
+    layer_fn, head_fn = card_programs(CFG, "w4a4", result="logits")
+    cards = build_cards(serving, CFG, "w4a4", layout)
+    users, L, S = 4, 8, 16
+    state = {k: jnp.zeros((16, users, 1, S, CFG.n_kv_heads, CFG.head_dim), jnp.int8) for k in ("k", "v")}
+    toks = jax.random.randint(jax.random.key(7), (users, L + 3), 0, CFG.vocab_size)
+    mesh = card_mesh(devices)
+    run = jax.jit(lambda c, x, a, s: run_pipeline(layout.schedule, mesh, layer_fn, head_fn, c, x, a, s))
+    x = llama.embed(serving, toks[:, :L], llama.resolve("w4a4")).reshape(2, 2, L, -1)
+    res, state = run(cards, x, {"pos": jnp.broadcast_to(jnp.arange(L), (2, 2, L))}, state)
+    ref, ref_cache = _sequential_logits(serving, toks[:, :L], S)
+    got = jnp.concatenate([res[c] for c in layout.schedule.head_cards], -1).reshape(users, L, -1)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    for t in range(L, L + 3):  # decode steps, each user at its own position
+        x = llama.embed(serving, toks[:, t:t + 1], llama.resolve("w4a4")).reshape(2, 2, 1, -1)
+        res, state = run(cards, x, {"pos": jnp.full((2, 2, 1), t)}, state)
+        ref, ref_cache = llama.step(serving, toks[:, t:t + 1], jnp.full((users, 1), t), ref_cache, CFG, "w4a4")
+        got = jnp.concatenate([res[c] for c in layout.schedule.head_cards], -1).reshape(users, 1, -1)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    # the cards' KV caches hold exactly the sequential cache
+    layer_cards = layout.schedule.layer_cards
+    np.testing.assert_array_equal(np.asarray(state["k"])[layer_cards][:, :, 0],
+                                  np.asarray(ref_cache["k"]))
+
+
+@pytest.mark.parametrize("cards,head_cards,devices", [(16, 2, 16), (16, 2, 2), (4, 1, 4)])
+def test_appliance_generation_equals_single_device_generation(model, cards, head_cards, devices):
+    params, serving = model
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (3, 11, 17, 5)]
+    ref = Generator(params, CFG, "w4a4", cache_len=64, serving_params=serving).generate(prompts, 5).tokens
+    layout = CardLayout.simple(CFG, cards, micro_batches=2, head_cards=head_cards)
+    gen = ApplianceGenerator(serving, CFG, "w4a4", layout, users=4, cache_len=64, devices=devices)
+    res = gen.generate(prompts, 5)
+    assert res.tokens == ref and res.timings["devices"] == devices
+    frames = res.timings["frames"]
+    assert frames["runs"] == 5 and frames["bytes_in"][0] > 0
+
+
+def test_gradients_through_the_pipeline_match_sequential(model):
+    params, _ = model
+    layout = CardLayout.simple(CFG, 16, micro_batches=2, head_cards=2)
+    layer_fn, head_fn = card_programs(CFG, "w4a4", with_cache=False, result="logits")
+    toks = jax.random.randint(jax.random.key(9), (4, 9), 0, CFG.vocab_size)
+    mesh = card_mesh(16)
+    dummy = {"d": jnp.zeros((16, 4, 1))}
+
+    def nll(logits):
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, 1:, None], -1))
+
+    def pipelined_loss(p):
+        cards = build_cards(p, CFG, "w4a4", layout)
+        x = llama.embed(p, toks[:, :-1], llama.resolve("w4a4")).reshape(2, 2, 8, -1)
+        res, _ = run_pipeline(layout.schedule, mesh, layer_fn, head_fn, cards, x,
+                              {"pos": jnp.broadcast_to(jnp.arange(8), (2, 2, 8))}, dummy)
+        return nll(jnp.concatenate([res[c] for c in layout.schedule.head_cards], -1).reshape(4, 8, -1))
+
+    seq_loss = lambda p: nll(llama.forward(p, toks[:, :-1], CFG, "w4a4"))
+    lp, gp = jax.jit(jax.value_and_grad(pipelined_loss))(params)
+    ls, gs = jax.jit(jax.value_and_grad(seq_loss))(params)
+    assert float(lp) == float(ls)  # the same forward, bit for bit
+    # Gradients agree to the fp16 resolution of the activations they flow through: the
+    # tensor-parallel output cards return two fp16-rounded partial input cotangents (one per
+    # vocabulary half) where the sequential model rounds one; the forward is bit-identical.
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree.leaves(gs)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+        assert err < 5e-3, jax.tree_util.keystr(path)
+
+
+def test_combine_greedy_breaks_ties_to_lower_vocabulary():
+    layout = CardLayout(("layers", "head", "head"), ((0,), (), ()), (None, (0, 4), (4, 8)), 1)
+    res = {"max": np.array([[[0.0, 0.0]], [[1.0, 2.0]], [[1.0, 3.0]]]), "arg": np.array([[[0, 0]], [[2, 3]], [[5, 7]]])}
+    np.testing.assert_array_equal(combine_greedy(res, layout), [2, 7])
+
+
+def test_schedule_validation():
+    with pytest.raises(ValueError, match="output-layer"):
+        Schedule(("layers", "layers"), 2)
+    s = Schedule(("layers", "layers", "head", "head"), 3)
+    assert s.ticks == 3 + 3 - 1 and s.source_of(3) == 1 and s.depth_of(3) == 2
