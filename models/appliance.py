@@ -105,20 +105,21 @@ def card_programs(cfg: ModelConfig, policy, with_cache: bool = True, result: str
     prec = llama.resolve(policy, cfg)
 
     def layer_fn(p, x, aux, st):
+        """The card's layers on one micro-batch; `st` is its KV cache [layers, users, S, K, E]."""
         def body(x, inp):
             lp, i, kv = inp
-            y, kv_new = llama._layer(lp, x, aux["pos"], kv, cfg, prec, None)
-            valid = i < p["n_layers"]
-            if kv is not None:
-                kv_new = jax.tree.map(lambda n, o: jnp.where(valid, n, o), kv_new, kv)
-            return jnp.where(valid, y, x).astype(x.dtype), kv_new
 
-        kv = (st["k"].swapaxes(0, 1), st["v"].swapaxes(0, 1)) if with_cache else None
+            def run(x, kv):
+                y, kv_new = llama._layer(lp, x, aux["pos"], kv, cfg, prec, None)
+                return y.astype(x.dtype), kv_new
+
+            # padding layers (cards holding fewer layers than the most loaded card) pass through
+            return jax.lax.cond(i < p["n_layers"], run, lambda x, kv: (x, kv), x, kv)
+
+        kv = (st["k"], st["v"]) if with_cache else None
         n = jax.tree.leaves(p["layers"])[0].shape[0]
         x, kv_new = jax.lax.scan(body, x, (p["layers"], jnp.arange(n), kv))
-        if with_cache:
-            st = {"k": kv_new[0].swapaxes(0, 1), "v": kv_new[1].swapaxes(0, 1)}
-        return x, st
+        return x, ({"k": kv_new[0], "v": kv_new[1]} if with_cache else st)
 
     def head_fn(p, x, aux):
         h = vu.rmsnorm(x, p["final_norm"], cfg.rms_eps, prec.dtype)
@@ -165,11 +166,11 @@ class ApplianceGenerator:
         C = len(layout.roles)
         lmax = max(1, max(len(l) for l in layout.layers))
         dt = jnp.float32 if self.prec.kv.is_float else jnp.int8
-        shape = (C, users, lmax, cache_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (C, lmax, users, cache_len, cfg.n_kv_heads, cfg.head_dim)  # per card: layer-major
         state = {"k": np.zeros(shape, dt), "v": np.zeros(shape, dt)}
         layer_fn, head_fn = card_programs(cfg, policy)
         self.runtime = ApplianceRuntime(layout.schedule, layer_fn, head_fn, build_cards(serving, cfg, policy, layout),
-                                        state, devices=devices)
+                                        state, devices=devices, user_axis=1)
 
     def _frames(self, toks_NxL: np.ndarray):
         M = self.layout.micro_batches

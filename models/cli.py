@@ -14,6 +14,7 @@ DEFAULT_PROMPT = "def fibonacci(n):"
 
 
 def register(sub) -> None:
+    register_map(sub)
     p = sub.add_parser(
         "run", help="generate text with an LLM on the emulated NorthPole chip",
         description="Generate text with an LLM whose linear layers, attention matmuls and SiLU run as "
@@ -32,6 +33,14 @@ def register(sub) -> None:
     p.add_argument("--calibration", default="mse", choices=["mse", "lsq"],
                    help="step-size initialisation without QAT: MSE-optimal or the LSQ paper's 2*mean|v|/sqrt(Q_P)")
     p.add_argument("--cache-len", type=int, default=512, help="KV-cache positions per user")
+    p.add_argument("--cards", type=int, default=16, help="appliance cards (pipeline stages); 0 is an error")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="micro-batches M (default: as many as layer cards, dividing the users)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="JAX devices to spread the cards over (default: one per card; on CPU these are "
+                        "virtual devices)")
+    p.add_argument("--single-device", action="store_true",
+                   help="run the model sequentially on one device instead of the emulated appliance")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the ChatML chat template")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (non-pretrained models)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -46,7 +55,18 @@ def _calibration_tokens(encode, n: int = 256) -> list[int]:
     return encode(Path(src_module.__file__).read_text())[:n]
 
 
+def _setup_devices(n: int | None) -> None:
+    """Ask for `n` virtual CPU devices (must run before JAX computes anything)."""
+    import jax
+
+    if n:
+        jax.config.update("jax_num_cpu_devices", n)
+
+
 def run_command(args) -> int:
+    if args.cards < 1:
+        raise ValueError(f"--cards must be >= 1, got {args.cards}")
+    _setup_devices(args.devices or args.cards)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -91,7 +111,26 @@ def run_command(args) -> int:
     log(f"model {cfg.name} ({cfg.n_layers} layers, d={cfg.d_model}), precision {policy.name}, {users} user(s); "
         f"loaded and calibrated in {load_s:.1f} s")
 
-    gen = Generator(params, cfg, policy, cache_len=args.cache_len)
+    mapping_line, devices = "single device (sequential)", 1
+    if args.single_device:
+        gen = Generator(params, cfg, policy, cache_len=args.cache_len)
+    else:
+        from models.appliance import ApplianceGenerator, CardLayout
+        from np_jax.mapping import map_model
+
+        serving = llama.prepare_serving(params, cfg, policy)
+        if policy.is_float:  # float is a host reference: no chip memory plan, same card layout
+            mb = args.micro_batches or max(d for d in range(1, min(users, args.cards - 1) + 1) if users % d == 0)
+            layout = CardLayout.simple(cfg, args.cards, mb)
+            mapping_line = f"float reference on {args.cards} cards (no chip memory plan)"
+        else:
+            mapping = map_model(cfg, policy, users=users, context=args.cache_len, cards=args.cards,
+                                micro_batches=args.micro_batches)
+            layout = CardLayout.from_mapping(mapping)
+            mapping_line = mapping.one_line()
+        gen = ApplianceGenerator(serving, cfg, policy, layout, users, cache_len=args.cache_len, devices=args.devices)
+        devices = gen.runtime.devices
+    log(f"mapping: {mapping_line}; {devices} JAX device(s) on {jax.default_backend()}")
     with tqdm(total=args.new_tokens, desc="generating", unit="tok", file=sys.stderr, disable=None) as bar:
         res = gen.generate(prompts, args.new_tokens, eos_ids=eos, progress=bar.update)
     texts = [decode(t) for t in res.tokens]
@@ -99,12 +138,13 @@ def run_command(args) -> int:
     tps = res.generated_tokens / (res.prefill_s + res.decode_s)
     kv_bits = llama.resolve(policy, cfg).kv.bits
     summary = {
-        "model": cfg.name, "precision": policy.name, "users": users, "prompts": prompts_text, "outputs": texts,
+        "model": cfg.name, "precision": policy.name, "cards": 1 if args.single_device else args.cards,
+        "users": users, "mapping": mapping_line, "jax_devices": devices, "prompts": prompts_text, "outputs": texts,
         "generated_tokens": res.generated_tokens, "prompt_tokens": [len(p) for p in prompts],
         "emulator_tokens_per_s": tps,
         "emulator_decode_tokens_per_s": decode_tokens / res.decode_s if res.decode_s > 0 else None,
         "prefill_s": res.prefill_s, "decode_s": res.decode_s, "backend": jax.default_backend(),
-        "devices": len(jax.devices()), "calibration": None if policy.is_float else args.calibration,
+        "calibration": None if policy.is_float else args.calibration,
         "kv_cache_bytes": llama.kv_cache_bytes(cfg, users, args.cache_len, kv_bits),
     }
     if args.json:
@@ -118,4 +158,57 @@ def run_command(args) -> int:
     if policy.name == "w4a4":
         print("note: w4a4 without quantization-aware training degrades this small model heavily "
               "(see docs/quantization.md); try --precision w8a8 or float")
+    return 0
+
+
+def register_map(sub) -> None:
+    p = sub.add_parser(
+        "map", help="place a model on the appliance's cards and cores and report memory use",
+        description="Map a model onto the appliance: one or more layers per card, the output layer split "
+                    "over as many cards as it needs, weights, KV cache and activations placed in each "
+                    "core's 768 KiB. Reports each card's role and bytes and whether it fits; exits with "
+                    "status 1 and names the card, the core and the bytes over if it does not.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="granite-3b-northpole", help="named model config")
+    p.add_argument("--users", type=int, default=28, help="users N (the mini-batch)")
+    p.add_argument("--context", type=int, default=2048, help="context length per user (KV-cache positions)")
+    p.add_argument("--precision", default="w4a4", help="precision policy (w4a4, a8c8w4, w8a8)")
+    p.add_argument("--cards", type=int, default=16, help="cards in the appliance")
+    p.add_argument("--micro-batches", type=int, default=None, help="micro-batches M")
+    p.add_argument("--head-cards", type=int, default=None, help="cards for the output layer (default: fewest that fit)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw a card's per-core memory as a 16x16 heat map")
+    p.add_argument("--card", type=int, default=0, help="the card to plot")
+    p.set_defaults(func=map_command)
+
+
+def map_command(args) -> int:
+    from models.config import get_config
+    from np_jax.mapping import map_model, plot_card
+
+    cfg = get_config(args.model)
+    m = map_model(cfg, args.precision, users=args.users, context=args.context, cards=args.cards,
+                  micro_batches=args.micro_batches, head_cards=args.head_cards, strict=False)
+    if args.plot:
+        if not 0 <= args.card < len(m.cards):
+            raise ValueError(f"--card must be in [0, {len(m.cards)}), got {args.card}")
+        plot_card(m, args.card, args.plot)
+    if args.json:
+        print(json.dumps(m.summary() | ({"plot": args.plot} if args.plot else {}), indent=2))
+    else:
+        mib = lambda b: f"{b / 2**20:9.1f}"
+        print(f"{cfg.name}, {m.policy}, {m.users} users x {m.context} context: {m.one_line()}")
+        print(f"{'card':>4} {'role':<7} {'layers':<9} {'weights MiB':>11} {'KV MiB':>9} {'other MiB':>9} "
+              f"{'total MiB':>9} {'of MiB':>7} {'fullest core KiB':>17} {'fits':>5}")
+        for c in m.cards:
+            s = c.summary()
+            lay = f"{c.layers[0]}-{c.layers[-1]}" if c.layers else ("vocab" if c.role == "head" else "-")
+            print(f"{c.card:>4} {c.role:<7} {lay:<9} {mib(s['weights_bytes']):>11} {mib(s['kv_cache_bytes'])} "
+                  f"{mib(s['other_bytes'])} {mib(s['used_bytes'])} {s['capacity_bytes'] / 2**20:7.0f} "
+                  f"{s['fullest_core_bytes'] / 1024:10.1f} / {s['core_capacity_bytes'] / 1024:.0f} {'yes' if c.fits else 'NO':>5}")
+        if args.plot:
+            print(f"wrote {args.plot}")
+    if not m.fits:
+        print(f"np-jax map: does not fit: {m.first_error()}", file=sys.stderr)
+        return 1
     return 0

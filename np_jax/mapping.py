@@ -260,7 +260,8 @@ def plot_card(mapping: Mapping, card: int, path: str) -> str:
         ax.legend(loc="upper right")
     kinds = plan.memory.bytes_by_kind()
     desc = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in kinds.items())
-    ax.set_title(f"{mapping.model} {mapping.policy}, card {card} ({plan.role}): capacity {cap:.0f} KiB/core\n{desc}",
+    ax.set_title(f"{mapping.model} {mapping.policy}, card {card} ({plan.role}): {used.min():.1f}-{used.max():.1f} "
+                 f"of {cap:.0f} KiB per core\n{desc}",
                  fontsize=9)
     ax.set_xlabel("core column")
     ax.set_ylabel("core row")

@@ -7,7 +7,7 @@ The output-layer cards all take their input from the last layer card and run in 
 tick (tensor parallel over vocabulary slices).
 
 With fewer devices than cards, each device holds a contiguous block of cards and steps
-through them (a `lax.scan` over its cards; each card's `lax.switch` runs only its own role),
+through them (a loop over its cards; each card's `lax.switch` runs only its own role),
 so the arithmetic, and hence every bit, is the same on 1, 2, 4, 8 or 16 devices.
 
 The pipeline is generic: the model supplies
@@ -106,11 +106,12 @@ def place_cards(tree, mesh: Mesh, axis: str = "cards"):
 
 
 def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, head_fn: Callable, card_params, x_MxBxLxD,
-                 aux_M, state, *, axis: str = "cards"):
+                 aux_M, state, *, axis: str = "cards", user_axis: int = 0):
     """Run M micro-batches through the cards. Returns (results [n_cards, M, ...], new state).
 
-    `card_params` and `state` have a leading card axis (sharded over `axis`); `x_MxBxLxD` and
-    `aux_M` (leading micro-batch axis) are replicated host inputs. `results[c, m]` is output
+    `card_params` and `state` have a leading card axis (sharded over `axis`); after it, every
+    state leaf has its user axis at `user_axis`. `x_MxBxLxD` and `aux_M` (leading
+    micro-batch axis) are replicated host inputs. `results[c, m]` is output
     card c's `head_fn` result for micro-batch m (zeros on other cards).
     """
     C, M = schedule.n_cards, schedule.micro_batches
@@ -133,7 +134,7 @@ def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, head_fn: Ca
     from_host = np.array([s < 0 for s in src]).reshape(n_dev, c_loc)
 
     one_params = jax.tree.map(lambda a: a[0], card_params)
-    one_state = jax.tree.map(lambda a: a[0, :mb], state)
+    one_state = jax.tree.map(lambda a: jax.lax.slice_in_dim(a[0], 0, mb, axis=user_axis), state)
     one_aux = jax.tree.map(lambda a: a[0], aux_M)
     res_shape = jax.eval_shape(head_fn, one_params, x_MxBxLxD[0], one_aux)
     hid_dtype = jax.eval_shape(layer_fn, one_params, x_MxBxLxD[0], one_aux, one_state)[0].dtype
@@ -149,32 +150,55 @@ def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, head_fn: Ca
         def tick(carry, t):
             regs, state_loc, results = carry
 
-            def card(_, inp):
-                j, p, x, st, res_j = inp
+            def card(j, inner):
+                outs, state_loc, results = inner
                 m = t - t_depth[j]
                 active = (m >= 0) & (m < M)
                 mc = jnp.clip(m, 0, M - 1)
+                x = regs[j]
                 a = jax.tree.map(lambda v: v[mc], aux)
-                st_m = jax.tree.map(lambda v: jax.lax.dynamic_slice_in_dim(v, mc * mb, mb, 0), st)
 
-                def do_layer(_):
-                    y, st_new = layer_fn(p, x, a, st_m)
-                    return y.astype(hid_dtype), st_new, zeros_res
+                # Card parameters are sliced inside the branch that uses them (slicing outside
+                # would copy every card's slots every tick).
+                def card_params():
+                    return jax.tree.map(lambda v: v[j], params_loc)
 
-                def do_head(_):
-                    return jnp.zeros_like(x), st_m, head_fn(p, x, a)
+                def at(v):  # start index of (card j, micro-batch mc's users) in a state leaf
+                    idx = [0] * v.ndim
+                    idx[0], idx[1 + user_axis] = j, mc * mb
+                    return tuple(idx)
 
-                def idle(_):
-                    return jnp.zeros_like(x), st_m, zeros_res
+                def size(v):
+                    sz = list(v.shape)
+                    sz[0], sz[1 + user_axis] = 1, mb
+                    return tuple(sz)
 
-                branch = jnp.where(active, t_role[j], ROLES.index("idle"))
-                y, st_new, r = jax.lax.switch(branch, (do_layer, do_head, idle), None)
-                st = jax.tree.map(lambda v, n: jax.lax.dynamic_update_slice_in_dim(v, n, mc * mb, 0), st, st_new)
-                res_j = jax.tree.map(lambda buf, v: jnp.where(active & (t_role[j] == 1), buf.at[mc].set(v), buf), res_j, r)
-                return None, (y, st, res_j)
+                is_layer = active & (t_role[j] == ROLES.index("layers"))
 
-            _, (outs, state_loc, results) = jax.lax.scan(
-                card, None, (jnp.arange(c_loc), params_loc, regs, state_loc, results))
+                def do_layer(state_loc):
+                    st_m = jax.tree.map(lambda v: jax.lax.dynamic_slice(v, at(v), size(v))[0], state_loc)
+                    y, st_new = layer_fn(card_params(), x, a, st_m)
+                    state_loc = jax.tree.map(lambda v, n: jax.lax.dynamic_update_slice(v, n[None].astype(v.dtype), at(v)),
+                                             state_loc, st_new)
+                    return y.astype(hid_dtype), state_loc
+
+                def no_layer(state_loc):
+                    return jnp.zeros_like(x), state_loc
+
+                # Only active layer cards touch their state (idle cards would otherwise copy a
+                # micro-batch of KV cache in and out every tick).
+                y, state_loc = jax.lax.cond(is_layer, do_layer, no_layer, state_loc)
+                r = jax.lax.cond(active & (t_role[j] == ROLES.index("head")),
+                                 lambda: head_fn(card_params(), x, a), lambda: zeros_res)
+                keep = active & (t_role[j] == ROLES.index("head"))
+                results = jax.tree.map(
+                    lambda buf, v: jax.lax.dynamic_update_slice(
+                        buf, jnp.where(keep, v, buf[j, mc])[None, None], (j, mc) + (0,) * (buf.ndim - 2)),
+                    results, r)
+                return outs.at[j].set(y), state_loc, results
+
+            outs = jnp.zeros_like(regs)
+            outs, state_loc, results = jax.lax.fori_loop(0, c_loc, card, (outs, state_loc, results))
             # Card-to-card transfers for the next tick: each card reads its source's output.
             cands = [outs if o == 0 else jax.lax.ppermute(outs, axis, [(d, d + o) for d in range(n_dev - o)])
                      for o in offsets]

@@ -57,7 +57,7 @@ class ApplianceRuntime:
     """Cards configured once (params and state resident, sharded over a mesh); `run` streams micro-batches."""
 
     def __init__(self, schedule: Schedule, layer_fn, head_fn, card_params, state, *, devices: int | None = None,
-                 axis: str = "cards"):
+                 axis: str = "cards", user_axis: int = 0):
         self.schedule = schedule
         n_dev = default_devices(schedule.n_cards) if devices is None else devices
         if schedule.n_cards % n_dev:
@@ -66,7 +66,7 @@ class ApplianceRuntime:
         self.params = place_cards(card_params, self.mesh, axis)  # configure: weights resident on their cards
         self.state = place_cards(state, self.mesh, axis)  # KV cache resident on its card
         self.frames = FrameLedger(schedule.n_cards)
-        self._run = jax.jit(partial(run_pipeline, schedule, self.mesh, layer_fn, head_fn, axis=axis),
+        self._run = jax.jit(partial(run_pipeline, schedule, self.mesh, layer_fn, head_fn, axis=axis, user_axis=user_axis),
                             donate_argnums=(3,))
 
     @property

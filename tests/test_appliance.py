@@ -87,10 +87,10 @@ def test_pipelined_prefill_and_decode_equal_sequential_bits(model, devices):
     layer_fn, head_fn = card_programs(CFG, "w4a4", result="logits")
     cards = build_cards(serving, CFG, "w4a4", layout)
     users, L, S = 4, 8, 16
-    state = {k: jnp.zeros((16, users, 1, S, CFG.n_kv_heads, CFG.head_dim), jnp.int8) for k in ("k", "v")}
+    state = {k: jnp.zeros((16, 1, users, S, CFG.n_kv_heads, CFG.head_dim), jnp.int8) for k in ("k", "v")}
     toks = jax.random.randint(jax.random.key(7), (users, L + 3), 0, CFG.vocab_size)
     mesh = card_mesh(devices)
-    run = jax.jit(lambda c, x, a, s: run_pipeline(layout.schedule, mesh, layer_fn, head_fn, c, x, a, s))
+    run = jax.jit(lambda c, x, a, s: run_pipeline(layout.schedule, mesh, layer_fn, head_fn, c, x, a, s, user_axis=1))
     x = llama.embed(serving, toks[:, :L], llama.resolve("w4a4")).reshape(2, 2, L, -1)
     res, state = run(cards, x, {"pos": jnp.broadcast_to(jnp.arange(L), (2, 2, L))}, state)
     ref, ref_cache = _sequential_logits(serving, toks[:, :L], S)
@@ -104,7 +104,7 @@ def test_pipelined_prefill_and_decode_equal_sequential_bits(model, devices):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     # the cards' KV caches hold exactly the sequential cache
     layer_cards = layout.schedule.layer_cards
-    np.testing.assert_array_equal(np.asarray(state["k"])[layer_cards][:, :, 0],
+    np.testing.assert_array_equal(np.asarray(state["k"])[layer_cards][:, 0],
                                   np.asarray(ref_cache["k"]))
 
 
