@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 
@@ -23,7 +24,7 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (pretrained, from its GGUF file) or a named config with random weights "
-                        "(tiny, granite-3b-northpole, ...)")
+                        "(tiny, granite-3b-northpole, ...; for --gguf files, the config to check the file against)")
     p.add_argument("--gguf", default=None, help="GGUF file to load instead of the packaged SmolLM2")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat for several users (default: a code prompt)")
@@ -32,7 +33,8 @@ def register(sub) -> None:
     p.add_argument("--precision", default="w4a4", help="precision policy: w4a4, a8c8w4, w8a8 or float")
     p.add_argument("--calibration", default="mse", choices=["mse", "lsq"],
                    help="step-size initialisation without QAT: MSE-optimal or the LSQ paper's 2*mean|v|/sqrt(Q_P)")
-    p.add_argument("--cache-len", type=int, default=512, help="KV-cache positions per user")
+    p.add_argument("--cache-len", type=int, default=None,
+                   help="KV-cache positions per user (default: 512, or the model's context if shorter)")
     p.add_argument("--cards", type=int, default=16, help="appliance cards (pipeline stages); 0 is an error")
     p.add_argument("--micro-batches", type=int, default=None,
                    help="micro-batches M (default: as many as layer cards, dividing the users)")
@@ -93,32 +95,39 @@ def run_command(args) -> int:
         from models.tokenizer import Tokenizer
 
         path = args.gguf or smollm2_gguf_path()
-        cfg, params = loaders.load_gguf(path, name=args.model)
+        # A file of one's own is checked against --model only when --model names it explicitly.
+        name = Path(args.gguf).stem if args.gguf and args.model == "smollm2-135m" else args.model
+        cfg, params = loaders.load_gguf(path, name=name)
         tok = Tokenizer.from_gguf(path)
         encode, decode, eos = tok.encode, tok.decode, tok.eos_ids
         if args.chat:
             prompts_text = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in prompts_text]
-    else:
+    else:  # random weights: generated directly as resident integer codes for quantized precisions
         cfg = get_config(args.model)
-        params = llama.init_params(cfg, jax.random.key(args.seed))
+        if policy.is_float:
+            params = llama.init_params(cfg, jax.random.key(args.seed))
+        else:
+            params, serving = None, llama.init_serving_random(cfg, jax.random.key(args.seed), policy)
         encode = lambda s: [b % cfg.vocab_size for b in s.encode()]
         decode = lambda ids: " ".join(map(str, ids))
         eos = ()
     prompts = [encode(t) for t in prompts_text]
-    if not policy.is_float:
+    args.cache_len = args.cache_len or min(512, cfg.max_seq_len)
+    if params is not None and not policy.is_float:
         params = llama.calibrate(params, jnp.asarray([_calibration_tokens(encode)]), cfg, policy, args.calibration)
+    if params is not None:
+        serving = llama.prepare_serving(params, cfg, policy)
     load_s = time.perf_counter() - t0
     log(f"model {cfg.name} ({cfg.n_layers} layers, d={cfg.d_model}), precision {policy.name}, {users} user(s); "
         f"loaded and calibrated in {load_s:.1f} s")
 
     mapping_line, devices = "single device (sequential)", 1
     if args.single_device:
-        gen = Generator(params, cfg, policy, cache_len=args.cache_len)
+        gen = Generator(params, cfg, policy, cache_len=args.cache_len, serving_params=serving)
     else:
         from models.appliance import ApplianceGenerator, CardLayout
         from np_jax.mapping import map_model
 
-        serving = llama.prepare_serving(params, cfg, policy)
         if policy.is_float:  # float is a host reference: no chip memory plan, same card layout
             mb = args.micro_batches or max(d for d in range(1, min(users, args.cards - 1) + 1) if users % d == 0)
             layout = CardLayout.simple(cfg, args.cards, mb)
@@ -143,7 +152,8 @@ def run_command(args) -> int:
         "generated_tokens": res.generated_tokens, "prompt_tokens": [len(p) for p in prompts],
         "emulator_tokens_per_s": tps,
         "emulator_decode_tokens_per_s": decode_tokens / res.decode_s if res.decode_s > 0 else None,
-        "prefill_s": res.prefill_s, "decode_s": res.decode_s, "backend": jax.default_backend(),
+        "prefill_s": res.prefill_s, "decode_s": res.decode_s, "compile_s": res.compile_s,
+        "backend": jax.default_backend(),
         "calibration": None if policy.is_float else args.calibration,
         "kv_cache_bytes": llama.kv_cache_bytes(cfg, users, args.cache_len, kv_bits),
     }
@@ -154,7 +164,8 @@ def run_command(args) -> int:
         print(f"--- user {i} ---\n{p}{t}")
     print("---")
     print(f"{res.generated_tokens} tokens in {res.prefill_s + res.decode_s:.2f} s: emulator {tps:.1f} tokens/s on "
-          f"{summary['backend']} (prefill {res.prefill_s:.2f} s, decode {summary['emulator_decode_tokens_per_s'] or 0:.1f} tok/s)")
+          f"{summary['backend']} (prefill {res.prefill_s:.2f} s, decode {summary['emulator_decode_tokens_per_s'] or 0:.1f} "
+          f"tok/s; compilation {res.compile_s:.1f} s not counted)")
     if policy.name == "w4a4":
         print("note: w4a4 without quantization-aware training degrades this small model heavily "
               "(see docs/quantization.md); try --precision w8a8 or float")

@@ -31,6 +31,7 @@ class GenerationResult:
     decode_s: float
     decode_steps: int
     timings: dict = field(default_factory=dict)
+    compile_s: float = 0.0  # ahead-of-time compilation, excluded from prefill_s and decode_s
 
     @property
     def generated_tokens(self) -> int:
@@ -65,6 +66,20 @@ class Generator:
             return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
 
         self._prefill, self._decode = prefill, decode
+        self._compiled: dict = {}
+        self.compile_s = 0.0
+
+    def _executable(self, fn, args):
+        """`fn` compiled ahead of time for these argument shapes (compile time booked in `compile_s`)."""
+        key = (fn, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args[1:])))
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[key] = fn.lower(*args).compile()
+            self.compile_s += time.perf_counter() - t0
+        return self._compiled[key]
+
+    def _call(self, fn, *args):
+        return self._executable(fn, args)(*args)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), progress=None) -> GenerationResult:
         """Greedy-decode up to `max_new_tokens` for each prompt. `progress(n)` is called per step."""
@@ -84,9 +99,13 @@ class Generator:
             toks[i, : len(p)] = p
         llama.check_tokens(toks, self.cfg)
         cache = llama.init_cache(self.cfg, len(prompts), self.cache_len, self.policy)
+        compile0 = self.compile_s
+        args = (self.params, jnp.asarray(toks), jnp.asarray(lengths), cache)
+        self._executable(self._prefill, args)
+        self._executable(self._decode, (self.params, jnp.zeros(len(prompts), jnp.int32), jnp.asarray(lengths), cache))
 
         t0 = time.perf_counter()
-        tok, cache = self._prefill(self.params, jnp.asarray(toks), jnp.asarray(lengths), cache)
+        tok, cache = self._call(self._prefill, *args)
         tok = np.asarray(tok)
         t1 = time.perf_counter()
         out = [[int(t)] for t in tok]
@@ -98,7 +117,7 @@ class Generator:
         for _ in range(max_new_tokens - 1):
             if done.all():
                 break
-            tok_j, cache = self._decode(self.params, jnp.asarray(tok), jnp.asarray(pos), cache)
+            tok_j, cache = self._call(self._decode, self.params, jnp.asarray(tok), jnp.asarray(pos), cache)
             tok = np.asarray(tok_j)
             pos += 1
             steps += 1
@@ -109,4 +128,6 @@ class Generator:
             if progress:
                 progress(1)
         t2 = time.perf_counter()
-        return GenerationResult(out, prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps)
+        return GenerationResult(out, prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps,
+                                compile_s=self.compile_s - compile0)
+

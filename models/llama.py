@@ -413,9 +413,9 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, policy) -> dict:
 
 
 def kv_cache_bytes(cfg: ModelConfig, users: int, context: int, bits: int | None, layers: int | None = None) -> int:
-    """Bytes of KV cache for `users` x `context` positions (packed at `bits`; float = 2 bytes/FP16)."""
+    """Bytes of KV cache for `users` x `context` positions (packed at `bits`; float: float32 as the emulator stores it)."""
     n = (cfg.n_layers if layers is None else layers) * users * context * 2 * cfg.kv_dim
-    return 2 * n if bits is None else stored_bytes(n, bits)
+    return 4 * n if bits is None else stored_bytes(n, bits)
 
 
 def step(params: Params, tokens_BxL: jax.Array, positions_BxL: jax.Array, cache: dict, cfg: ModelConfig,
@@ -426,6 +426,7 @@ def step(params: Params, tokens_BxL: jax.Array, positions_BxL: jax.Array, cache:
     dropped) and returns float32 logits [B, L, V] and the new cache.
     """
     prec = resolve(policy, cfg)
+    check_tokens(tokens_BxL, cfg)
     x, cache = run_layers(params["layers"], embed(params, tokens_BxL, prec), positions_BxL, cache, cfg, prec)
     return head(params, x, cfg, prec), cache
 
@@ -477,3 +478,23 @@ def init_serving_random(cfg: ModelConfig | str, key: jax.Array, policy="w4a4") -
                "s_x": jnp.float32(4.0 / prec.head("x").q_p)}
     embed_ = (0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d))).astype(jnp.float16)
     return {"embed": embed_, "layers": lay, "final_norm": jnp.ones((d,), jnp.float32), "lm_head": lm_head}
+
+
+def dequantize_serving(serving: Params, cfg: ModelConfig | str) -> Params:
+    """Float32 parameters (training form) equal to the dequantized resident weights `codes * s_w`.
+
+    The float reference of a serving-form model, e.g. one made by `init_serving_random`.
+    """
+    cfg = get_config(cfg)
+    deq = jax.jit(lambda tw, s: jax.vmap(lambda t: t.to_matrix())(tw).astype(jnp.float32) * s[:, None, :])
+    lay = serving["layers"]
+    for name in LINEARS:
+        blk, lin = name.split(".")
+        p = lay[blk][lin]
+        if "tw" in p:
+            lay = _set(lay, (blk, lin), {k: v for k, v in p.items() if k != "tw"} | {"w": deq(p["tw"], p["s_w"])})
+    lh = serving["lm_head"]
+    head = dict(lh)
+    if "tw" in lh:
+        head = {k: v for k, v in lh.items() if k != "tw"} | {"w": lh["tw"].to_matrix().astype(jnp.float32) * lh["s_w"]}
+    return {**serving, "layers": lay, "lm_head": head, "embed": serving["embed"].astype(jnp.float32)}

@@ -12,7 +12,6 @@ import dataclasses
 import math
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,7 +35,6 @@ def params_from_gguf(m: GGUFModel, cfg: ModelConfig) -> llama.Params:
     n = cfg.n_layers
     stack = lambda key, tr=False: jnp.asarray(np.stack([t[f"layers.{i}.{key}"].T if tr else t[f"layers.{i}.{key}"]
                                                          for i in range(n)]), jnp.float32)
-    params = llama.init_params(cfg.replace(n_layers=1, vocab_size=8, d_model=cfg.d_model), jax.random.key(0))
     one = jnp.ones((n,), jnp.float32)
     lay = {"attn_norm": stack("attn_norm"), "mlp_norm": stack("mlp_norm"), "attn": {}, "mlp": {}}
     for blk, names in _LIN.items():

@@ -121,7 +121,7 @@ class Mapping:
         return (f"{len(self.cards)} cards: {len(self.layer_cards)} x {'/'.join(map(str, per))} layer(s), "
                 f"{len(self.head_cards)} output-layer card(s)" + (f", {idle} idle" if idle else "")
                 + f"; {self.micro_batches} micro-batches of {self.micro_batch_size}; fullest core "
-                f"{fullest / 1024:.0f} of {cap / 1024:.0f} KiB; {'fits' if self.fits else 'DOES NOT FIT'}")
+                f"{fullest / 1024:.1f} of {cap / 1024:.0f} KiB; {'fits' if self.fits else 'DOES NOT FIT'}")
 
     def summary(self) -> dict:
         return {"model": self.model, "precision": self.policy, "users": self.users, "context": self.context,

@@ -1,9 +1,10 @@
 """optax support for LSQ training: parameter groups and the activation-step warm start.
 
-Parameter groups, from the leaf's key in the parameter tree:
+Parameter groups, from the leaf's key in the parameter tree (not its rank: stacked layers give
+norm gains and biases a leading layer axis):
 - `s_w` (weight step sizes) and other `s_*` keys (activation step sizes, KV-cache and SiLU
   steps): no weight decay, each in its own group;
-- float matrices (ndim >= 2): AdamW with weight decay;
+- weight matrices (keys in `DECAYED`: `w`, `embed`): AdamW with weight decay;
 - everything else (norm gains, biases): Adam, no decay.
 The warm start (HPEC24 sec. V): the activation step sizes' learning rate is multiplied by
 `act_step_lr_mult` (200) for the first `act_step_warmup_steps` (250) steps.
@@ -15,6 +16,7 @@ import jax
 import optax
 
 GROUPS = ("weights", "other", "weight_steps", "act_steps")
+DECAYED = ("w", "embed")
 
 
 def _key_name(path) -> str:
@@ -28,7 +30,7 @@ def param_group(path, leaf) -> str:
         return "weight_steps"
     if name.startswith("s_"):
         return "act_steps"
-    return "weights" if getattr(leaf, "ndim", 0) >= 2 else "other"
+    return "weights" if name in DECAYED else "other"
 
 
 def param_groups(params):

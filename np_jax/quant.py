@@ -15,7 +15,8 @@ One quantizer definition serves training and inference:
 
 The precision policy is data: an ordered list of (pattern, TensorQuant) rules; the first
 pattern (fnmatch) that matches a tensor's role decides its width. Roles are strings such as
-`layers.3.attn.q.w` (a weight), `layers.3.attn.q.x` (that linear layer's input),
+`layers.3.attn.q.w` (a weight), `layers.3.attn.x` (the input shared by the q, k and v
+projections; `attn.o.x`, `mlp.x` (gate and up), `mlp.down.x` likewise),
 `layers.3.attn.kv` (the KV cache), `layers.3.attn.qk.q` (the query entering Q K^T),
 `layers.3.attn.probs` (attention probabilities entering P V), `layers.3.mlp.silu` (SiLU input
 and output), `lm_head.w`, `lm_head.x`.

@@ -191,8 +191,8 @@ def test_product_gradients_are_the_fake_quant_gradients():
 
 
 def test_optimizer_groups_and_activation_step_warm_start():
-    params = {"lin": {"w": jnp.ones((4, 4)), "s_w": jnp.ones((4,)), "s_x": jnp.float32(1.0), "b": jnp.ones(4)},
-              "norm": jnp.ones(4)}
+    params = {"lin": {"w": jnp.ones((4, 4)), "s_w": jnp.ones((4,)), "s_x": jnp.float32(1.0), "b": jnp.ones((2, 4))},
+              "norm": jnp.ones((2, 4))}  # stacked (2-D) biases and norms are still not decayed
     from np_jax.optim import lsq_optimizer, param_groups
     groups = param_groups(params)
     assert groups == {"lin": {"w": "weights", "s_w": "weight_steps", "s_x": "act_steps", "b": "other"}, "norm": "other"}
