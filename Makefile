@@ -28,6 +28,7 @@ test-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_core_array
+	$(BIN)/python -m benchmarks.bench_appliance
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
