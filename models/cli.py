@@ -157,6 +157,17 @@ def run_command(args) -> int:
         "calibration": None if policy.is_float else args.calibration,
         "kv_cache_bytes": llama.kv_cache_bytes(cfg, users, args.cache_len, kv_bits),
     }
+    if not args.single_device and not policy.is_float:
+        from np_jax import perf
+
+        try:  # the real appliance's figures for this run (np_jax.perf, calibrated to HPEC24)
+            pred = perf.predict(cfg, policy, users=users, micro_batches=args.micro_batches,
+                                prompt_tokens=max(len(p) for p in prompts), gen_tokens=args.new_tokens,
+                                cards=args.cards, context=args.cache_len)
+            summary["northpole_predicted"] = {k: pred[k] for k in ("latency_ms", "system_throughput_tok_s",
+                                                                   "throughput_tok_s_card", "energy_tok_s_W") if k in pred}
+        except ValueError as e:
+            summary["northpole_predicted"] = {"error": str(e)}
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -166,6 +177,10 @@ def run_command(args) -> int:
     print(f"{res.generated_tokens} tokens in {res.prefill_s + res.decode_s:.2f} s: emulator {tps:.1f} tokens/s on "
           f"{summary['backend']} (prefill {res.prefill_s:.2f} s, decode {summary['emulator_decode_tokens_per_s'] or 0:.1f} "
           f"tok/s; compilation {res.compile_s:.1f} s not counted)")
+    np_pred = summary.get("northpole_predicted")
+    if np_pred and "latency_ms" in np_pred:
+        print(f"predicted on NorthPole ({args.cards} cards): {np_pred['latency_ms']:.3f} ms/token per user, "
+              f"{np_pred['system_throughput_tok_s']:,.0f} tokens/s (np_jax.perf; see docs/performance.md)")
     if policy.name == "w4a4":
         print("note: w4a4 without quantization-aware training degrades this small model heavily "
               "(see docs/quantization.md); try --precision w8a8 or float")

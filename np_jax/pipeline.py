@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from np_jax.distributed import to_global
+
 ROLES = ("layers", "head", "idle")
 
 
@@ -94,13 +96,20 @@ def card_mesh(n_devices: int | None = None, axis: str = "cards") -> Mesh:
 
 
 def place_cards(tree, mesh: Mesh, axis: str = "cards"):
-    """Shard the leading card axis of every leaf over the mesh (cards must divide evenly)."""
+    """Shard the leading card axis of every leaf over the mesh (cards must divide evenly).
+
+    Works when the mesh spans several processes: each process places the cards of its own
+    devices (every process holds the same host values).
+    """
     n = mesh.shape[axis]
+    sharding = NamedSharding(mesh, P(axis))
 
     def put(x):
         if x.shape[0] % n:
             raise ValueError(f"{x.shape[0]} cards cannot be split evenly over {n} devices")
-        return jax.device_put(x, NamedSharding(mesh, P(axis)))
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return to_global(jax.device_get(x), sharding)
 
     return jax.tree.map(put, tree)
 

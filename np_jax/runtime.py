@@ -15,6 +15,9 @@ from functools import partial
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from np_jax.distributed import to_global, to_host
 
 from np_jax.pipeline import Schedule, card_mesh, place_cards, run_pipeline
 
@@ -49,7 +52,7 @@ class FrameLedger:
 
 
 def default_devices(n_cards: int) -> int:
-    """The most devices (<= available) over which `n_cards` split evenly."""
+    """The most devices (<= available, over all processes) over which `n_cards` split evenly."""
     n = len(jax.devices())
     return max(d for d in range(1, min(n, n_cards) + 1) if n_cards % d == 0)
 
@@ -76,8 +79,16 @@ class ApplianceRuntime:
     def devices(self) -> int:
         return self.mesh.devices.size
 
+    def _inputs(self, x_MxBxLxD, aux_M):
+        """Host inputs as arrays replicated over the mesh (global arrays when it spans processes)."""
+        if jax.process_count() == 1:
+            return x_MxBxLxD, aux_M
+        rep = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda v: to_global(jax.device_get(v), rep), (x_MxBxLxD, aux_M))
+
     def compile(self, x_MxBxLxD: jax.Array, aux_M):
         """The pipeline compiled for these input shapes (cached; time booked in `compile_s`)."""
+        x_MxBxLxD, aux_M = self._inputs(x_MxBxLxD, aux_M)
         key = tuple((a.shape, a.dtype) for a in jax.tree.leaves((x_MxBxLxD, aux_M)))
         if key not in self._compiled:
             t0 = time.perf_counter()
@@ -86,8 +97,13 @@ class ApplianceRuntime:
         return self._compiled[key]
 
     def run(self, x_MxBxLxD: jax.Array, aux_M) -> object:
-        """Send one input frame per micro-batch through the cards; returns the output cards' results."""
+        """Send one input frame per micro-batch through the cards; returns the output cards' results.
+
+        Results come back as host numpy arrays (gathered from every process of a multi-process mesh).
+        """
+        x_MxBxLxD, aux_M = self._inputs(x_MxBxLxD, aux_M)
         results, self.state = self.compile(x_MxBxLxD, aux_M)(self.params, x_MxBxLxD, aux_M, self.state)
+        results = jax.tree.map(to_host, results)
         frame = int(np.prod(x_MxBxLxD.shape[1:])) * x_MxBxLxD.dtype.itemsize
         res = sum(int(np.prod(r.shape[2:])) * r.dtype.itemsize for r in jax.tree.leaves(results))
         self.frames.record(self.schedule, frame, res)

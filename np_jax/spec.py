@@ -130,3 +130,82 @@ class PublishedRun:
 NORTHPOLE = ChipSpec()
 APPLIANCE = ApplianceSpec()
 PUBLISHED_RUN = PublishedRun()
+
+
+# --- comparison points and the scaled-out rack (used by np_jax.perf) ----------------------------
+# Sources added for these:
+#   HPEC24-R  HPEC24's stated NorthPole/GPU ratios (P1-P4) and the GPU points they imply
+#             (GPU throughput per card, latency, energy metric and implied power derived from the
+#             published NorthPole row and the ratios; 2-3 significant digits).
+#   VENDOR    GPU transistor counts from the vendors' data sheets (H100 80e9, A100 54.2e9, L4 35.8e9).
+
+
+@dataclass(frozen=True)
+class GpuPoint:
+    """One GPU operating point of HPEC24's comparison (Table I, Figs. 1-2).
+
+    vLLM 0.5.4, GPTQ w4a16 (Marlin kernels), the same model and settings; GPU power is the board
+    rating, the same for every batch size. `energy_tok_s_w`/`power_w` are None where the paper
+    states no energy ratio for the point (P4).
+    """
+
+    name: str
+    gpu: str
+    node_nm: int
+    meaning: str
+    throughput_tok_s_card: float
+    latency_ms: float
+    energy_tok_s_w: float | None
+    power_w: float | None
+    transistors: float
+    stated_ratios: tuple[tuple[str, float], ...]  # NorthPole / GPU as the paper states them
+    source: str = "HPEC24-R (derived from HPEC24's stated ratios); transistors VENDOR"
+
+    @property
+    def space_tok_s_per_transistor(self) -> float:
+        return self.throughput_tok_s_card / self.transistors
+
+    def ratio(self, metric: str) -> float | None:
+        return dict(self.stated_ratios).get(metric)
+
+
+GPU_TRANSISTORS = {"H100": 80e9, "A100": 54.2e9, "L4": 35.8e9, "L40S": 76.3e9}  # VENDOR
+
+GPU_POINTS: dict[str, GpuPoint] = {
+    p.name: p
+    for p in [
+        GpuPoint("P1", "L4", 5, "best GPU energy metric; highest L4 throughput under 50 ms/token",
+                 1373.3, 46.31, 19.18, 71.6, GPU_TRANSISTORS["L4"],
+                 (("latency", 46.9), ("space", 2.1), ("energy", 2.2), ("throughput", 1.3))),
+        GpuPoint("P2", "H100", 4, "lowest GPU latency (single GPU)",
+                 405.3, 2.469, 0.5804, 698.3, GPU_TRANSISTORS["H100"],
+                 (("energy", 72.7), ("space", 15.9), ("latency", 2.5))),
+        GpuPoint("P3", "A100", 7, "best GPU space metric",
+                 3118.7, 20.05, 7.962, 391.7, GPU_TRANSISTORS["A100"],
+                 (("latency", 20.3), ("energy", 5.3), ("space", 1.4))),
+        GpuPoint("P4", "L4", 5, "lowest L4 latency",
+                 49.2, 5.036, None, None, GPU_TRANSISTORS["L4"],
+                 (("throughput", 36.0), ("latency", 5.1))),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class RackSpec:
+    """The scaled-out NorthPole rack (spec sec. 8): 18 2U servers of 16 cards, Ethernet between servers."""
+
+    cards: int = sourced(288, "spec sec. 8")
+    cards_per_server: int = sourced(16, "spec sec. 8")
+    servers: int = sourced(18, "spec sec. 8")
+    ethernet_bits_s: float = sourced(200e9, "spec sec. 8", note="200 Gb Ethernet between servers")
+    precision: str = sourced("a8c8w4", "spec sec. 8", note="8-bit activations and KV cache, 4-bit weights")
+    model: str = sourced("granite-3.3-8b", "spec sec. 8")
+    users: int = sourced(28, "spec sec. 8", note="users per instance")
+    context: int = sourced(2048, "spec sec. 8")
+
+    @property
+    def ethernet_bytes_s(self) -> float:
+        return self.ethernet_bits_s / 8
+
+
+RACK = RackSpec()

@@ -1,0 +1,386 @@
+"""Performance, energy and space model (np_jax.perf), design-space exploration (np_jax.dse),
+scale-out planner, and the `perf`/`dse`/`plan` commands."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.config import get_config
+from np_jax import dse, perf
+from np_jax.array import Tiling, array_vmm_cost
+from np_jax.mapping import map_model
+from np_jax.spec import APPLIANCE, GPU_POINTS, PUBLISHED_RUN
+
+G3B = get_config("granite-3b-northpole")
+S3B = perf.ModelShape.from_decoder(G3B)
+EVAL = jax.jit(lambda d, w, b: perf.evaluate(d, w, b, S3B))
+
+
+def ev(d=None, w=None, b=None):
+    return {k: float(v) for k, v in EVAL(d or perf.Design(), w or perf.Workload(), b or perf.Bits()).items()
+            if jnp.ndim(v) == 0}
+
+
+@pytest.fixture(scope="module")
+def published():
+    return perf.predict(G3B, "w4a4")
+
+
+# --- formulas on hand-computed cases -------------------------------------------------------------
+
+def test_schedule_hand_computed():
+    # 2 layer stages of 100 us (sum 200 us), output layer 50 us, PCIe 1 GB/s + 1 us, host 10 us,
+    # frames 1000 B/token, logits 2000 B/token; N = 4 users in M = 2 micro-batches of 2.
+    d = perf.Design(pcie_bytes_s=1e9, pcie_latency_s=1e-6, host_s_per_microbatch=10e-6)
+    w = perf.Workload(users=4.0, micro_batches=2.0, prompt_tokens=8.0, gen_tokens=11.0, cards=3.0)
+    dec = perf.Stages(jnp.float32(200e-6), jnp.float32(100e-6), jnp.float32(50e-6))
+    pre = perf.Stages(jnp.float32(400e-6), jnp.float32(200e-6), jnp.float32(50e-6))
+    out = perf.schedule(d, w, n_stages=2.0, head_cards=1.0, dec=dec, pre=pre, chunk=4.0,
+                        frame_bytes_per_token=1000.0, logits_bytes_per_token=2000.0)
+    # decode: hops host->c0, c0->c1 (2 x (2000 B / 1e9 + 1 us) = 6 us), c1->head (3 us),
+    # logits back (4000 B: 5 us) + host 10 us -> R = 200 + 50 + 6 + 3 + 5 + 10 = 274 us;
+    # busy = 100 us; step = max(2 x 100, 274) = 274 us; 10 steps after the first token.
+    assert float(out["inter_token_ms"]) == pytest.approx(0.274, rel=1e-5)
+    assert float(out["token_gen_time_s"]) == pytest.approx(10 * 274e-6, rel=1e-5)
+    # prefill: chunk 4 -> 2 passes x 2 micro-batches of 8 tokens (frames of 8000 B: 9 us a hop);
+    # R = 400 + 2 x 9 + 3 + 50 + 5 + 10 = 486 us, busy = 200 us -> (4 - 1) x 200 + 486 = 1086 us
+    assert float(out["prefill_passes"]) == 2
+    assert float(out["prompt_time_s"]) == pytest.approx(1086e-6, rel=1e-5)
+    t_sys = 4 * 11 / (1086e-6 + 2740e-6)
+    assert float(out["system_throughput_tok_s"]) == pytest.approx(t_sys, rel=1e-5)
+    assert float(out["throughput_tok_s_card"]) == pytest.approx(t_sys / 3, rel=1e-5)
+    assert float(out["latency_ms"]) == pytest.approx(1e3 * 4 / t_sys, rel=1e-5)
+    assert float(out["energy_tok_s_W"]) == pytest.approx(t_sys / 3 / 42.0, rel=1e-5)
+    assert float(out["space_tok_s_per_transistor"]) == pytest.approx(t_sys / 3 / 22e9, rel=1e-4)
+    # throughput-bound when M x busy exceeds the round trip
+    out = perf.schedule(d, w.replace(micro_batches=1.0, users=2.0), n_stages=2.0, head_cards=1.0,
+                        dec=perf.Stages(jnp.float32(200e-6), jnp.float32(100e-6), jnp.float32(50e-6)), pre=pre,
+                        chunk=4.0, frame_bytes_per_token=1000.0, logits_bytes_per_token=2000.0)
+    assert float(out["decode_throughput_bound"]) == 0.0
+
+
+def test_layer_vmm_counts_match_the_core_array_cost():
+    d = perf.Design()
+    ph = perf.layer_phases(S3B, perf.Bits(), d, b=2, mb=2, users=28, context=2048, t=1536)
+    qkv = sum(array_vmm_cost(2, Tiling(*G3B.layer_matrices()[m]), x_bits=4, w_bits=4).cycles
+              for m in ("attn.q", "attn.k", "attn.v"))
+    assert float(ph.vmm_cycles[1]) == pytest.approx(qkv)
+    down = array_vmm_cost(2, Tiling(*G3B.layer_matrices()["mlp.down"]), x_bits=4, w_bits=4)
+    assert float(ph.vmm_cycles[10]) == pytest.approx(down.cycles)
+    # per-core weight bytes read = the busiest core's block (Tiling.bytes_on_chip) + its bias
+    t = Tiling(*G3B.layer_matrices()["mlp.down"])
+    assert float(ph.sram_cycles[10]) * d.sram_bytes_per_cycle_per_core == pytest.approx(
+        t.bytes_on_chip(4).max() + 2 * t.nb)
+    # 13 TB/s at 400 MHz over 256 cores
+    assert d.sram_bytes_per_cycle_per_core == pytest.approx(13e12 / 256 / 400e6)
+
+
+def test_resident_bytes_match_the_mapping_ledger():
+    m = map_model(G3B, "w4a4", users=28, context=2048)
+    ph = perf.layer_phases(S3B, perf.Bits(), perf.Design(), b=2, mb=2, users=28, context=2048, t=1536)
+    scratch = 2 * perf.scratch_bytes_per_token(S3B, perf.Bits(), perf.Design())
+    fullest = m.cards[0].memory.fullest_core()[1]
+    assert float(jnp.sum(ph.resident_bytes) + scratch) == pytest.approx(fullest, abs=64)  # norms spread: <64 B apart
+    st_ = perf.mapping_structure(m)
+    assert (st_["n_stages"], st_["layers_max"], st_["head_cards"], st_["head_cols"]) == (14, 1, 2, 24576)
+
+
+@pytest.mark.parametrize("name,users", [("granite-3b-northpole", 28), ("smollm2-135m", 8), ("granite-3.3-8b", 4)])
+def test_relaxed_head_cards_match_the_mapper(name, users):
+    from np_jax.mapping import head_cards_needed
+    from np_jax.quant import get_policy
+
+    cfg = get_config(name)
+    for prec in ("w4a4", "w8a8"):
+        h, cols, need = perf.head_cards_relaxed(perf.ModelShape.from_decoder(cfg), perf.Bits.from_policy(prec),
+                                                perf.Design(), 2.0)
+        assert int(h) == head_cards_needed(cfg, get_policy(prec), 2) and float(need) <= perf.Design().sram_per_core_bytes
+
+
+def test_reference_design_power_transistors_and_bits():
+    d = perf.Design()
+    assert float(d.transistors()) == pytest.approx(APPLIANCE.chip.transistors, rel=1e-6)
+    assert float(d.power_w_per_card()) == pytest.approx(42.0, rel=1e-6)
+    assert float(d.replace(clock_hz=800e6).power_w_per_card()) > 42.0
+    assert perf.Bits.from_policy("w4a4") == perf.Bits(4, 4, 4, 4, 8, 8)
+    assert perf.Bits.from_policy("a8c8w4") == perf.Bits(4, 8, 8, 8, 8, 8)
+    with pytest.raises(ValueError, match="integers"):
+        perf.Bits.from_policy("float")
+    for name, f in perf.parameters().items():
+        assert f["source"], name  # every parameter names its source
+
+
+def test_ceil_ste_and_pack_layer():
+    x = jnp.float32(2.3)
+    assert float(perf.ceil_ste(x)) == 3.0 and float(perf.floor_ste(x)) == 2.0
+    assert float(jax.grad(perf.ceil_ste)(x)) == 1.0
+    # phases of 60, 30, 50 bytes (work 6, 3, 10 cycles, latency 1) on cards of 70 bytes:
+    # card 0: 60 + 10 of 30 (work 1), card 1: 20 of 30 (work 2) + 50 -> [6+1 + 1+1, 2+1 + 10+1]
+    assert perf.pack_layer([60, 30, 50], [6, 3, 10], 70, 1) == pytest.approx([9, 14])
+
+
+# --- the calibrated model against HPEC24 -----------------------------------------------------------
+
+def test_reproduces_the_published_northpole_row(published):
+    res = perf.published_comparison(published)
+    assert set(res) == {"system_throughput_tok_s", "latency_ms", "energy_tok_s_W", "space_tok_s_per_1e9_transistors"}
+    for k, r in res.items():
+        assert abs(r["residual"]) < 0.02, (k, r)
+    assert published["fits"] and published["cards"] == 16 and published["micro_batches"] == 14
+    # the GPU ratios the paper states follow from the prediction (within their rounding)
+    for row in perf.gpu_table(published):
+        for key, stated in row["stated_ratios"].items():
+            assert row[f"ratio_{key}"] == pytest.approx(stated, rel=0.05), (row["point"], key)
+
+
+def test_calibration_recovers_the_stored_parameter():
+    lat = perf.calibrate(G3B, iters=30)
+    assert lat == pytest.approx(perf.CALIBRATED_PHASE_LATENCY_CYCLES, rel=2e-3)
+
+
+def test_relaxed_model_equals_the_mapping_model_at_the_published_point(published):
+    r = ev()
+    for k in ("system_throughput_tok_s", "latency_ms", "inter_token_ms", "prompt_time_s"):
+        assert r[k] == pytest.approx(published[k], rel=1e-4), k
+    assert r["fits"] == 1.0 and r["head_cards"] == 2 and r["layers_per_card"] == 1
+
+
+def test_sensible_answers_when_inputs_change(published):
+    p = lambda **kw: perf.predict(G3B, "w4a4", **kw)
+    # HPEC24: M equal to the layer stages keeps the pipeline busy; fewer or more is slower
+    m1, m7, m28 = p(micro_batches=1), p(micro_batches=7), p(micro_batches=28)
+    assert published["system_throughput_tok_s"] > max(m1["system_throughput_tok_s"], m7["system_throughput_tok_s"],
+                                                      m28["system_throughput_tok_s"])
+    # fewer users: less throughput, and no worse latency
+    few = p(users=14)
+    assert few["system_throughput_tok_s"] < published["system_throughput_tok_s"]
+    assert few["latency_ms"] <= published["latency_ms"]
+    # an 8-bit KV cache at 28 users x 2048 does not fit (spec sec. 3): flagged, with the reason
+    a8 = perf.predict(G3B, "a8c8w4")
+    assert not a8["fits"] and "card 0" in a8["error"]
+    # a smaller model is faster per token at the same users
+    small = perf.predict(get_config("smollm2-135m"), "w4a4", users=28)
+    assert small["fits"] and small["layer_ms_decode"] < published["layer_ms_decode"]
+    # in the same context, more generated tokens amortise the prefill: throughput rises
+    short = p(gen_tokens=256, context=2048)
+    assert short["system_throughput_tok_s"] < published["system_throughput_tok_s"]
+    # a 3072-position KV cache still fits, but leaves no core memory for prefill chunks: 1 token a
+    # pass, and the prompt takes far longer; 4096 positions do not fit at all
+    long = p(gen_tokens=2048, context=3072)
+    assert long["fits"] and long["prefill_chunk"] == 1 and long["prompt_time_s"] > 5 * published["prompt_time_s"]
+    assert not p(gen_tokens=3072, context=4096)["fits"]
+
+
+def test_predict_rejects_bad_input():
+    with pytest.raises(ValueError, match="users"):
+        perf.predict(G3B, users=0)
+    with pytest.raises(ValueError, match="context"):
+        perf.predict(G3B, context=100)
+    with pytest.raises(ValueError, match="integers"):
+        perf.predict(G3B, "float")
+    with pytest.raises(ValueError, match="micro-batches"):
+        perf.predict(G3B, users=28, micro_batches=5)
+
+
+# --- monotonicity ------------------------------------------------------------------------------------
+
+designs = st.fixed_dictionaries({
+    "clock_hz": st.floats(150e6, 1.2e9), "sram_per_core_bytes": st.floats(256 * 1024, 2 * 2**20),
+    "n_cores": st.sampled_from([144.0, 196.0, 256.0, 324.0]), "pcie_bytes_s": st.floats(1e9, 64e9),
+    "pcie_latency_s": st.floats(0.0, 20e-6)})
+workloads = st.fixed_dictionaries({
+    "users": st.sampled_from([4.0, 8.0, 14.0, 28.0, 56.0]), "micro_batches": st.sampled_from([1.0, 2.0, 4.0]),
+    "prompt_tokens": st.sampled_from([64.0, 512.0, 1024.0]), "gen_tokens": st.sampled_from([16.0, 1024.0]),
+    "cards": st.sampled_from([8.0, 16.0, 24.0])})
+
+
+@settings(max_examples=25)
+@given(designs, workloads, st.floats(1.01, 3.0))
+def test_faster_clock_never_raises_latency(dp, wp, factor):
+    d, w = perf.Design(**dp), perf.Workload(**wp)
+    slow, fast = ev(d, w), ev(d.replace(clock_hz=dp["clock_hz"] * factor), w)
+    assert fast["latency_ms"] <= slow["latency_ms"] * (1 + 1e-5)
+
+
+@settings(max_examples=25)
+@given(designs, workloads, st.floats(1.01, 4.0))
+def test_more_pcie_bandwidth_or_less_pcie_latency_never_raises_latency(dp, wp, factor):
+    d, w = perf.Design(**dp), perf.Workload(**wp)
+    base = ev(d, w)["latency_ms"]
+    assert ev(d.replace(pcie_bytes_s=dp["pcie_bytes_s"] * factor), w)["latency_ms"] <= base * (1 + 1e-5)
+    assert ev(d.replace(pcie_latency_s=dp["pcie_latency_s"] / factor), w)["latency_ms"] <= base * (1 + 1e-5)
+
+
+@settings(max_examples=25)
+@given(designs, workloads, st.floats(1.0, 3.0))
+def test_more_memory_per_core_never_stops_a_fitting_design_fitting(dp, wp, factor):
+    d, w = perf.Design(**dp), perf.Workload(**wp)
+    small = ev(d, w)
+    big = ev(d.replace(sram_per_core_bytes=dp["sram_per_core_bytes"] * factor), w)
+    if small["fits"]:
+        assert big["fits"]
+    # more memory never needs more output-layer cards (so never fewer layer cards)
+    assert big["head_cards"] <= small["head_cards"] and big["layers_per_card"] <= small["layers_per_card"]
+    if (big["head_cards"], big["layers_per_card"]) == (small["head_cards"], small["layers_per_card"]):
+        # same structure: every byte added is a byte of margin
+        added = dp["sram_per_core_bytes"] * (factor - 1)
+        assert big["fits_margin_bytes"] == pytest.approx(small["fits_margin_bytes"] + added, rel=1e-4, abs=1.0)
+
+
+@settings(max_examples=10)
+@given(st.sampled_from([8, 14, 28]), st.sampled_from([512, 1024, 2048]), st.floats(1.0, 1.5))
+def test_more_memory_per_core_keeps_the_real_mapping_fitting(users, context, factor):
+    chip = APPLIANCE.chip
+    app = dataclasses.replace(APPLIANCE, chip=dataclasses.replace(chip, core_sram_bytes=int(chip.core_sram_bytes * factor)))
+    base = map_model(G3B, "w4a4", users=users, context=context, strict=False)
+    bigger = map_model(G3B, "w4a4", users=users, context=context, appliance=app, strict=False,
+                       head_cards=len(base.head_cards))
+    assert bigger.fits or not base.fits
+
+
+@settings(max_examples=15)
+@given(workloads, st.sampled_from([1.5, 2.0, 4.0]))
+def test_longer_context_never_helps_fitting(wp, factor):
+    w = perf.Workload(**wp)
+    ctx = wp["prompt_tokens"] + wp["gen_tokens"]
+    a, b = ev(w=w.replace(context=ctx)), ev(w=w.replace(context=ctx * factor))
+    assert b["fits_margin_bytes"] <= a["fits_margin_bytes"] + 1e-6
+
+
+# --- gradients ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["clock_hz", "pcie_bytes_s", "pcie_latency_s", "host_s_per_microbatch",
+                                  "phase_latency_cycles", "sram_bytes_per_cycle_per_core"])
+def test_grad_matches_finite_differences(name):
+    d0 = perf.Design()
+
+    def log_tsys(logp):
+        out = perf.evaluate(d0.replace(**{name: jnp.exp(logp)}), perf.Workload(), perf.Bits(), S3B)
+        return jnp.log(out["system_throughput_tok_s"])
+
+    x = jnp.log(jnp.float32(getattr(d0, name)))
+    g = float(jax.grad(log_tsys)(x))
+    h = 1e-2
+    fd = (float(log_tsys(x + h)) - float(log_tsys(x - h))) / (2 * h)
+    assert g == pytest.approx(fd, rel=2e-2, abs=1e-4)
+    assert np.isfinite(g)
+
+
+def test_sensitivities_signs():
+    s = dse.sensitivities(G3B, names=("clock_hz", "pcie_latency_s", "phase_latency_cycles", "users"))
+    t = s["system_throughput_tok_s"]
+    assert t["clock_hz"] > 0 and t["pcie_latency_s"] < 0 and t["phase_latency_cycles"] < 0 and t["users"] > 0
+    assert s["latency_ms"]["clock_hz"] == pytest.approx(-t["clock_hz"], rel=1e-4)
+
+
+# --- design-space exploration -------------------------------------------------------------------------
+
+def test_sweep_evaluates_every_design_and_finds_the_pareto_front():
+    grid = {"clock_hz": [300e6, 400e6, 600e6], "users": [14.0, 28.0], "micro_batches": [7.0, 14.0]}
+    r = dse.sweep(G3B, grid, latency_bound_ms=1.2)
+    assert r["n_designs"] == 12 and r["designs_per_s"] > 0
+    lat, en = r["metrics"]["latency_ms"], r["metrics"]["energy_tok_s_W"]
+    # the published design is one of the grid points: the vmapped result equals a single evaluation
+    i = next(i for i in range(12) if (r["params"]["clock_hz"][i], r["params"]["users"][i],
+                                      r["params"]["micro_batches"][i]) == (400e6, 28.0, 14.0))
+    assert lat[i] == pytest.approx(ev()["latency_ms"], rel=1e-5)
+    best = r["best"]["metrics"]["energy_tok_s_W"]
+    assert best == pytest.approx(en[r["feasible"]].max())
+    front = r["pareto"]
+    assert all(a["metrics"]["latency_ms"] <= b["metrics"]["latency_ms"] and
+               a["metrics"]["energy_tok_s_W"] < b["metrics"]["energy_tok_s_W"] for a, b in zip(front, front[1:]))
+    f = r["feasible"]
+    for p in front:  # nothing feasible dominates a front point
+        pl, pe = p["metrics"]["latency_ms"], p["metrics"]["energy_tok_s_W"]
+        assert not np.any(f & (lat < pl * (1 - 1e-6)) & (en > pe * (1 + 1e-6)))
+
+
+def test_pareto_front_hand_case():
+    lat = np.array([1.0, 2.0, 3.0, 1.5, 2.5])
+    val = np.array([1.0, 3.0, 2.0, 0.5, 4.0])
+    assert dse.pareto_front(lat, val).tolist() == [0, 1, 4]
+
+
+def test_gradient_search_improves_on_the_published_design_within_its_constraints():
+    r = dse.gradient_search(G3B, steps=60, starts=3, latency_bound_ms=1.0)
+    base = ev()["energy_tok_s_W"]
+    c = r["continuous"]
+    assert c["feasible"] and c["metrics"]["latency_ms"] <= 1.0 and c["metrics"]["fits_margin_bytes"] >= 0
+    assert c["metrics"]["energy_tok_s_W"] > base
+    assert r["loss_history"][-1] < r["loss_history"][0]
+    s = r["snapped"]["params"]
+    assert s["users"] == round(s["users"]) and s["users"] % s["micro_batches"] == 0
+    assert math.isqrt(int(s["n_cores"])) ** 2 == s["n_cores"]
+    for n, (lo, hi) in dse.DEFAULT_BOUNDS.items():
+        if n in c["params"]:
+            assert lo * 0.999 <= c["params"][n] <= hi * 1.001
+    with pytest.raises(ValueError, match="objective"):
+        dse.gradient_search(G3B, objective="speed")
+
+
+# --- planner -----------------------------------------------------------------------------------------
+
+def test_planner_uses_the_fewest_cards_that_fit():
+    for name, prec in (("granite-3.3-8b", "a8c8w4"), ("llama-70b", "a8c8w4"), ("granite-3b-northpole", "w4a4")):
+        r = perf.plan_instance(get_config(name), prec, micro_batches=28 if "70b" in name else None)
+        room = r["core_bytes"] - r["micro_batch_size"] * float(perf.scratch_bytes_per_token(
+            perf.ModelShape.from_decoder(get_config(name)), perf.Bits.from_policy(prec), perf.Design()))
+        k = r["cards_per_layer"]
+        assert r["layer_bytes_per_core"] / k <= room  # fits
+        assert k == 1 or r["layer_bytes_per_core"] / (k - 1) > room  # one card fewer would not
+        assert r["cards_per_instance"] * r["instances"] <= r["total_cards"] < r["cards_per_instance"] * (r["instances"] + 1)
+    # the 3B at 16 cards per instance stays inside one server: no Ethernet hop
+    assert perf.plan_instance(G3B, "w4a4")["ethernet_hops"] == 0
+    with pytest.raises(ValueError, match="does not fit|needs"):
+        perf.plan_instance(get_config("llama-70b"), "a8c8w4", total_cards=64)
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+def test_cli_perf_json_and_plots(tmp_path, capsys):
+    from np_jax.cli import main
+
+    assert main(["perf", "--json", "--plot", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for k in ("system_throughput_tok_s", "throughput_tok_s_card", "latency_ms", "energy_tok_s_W",
+              "space_tok_s_per_transistor"):
+        assert isinstance(out[k], float)
+    assert out["system_throughput_tok_s"] == pytest.approx(PUBLISHED_RUN.system_throughput_tok_s, rel=0.02)
+    assert [r["point"] for r in out["table"]] == list(GPU_POINTS)
+    assert len(out["plots"]) == 2
+    for p in out["plots"]:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_perf_text_and_errors(capsys):
+    from np_jax.cli import main
+
+    assert main(["perf", "--users", "14"]) == 0
+    text = capsys.readouterr().out
+    assert "Table I" in text and "P2 H100" in text
+    assert main(["perf", "--users", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("np-jax perf: error:") and "\n" not in err
+
+
+def test_cli_plan_and_dse_json(tmp_path, capsys):
+    from np_jax.cli import main
+
+    assert main(["plan", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for k in ("cards_per_instance", "instances", "latency_ms", "throughput_tok_s_instance"):
+        assert k in out
+    png = tmp_path / "pareto.png"
+    assert main(["dse", "--json", "--grid", "small", "--steps", "10", "--starts", "2", "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sweep"]["n_designs"] == 48 and out["sweep"]["designs_per_s"] > 0
+    assert "continuous" in out["gradient_search"] and "sensitivities" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
