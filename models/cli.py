@@ -41,6 +41,12 @@ def register(sub) -> None:
     p.add_argument("--devices", type=int, default=None,
                    help="JAX devices to spread the cards over (default: one per card; on CPU these are "
                         "virtual devices)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process run: the coordinator address (or JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-process run: number of processes "
+                   "(or JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None, help="multi-process run: this process's index "
+                   "(or JAX_PROCESS_ID)")
     p.add_argument("--single-device", action="store_true",
                    help="run the model sequentially on one device instead of the emulated appliance")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the ChatML chat template")
@@ -68,7 +74,12 @@ def _setup_devices(n: int | None) -> None:
 def run_command(args) -> int:
     if args.cards < 1:
         raise ValueError(f"--cards must be >= 1, got {args.cards}")
-    _setup_devices(args.devices or args.cards)
+    from np_jax.distributed import initialize, settings_from_env
+
+    _, n_proc, _ = settings_from_env(args.coordinator, args.num_processes, args.process_id)
+    if n_proc == 1:
+        _setup_devices(args.devices or args.cards)
+    initialize(args.coordinator, args.num_processes, args.process_id)
     import jax
     import jax.numpy as jnp
     import numpy as np

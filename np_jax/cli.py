@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, MemoryError, OSError, KeyError) as e:  # user-facing errors: one clear line
+    except (ValueError, MemoryError, OSError, KeyError, RuntimeError) as e:  # user-facing errors: one clear line
         print(f"np-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 
