@@ -1,0 +1,241 @@
+"""`np-jax train` and `np-jax eval`: float training, LSQ QAT, and held-out perplexity side by side.
+
+Registered into the `np-jax` CLI through the `np_jax.commands` entry point (`register`).
+User errors are raised as ValueError/OSError, which `np_jax.cli` prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+TRAIN_EPILOG = """\
+examples:
+  np-jax train --model tiny --steps 200 --out runs/tiny-float          float training from random init
+  np-jax train --precision w4a4 --steps 60 --out runs/qat-w4a4          QAT of SmolLM2-135M from its GGUF
+  np-jax train --precision w4a4 --init-from runs/ft --out runs/qat      QAT from a float run's checkpoint
+Re-running the same command resumes from the newest checkpoint that verifies.
+"""
+
+EVAL_EPILOG = """\
+examples:
+  np-jax eval                                     SmolLM2-135M: float vs w4a4 PTQ
+  np-jax eval --checkpoint runs/qat-w4a4 --json    float vs PTQ vs the QAT run (base model from its settings)
+"""
+
+
+# (flag, TrainConfig field, type, help). Defaults live in models.train.TrainConfig (not repeated
+# here: unset flags are not passed), so that registering the command does not import JAX.
+TRAIN_FLAGS = [
+    ("--out", "out", str, "checkpoint directory, resumed if it holds checkpoints (default: runs/train)"),
+    ("--model", "model", str, "smollm2-135m (pretrained, from its GGUF file; the default) or a named config "
+                              "from random init (tiny, ...)"),
+    ("--gguf", "gguf", str, "GGUF file to start from instead of the packaged SmolLM2"),
+    ("--init-from", "init_from", str, "start from the newest good checkpoint of this run directory"),
+    ("--precision", "precision", str, "float (float training; the default) or w4a4, a8c8w4, w8a8 (QAT)"),
+    ("--calibration", "calibration", str, "initial step sizes for QAT: mse (MSE-optimal; the default) or lsq "
+                                          "(the LSQ paper's 2*mean|v|/sqrt(Q_P))"),
+    ("--calib-windows", "calib_windows", int, "training windows the step sizes are calibrated on (default: 4)"),
+    ("--steps", "steps", int, "optimizer steps in total (default: 100)"),
+    ("--batch-size", "batch_size", int, "sequences per micro-batch (default: 1)"),
+    ("--grad-accum", "grad_accum", int, "micro-batches accumulated per optimizer step; the effective batch is "
+                                        "this times --batch-size (default: 4)"),
+    ("--seq-len", "seq_len", int, "tokens per sequence (default: 256)"),
+    ("--lr", "lr", float, "peak learning rate of weights, norms and biases (default: 1e-4)"),
+    ("--step-lr", "step_lr", float, "peak learning rate of the step sizes (default: --lr)"),
+    ("--weight-decay", "weight_decay", float, "AdamW decay of the weight matrices (default: 0)"),
+    ("--warmup-steps", "warmup_steps", int, "linear learning-rate warm-up steps (default: 0)"),
+    ("--schedule", "schedule", str, "after warm-up: cosine (decay to 10%% at --steps; the default) or constant"),
+    ("--act-step-lr-mult", "act_step_lr_mult", float, "warm start: the activation steps' learning rate is "
+                                                      "multiplied by this (default: 200) ..."),
+    ("--act-step-warmup-steps", "act_step_warmup_steps", int, "... for this many first steps (default: 250)"),
+    ("--grad-clip", "grad_clip", float, "global gradient-norm clip, 0 for none (default: 1)"),
+    ("--distill", "distill", float, "weight in [0, 1] of KL(float teacher || model) in the loss; the rest is "
+                                    "next-token cross-entropy (default: 0)"),
+    ("--seed", "seed", int, "data order, and the random init of named configs (default: 0)"),
+    ("--held-out-fraction", "held_out_fraction", float, "fraction of files held out, chosen by a hash of each "
+                                                        "file's relative path (default: 0.05)"),
+    ("--split-seed", "split_seed", int, "seed of the train/held-out split (default: 0)"),
+    ("--save-every", "save_every", int, "steps between checkpoints; the last step is always saved (default: 50)"),
+    ("--keep", "keep", int, "checkpoints kept (default: 3)"),
+    ("--log-every", "log_every", int, "steps between log lines when no progress bar is shown (default: 10)"),
+]
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="float training or LSQ quantization-aware training (QAT) with checkpoints",
+        description="Train a model on Python source with the same integer forward that runs on the emulated "
+                    "chip: float training/fine-tuning (--precision float) or LSQ QAT (--precision w4a4, ...) "
+                    "starting from float weights (SmolLM2-135M's GGUF, a named config's random init, or a "
+                    "float run's checkpoint). Checkpoints are orbax step directories sealed with a SHA-256 "
+                    "manifest; an interrupted run resumes exactly where its last good checkpoint left off.",
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, dest, typ, help_ in TRAIN_FLAGS:
+        p.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_)
+    p.add_argument("--data", action="append", default=argparse.SUPPRESS, metavar="DIR",
+                   help="directory of .py files (repeatable; default: the Python standard library)")
+    p.add_argument("--plot-loss", default=None, metavar="FILE.png", help="draw the training loss curve")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    p.set_defaults(func=train_command)
+
+    p = sub.add_parser(
+        "eval", help="held-out perplexity of float, post-training-quantized and trained checkpoints",
+        description="Held-out perplexity (exp of the mean next-token NLL on held-out Python files) of the "
+                    "float model, the same model post-training quantized (no QAT) and any checkpoints, side "
+                    "by side. Defaults for the base model, data split and calibration come from the first "
+                    "--checkpoint's training settings, so the PTQ row is exactly that run's starting point.",
+        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
+                   help="run directory; its newest good checkpoint is evaluated at its precision (repeatable)")
+    p.add_argument("--model", default=None, help="base model (default: the first checkpoint's, else smollm2-135m)")
+    p.add_argument("--gguf", default=None, help="base GGUF file")
+    p.add_argument("--base", default=None, metavar="DIR", help="use this run's newest good checkpoint as the float base")
+    p.add_argument("--precision", default=None,
+                   help="PTQ precision (default: the first quantized checkpoint's, else w4a4)")
+    p.add_argument("--calibration", action="append", default=None, choices=["mse", "lsq"],
+                   help="PTQ calibration method(s) (repeatable; default: the checkpoint's, else mse)")
+    p.add_argument("--calib-windows", type=int, default=None, help="training windows PTQ calibrates on")
+    p.add_argument("--seed", type=int, default=None, help="training-order seed that picks the calibration windows")
+    p.add_argument("--windows", type=int, default=32, help="held-out windows")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per held-out window")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--data", action="append", default=None, metavar="DIR",
+                   help="directory of .py files (repeatable; default: the checkpoint's, else the standard library)")
+    p.add_argument("--held-out-fraction", type=float, default=None,
+                   help="fraction of files held out (default: the checkpoint's, else 0.05)")
+    p.add_argument("--split-seed", type=int, default=None, help="seed of the split (default: the checkpoint's, else 0)")
+    p.add_argument("--no-ptq", action="store_true", help="skip the PTQ row(s)")
+    p.add_argument("--plot-loss", default=None, metavar="FILE.png",
+                   help="draw the (single) checkpoint's training loss with the held-out NLLs as reference lines")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=eval_command)
+
+
+def train_command(args) -> int:
+    from models import train as T
+
+    kw = {dest: getattr(args, dest) for _, dest, _, _ in TRAIN_FLAGS if hasattr(args, dest)}
+    if "grad_clip" in kw and not kw["grad_clip"]:
+        kw["grad_clip"] = None
+    if hasattr(args, "data"):
+        kw["data_dirs"] = tuple(args.data)
+    tc = T.TrainConfig(**kw)
+    res = T.train(tc)
+    summary = {"out": tc.out, "model": res.cfg.name, "precision": tc.precision, "step": res.step,
+               "tokens": res.tokens, "minutes": res.elapsed_s / 60, "resumed_from": res.resumed_from,
+               "final_loss": res.metrics[-1]["loss"] if res.metrics else None,
+               "checkpoint": str(res.checkpoint) if res.checkpoint else None}
+    if args.plot_loss:
+        T.plot_loss(res.metrics, args.plot_loss, title=f"{res.cfg.name} {tc.precision} training")
+        summary["plot"] = args.plot_loss
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{tc.out}: step {res.step}, {res.tokens} tokens, {res.elapsed_s / 60:.1f} min of steps, "
+              f"final loss {summary['final_loss'] if summary['final_loss'] is None else round(summary['final_loss'], 4)}")
+    return 0
+
+
+def eval_command(args) -> int:
+    import jax.numpy as jnp
+
+    from models import llama
+    from models import train as T
+    from models.data import DataConfig, TrainStream, Corpus
+    from np_jax.quant import get_policy
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)
+    t_start = time.perf_counter()
+    if args.plot_loss and len(args.checkpoint) != 1:
+        raise ValueError("--plot-loss needs exactly one --checkpoint")
+    cks = [T.load_checkpoint(d, log=log) for d in args.checkpoint]
+    first = cks[0].train_config if cks else None
+    pick = lambda given, attr, default: given if given is not None else (getattr(first, attr) if first else default)
+
+    # the float base
+    if args.base:
+        base = T.load_model(init_from=args.base, log=log)
+    elif args.model is None and args.gguf is None and first is not None:
+        base = T.load_model(first.model, first.gguf, first.seed, first.init_from, log=log)
+    else:
+        base = T.load_model(args.model or T.DEFAULT_MODEL, args.gguf, args.seed or 0, log=log)
+    cfg = base.cfg
+    for ck in cks:
+        if ck.cfg != cfg:
+            raise ValueError(f"checkpoint {ck.path} is of model {ck.cfg.name}, the base model is {cfg.name}; "
+                             "give the matching --model/--gguf/--base")
+
+    data = DataConfig(tuple(args.data) if args.data else (tuple(first.data_dirs) if first else ()),
+                      pick(args.held_out_fraction, "held_out_fraction", 0.05), pick(args.split_seed, "split_seed", 0))
+    if args.seq_len > cfg.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the context of {cfg.name} ({cfg.max_seq_len})")
+    windows, described = T.held_out(base.encoder, data, args.seq_len, args.windows)
+    for ck in cks:
+        if ck.train_config.data != data:
+            log(f"warning: {ck.path} was trained on another data split ({ck.train_config.data.describe()}); "
+                "its training files may overlap this held-out set")
+
+    rows = []
+
+    def add(name, params, policy, **extra):
+        t0 = time.perf_counter()
+        r = T.evaluate(params, cfg, policy, windows, args.batch_size)
+        rows.append({"name": name, "precision": get_policy(policy).name, **extra, **r,
+                     "seconds": time.perf_counter() - t0})
+        log(f"{name}: perplexity {r['perplexity']:.3f} ({rows[-1]['seconds']:.0f} s)")
+
+    add("float", base.params, "float", source=base.source)
+    q_cks = [ck for ck in cks if not get_policy(ck.train_config.precision).is_float]
+    precision = args.precision or (q_cks[0].train_config.precision if q_cks else "w4a4")
+    policy = get_policy(precision)
+    if not args.no_ptq and not policy.is_float:
+        methods = args.calibration or [first.calibration if first else "mse"]
+        ref = q_cks[0].train_config if q_cks else first
+        seed = args.seed if args.seed is not None else (ref.seed if ref else 0)
+        calib_windows = args.calib_windows or (ref.calib_windows if ref else 4)
+        calib_len = ref.seq_len if ref else args.seq_len
+        stream = TrainStream(Corpus(data, base.encoder), calib_len, 1, 1, seed)
+        calib = jnp.asarray(stream.calibration(calib_windows))
+        for m in dict.fromkeys(methods):
+            q = llama.calibrate(base.params, calib, cfg, policy, m)
+            add(f"ptq ({m})", q, policy.name, calibration=m,
+                source=f"{base.source}, calibrated on {calib_windows} training windows of {calib_len} tokens")
+    for ck in cks:
+        tc = ck.train_config
+        kind = "float-trained" if get_policy(tc.precision).is_float else "qat"
+        add(kind if len(cks) == 1 else f"{kind} ({Path(tc.out).name})", ck.params, tc.precision,
+            checkpoint=str(ck.path), step=ck.step, train_tokens=ck.meta.get("tokens"),
+            train_minutes=ck.meta.get("elapsed_s", 0) / 60, source=f"{ck.path} (step {ck.step})")
+    fl = rows[0]["perplexity"]
+    for r in rows:
+        r["vs_float"] = r["perplexity"] / fl
+    report = {"model": cfg.name, "held_out": {**described, "windows": len(windows), "seq_len": args.seq_len,
+                                              "tokens": int(len(windows) * args.seq_len)},
+              "rows": rows, "minutes": (time.perf_counter() - t_start) / 60}
+    if args.plot_loss:
+        ck = cks[0]
+        tc = ck.train_config
+        metrics = T.read_metrics(ck.path.parent / "metrics.jsonl", ck.step)
+        refs = {f"held-out NLL: {r['name']} {r['precision']}": r["nll"] for r in rows[1:]}
+        refs["held-out NLL: float"] = rows[0]["nll"]
+        T.plot_loss(metrics, args.plot_loss, evals=refs,
+                    title=f"{cfg.name} {tc.precision}: {ck.step} steps x {tc.tokens_per_step} tokens"
+                          + (f", distill {tc.distill:g}" if tc.distill else ""))
+        report["plot"] = args.plot_loss
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    h = report["held_out"]
+    print(f"held-out perplexity of {cfg.name}: {h['windows']} windows x {h['seq_len']} tokens = {h['tokens']} tokens "
+          f"from {h['held_out_files']} held-out files ({', '.join(h['dirs'])}, tokenizer {h['tokenizer']})")
+    print(f"{'model':<20} {'precision':<9} {'step':>6} {'train tokens':>12} {'NLL':>8} {'perplexity':>12} {'vs float':>9}")
+    for r in rows:
+        step = r.get("step")
+        tt = r.get("train_tokens")
+        print(f"{r['name']:<20} {r['precision']:<9} {'-' if step is None else step:>6} {'-' if tt is None else tt:>12} "
+              f"{r['nll']:8.4f} {r['perplexity']:12.3f} {r['vs_float']:8.2f}x")
+    return 0

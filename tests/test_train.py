@@ -1,0 +1,317 @@
+"""Training (models.train, models.data, np-jax train/eval) on the tiny config: learning, QAT,
+exact resumption after an interruption (in-process and a real killed process), corrupt checkpoints."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from models import llama, train
+from models.data import ByteEncoder, Corpus, DataConfig, TrainStream, held_out_windows, list_files, split_files
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = dict(model="tiny", batch_size=8, grad_accum=1, seq_len=64, save_every=1000)
+QUIET = dict(progress=False, log=lambda s: None)
+
+
+def _leaves_equal(a, b) -> bool:
+    la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    return [p for p, _ in la] == [p for p, _ in lb] and all(
+        np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
+        for (_, x), (_, y) in zip(la, lb))
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def _write_corpus(root: Path, n: int) -> None:
+    for i in range(n):
+        sub = root / f"pkg{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"mod{i}.py").write_text(f"# MARK{i:03d}\n" + "".join(f"v{i}_{j} = {j}\n" for j in range(40)))
+    (root / "__pycache__").mkdir(exist_ok=True)
+    (root / "__pycache__" / "skipped.py").write_text("ignored\n")
+
+
+def test_split_by_file_is_deterministic_and_stable(tmp_path):
+    _write_corpus(tmp_path, 60)
+    files = list_files([tmp_path])
+    assert len(files) == 60 and all("__pycache__" not in f.rel for f in files)
+    train_a, held_a = split_files(files, 0.25, split_seed=3)
+    train_b, held_b = split_files(list(reversed(files)), 0.25, split_seed=3)
+    assert [f.rel for f in held_a] == [f.rel for f in held_b]  # independent of listing order
+    assert {f.rel for f in train_a} == {f.rel for f in train_b}
+    assert not {f.rel for f in train_a} & {f.rel for f in held_a}
+    assert len(train_a) + len(held_a) == 60 and 0 < len(held_a) < 30
+    # adding files never moves an existing file between the sets
+    _write_corpus(tmp_path / "more", 30)
+    _, held_c = split_files(list_files([tmp_path]), 0.25, split_seed=3)
+    assert {f.rel for f in held_a} <= {f.rel for f in held_c}
+    assert [f.rel for f in split_files(files, 0.25, split_seed=4)[1]] != [f.rel for f in held_a]
+
+
+def test_batches_depend_only_on_seed_and_step(tmp_path):
+    _write_corpus(tmp_path, 40)
+    corpus = lambda: Corpus(DataConfig((str(tmp_path),), 0.2), ByteEncoder())
+    a = TrainStream(corpus(), seq_len=16, batch_size=3, grad_accum=2, seed=7, shuffle_block=8)
+    seq = [a.batch(s) for s in range(12)]
+    b = TrainStream(corpus(), seq_len=16, batch_size=3, grad_accum=2, seed=7, shuffle_block=8)
+    assert seq[0].shape == (2, 3, 17) and seq[0].dtype == np.int32
+    np.testing.assert_array_equal(b.batch(11), seq[11])  # straight to step 11, e.g. after a resume
+    np.testing.assert_array_equal(b.batch(3), seq[3])
+    c = TrainStream(corpus(), seq_len=16, batch_size=3, grad_accum=2, seed=8, shuffle_block=8)
+    assert not np.array_equal(c.batch(3), seq[3])
+    # the steps cover distinct windows; beyond one epoch the stream continues
+    flat = np.concatenate([s.reshape(-1, 17) for s in seq])
+    assert len({w.tobytes() for w in flat}) == len(flat)
+    text = bytes(np.concatenate([w[:-1] for w in flat]).astype(np.uint8)).decode()
+    held = {f.rel for f in corpus().held_out}
+    for i in range(40):
+        if f"pkg{i % 3}/mod{i}.py" in held:
+            assert f"MARK{i:03d}" not in text  # no held-out file in training batches
+
+
+def test_held_out_windows_come_from_held_out_files(tmp_path):
+    _write_corpus(tmp_path, 40)
+    c = Corpus(DataConfig((str(tmp_path),), 0.3, split_seed=1), ByteEncoder())
+    w = held_out_windows(c, seq_len=32, n_windows=50, tokens_per_file=100)
+    assert w.shape[1] == 33 and 1 <= len(w) <= 50
+    text = bytes(np.concatenate([x[:-1] for x in w]).astype(np.uint8)).decode()
+    marks = {f"MARK{i:03d}" for i in range(40) if f"v{i}_" in text}
+    held = {f"MARK{int(f.rel.split('mod')[1][:-3]):03d}" for f in c.held_out}
+    assert marks and marks <= held
+    np.testing.assert_array_equal(w, held_out_windows(c, 32, 50, 100))
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(OSError, match="does not exist"):
+        list_files([tmp_path / "missing"])
+    with pytest.raises(ValueError, match="no .py files"):
+        list_files([tmp_path])
+    (tmp_path / "one.py").write_text("a = 1\n")
+    with pytest.raises(ValueError, match="both need at least one"):
+        Corpus(DataConfig((str(tmp_path),), 0.5), ByteEncoder())
+    with pytest.raises(ValueError, match="held-out fraction"):
+        DataConfig((), 1.5)
+
+
+# --- learning ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def float_run(tmp_path_factory):
+    """Tiny model, float training from random init on standard-library bytes."""
+    out = tmp_path_factory.mktemp("float")
+    tc = train.TrainConfig(out=str(out), precision="float", steps=200, lr=1e-2, **COMMON)
+    return tc, train.train(tc, **QUIET)
+
+
+@pytest.fixture(scope="module")
+def held(float_run):
+    tc, _ = float_run
+    return train.held_out(train.load_model("tiny").encoder, tc.data, 64, 32)[0]
+
+
+def test_float_training_reduces_loss(float_run, held):
+    tc, res = float_run
+    ce = [m["ce"] for m in res.metrics]
+    assert len(ce) == 200 and res.step == 200 and res.tokens == 200 * 8 * 64
+    assert np.mean(ce[-20:]) < ce[0] - 2.0 and np.mean(ce[-20:]) < np.mean(ce[:20]) - 0.5
+    init = train.load_model("tiny").params
+    before = train.evaluate(init, res.cfg, "float", held)["nll"]
+    after = train.evaluate(res.params, res.cfg, "float", held)["nll"]
+    assert before > 5.0 and after < before - 1.5  # ln 256 = 5.55 for the random model
+
+
+def test_qat_recovers_most_of_the_ptq_loss(float_run, held, tmp_path):
+    tc, res = float_run
+    cfg = res.cfg
+    f_nll = train.evaluate(res.params, cfg, "float", held)["nll"]
+    stream = TrainStream(Corpus(tc.data, train.load_model("tiny").encoder), 64, 8, 1, 0)
+    ptq = llama.calibrate(res.params, stream.calibration(4), cfg, "w4a4", "lsq")
+    ptq_nll = train.evaluate(ptq, cfg, "w4a4", held)["nll"]
+    steps = 40
+    # control: the float model trained for the same extra steps (QAT also keeps learning the task)
+    ctl = train.train(train.TrainConfig(out=str(tmp_path / "ctl"), init_from=tc.out, precision="float",
+                                        steps=steps, lr=1e-3, **COMMON), **QUIET)
+    ctl_nll = train.evaluate(ctl.params, cfg, "float", held)["nll"]
+    qtc = train.TrainConfig(out=str(tmp_path / "qat"), init_from=tc.out, precision="w4a4", calibration="lsq",
+                            steps=steps, lr=3e-3, act_step_lr_mult=10, act_step_warmup_steps=20, **COMMON)
+    q = train.train(qtc, **QUIET)
+    q_nll = train.evaluate(q.params, cfg, "w4a4", held)["nll"]
+    assert ptq_nll > f_nll + 0.2, (f_nll, ptq_nll)  # w4a4 PTQ hurts
+    assert q_nll - ctl_nll < 0.5 * (ptq_nll - f_nll), (f_nll, ptq_nll, ctl_nll, q_nll)
+    # the step sizes learned (not only the weights)
+    assert not np.allclose(np.asarray(q.params["layers"]["attn"]["s_x"]), np.asarray(ptq["layers"]["attn"]["s_x"]))
+    assert not np.allclose(np.asarray(q.params["layers"]["mlp"]["down"]["s_w"]),
+                           np.asarray(ptq["layers"]["mlp"]["down"]["s_w"]))
+
+
+# --- interruption and resumption ---------------------------------------------------------------------
+
+RESUME = dict(model="tiny", precision="w4a4", steps=8, batch_size=4, grad_accum=2, seq_len=32, lr=3e-3,
+              save_every=2, keep=3, distill=0.5, act_step_warmup_steps=4, act_step_lr_mult=20)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted QAT run (w4a4, distillation, gradient accumulation)."""
+    out = tmp_path_factory.mktemp("ref")
+    return train.train(train.TrainConfig(out=str(out), **RESUME), **QUIET)
+
+
+def _opt_target(tc):
+    return lambda p: jax.eval_shape(train.make_optimizer(tc).init, p)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """The same run stopped right after step 7 (as if killed): checkpoints 2, 4, 6 on disk."""
+    out = tmp_path_factory.mktemp("part") / "run"
+    res = train.train(train.TrainConfig(out=str(out), **RESUME), stop_after=7, **QUIET)
+    assert res.step == 7 and train.checkpoint_steps(out) == [2, 4, 6]
+    return out
+
+
+def _copy(src: Path, dst: Path) -> train.TrainConfig:
+    shutil.copytree(src, dst)
+    return train.TrainConfig(out=str(dst), **RESUME)
+
+
+def test_resume_after_interruption_is_bit_identical(reference, interrupted, tmp_path):
+    tc = _copy(interrupted, tmp_path / "run")
+    logs = []
+    res = train.train(tc, progress=False, log=logs.append)
+    assert res.resumed_from == 6 and res.step == 8
+    assert any("resuming" in m and "step 6" in m for m in logs)
+    assert _leaves_equal(res.params, reference.params)
+    ck = train.load_checkpoint(tc.out, opt_target_fn=_opt_target(tc), log=logs.append)
+    ref_ck = train.load_checkpoint(reference.checkpoint.parent, opt_target_fn=_opt_target(tc), log=logs.append)
+    assert ck.step == 8 and _leaves_equal(ck.opt_state, ref_ck.opt_state)
+    assert _leaves_equal(ck.params, reference.params)
+    # the loss log is continuous: steps 1..8 once each, equal to the uninterrupted run's
+    rows = [json.loads(l) for l in (Path(tc.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["loss"] for r in rows] == [m["loss"] for m in reference.metrics]
+
+
+def test_killed_process_resumes_bit_identical(reference, tmp_path):
+    """A real process killed with SIGKILL right after step 5, then the CLI resumes it."""
+    out = tmp_path / "killed"
+    kw = dict(RESUME, out=str(out), log_every=1)
+    script = textwrap.dedent(f"""
+        import os, signal, jax
+        jax.config.update("jax_num_cpu_devices", 16)
+        from models import train
+        def log(msg):
+            if msg.startswith("step 5/"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        train.train(train.TrainConfig(**{kw!r}), progress=False, log=log)
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert train.checkpoint_steps(out) == [2, 4]
+    args = ["train", "--out", str(out), "--model", "tiny", "--precision", "w4a4", "--steps", "8", "--batch-size", "4",
+            "--grad-accum", "2", "--seq-len", "32", "--lr", "3e-3", "--save-every", "2", "--keep", "3",
+            "--distill", "0.5", "--act-step-warmup-steps", "4", "--act-step-lr-mult", "20", "--json"]
+    code = "import sys, jax; jax.config.update('jax_num_cpu_devices', 16); from np_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads(p.stdout)
+    assert summary["resumed_from"] == 4 and summary["step"] == 8
+    ck = train.load_checkpoint(out, log=lambda s: None)
+    assert _leaves_equal(ck.params, reference.params)
+
+
+def _data_file(step_dir: Path) -> Path:
+    return max((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_corrupt_and_incomplete_checkpoints_are_rejected(interrupted, tmp_path):
+    out = Path(_copy(interrupted, tmp_path / "run").out)
+    f6 = _data_file(out / "6")
+    data = bytearray(f6.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip one byte
+    f6.write_bytes(bytes(data))
+    logs = []
+    ck = train.load_checkpoint(out, log=logs.append)
+    assert ck.step == 4
+    assert any(f"{out / '6'} rejected" in m and "SHA-256 mismatch" in m and f6.name in m for m in logs), logs
+    assert any(f"using checkpoint {out / '4'}" in m for m in logs), logs
+    f4 = _data_file(out / "4")
+    f4.write_bytes(f4.read_bytes()[:-7])  # truncate
+    (out / "2" / train.MANIFEST).unlink()  # as if killed while saving step 2
+    logs = []
+    with pytest.raises(train.NoGoodCheckpoint, match="no checkpoint .* verifies"):
+        train.load_checkpoint(out, log=logs.append)
+    assert any(f"{out / '4'} rejected" in m and "truncated" in m for m in logs), logs
+    assert any(f"{out / '2'} rejected" in m and "incomplete: no manifest" in m for m in logs), logs
+    # the same through the CLI: one clear line naming the rejected checkpoints
+    p = subprocess.run([sys.executable, "-m", "np_jax", "eval", "--checkpoint", str(out)], cwd=ROOT,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("np-jax eval: error: no checkpoint under")
+
+
+def test_training_resumes_from_the_previous_good_checkpoint(reference, interrupted, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out
+    tc = _copy(interrupted, Path("run"))
+    out = Path(tc.out)
+    f6 = _data_file(out / "6")
+    data = bytearray(f6.read_bytes())
+    data[-3] ^= 0x01
+    f6.write_bytes(bytes(data))
+    logs = []
+    res = train.train(tc, progress=False, log=logs.append)
+    assert res.resumed_from == 4 and res.step == 8
+    assert any("rejected" in m and "moved to" in m for m in logs), logs
+    assert (out / "rejected" / "6").is_dir()
+    assert _leaves_equal(res.params, reference.params)
+    assert train.checkpoint_steps(out) == [4, 6, 8]
+
+
+def test_resume_with_other_settings_is_refused(reference, tmp_path):
+    out = str(reference.checkpoint.parent)
+    with pytest.raises(ValueError, match="lr: 0.003 .saved. vs 0.001 .now."):
+        train.train(train.TrainConfig(**{**RESUME, "out": out, "lr": 1e-3}), **QUIET)
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from np_jax.cli import main
+
+    assert main(["train", "--model", "tiny", "--precision", "w3", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("np-jax train: error:") and "unknown precision 'w3'" in err and "\n" not in err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("np-jax eval: error:") and "does not exist" in err and "\n" not in err
+    assert main(["train", "--model", "tiny", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_eval_table(reference, capsys, tmp_path):
+    from np_jax.cli import main
+
+    out = str(reference.checkpoint.parent)
+    png = tmp_path / "loss.png"
+    assert main(["eval", "--checkpoint", out, "--windows", "4", "--seq-len", "32", "--json", "--plot-loss", str(png)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and rep["plot"] == str(png)
+    names = [r["name"] for r in rep["rows"]]
+    assert names == ["float", "ptq (mse)", "qat"] and rep["held_out"]["tokens"] == 4 * 32
+    qat = rep["rows"][2]
+    assert qat["step"] == 8 and qat["precision"] == "w4a4" and qat["train_tokens"] == 8 * 4 * 2 * 32
+    assert rep["rows"][0]["vs_float"] == 1.0 and all(np.isfinite(r["perplexity"]) for r in rep["rows"])
+    assert main(["eval", "--checkpoint", out, "--windows", "4", "--seq-len", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out perplexity of tiny" in text and "ptq (mse)" in text and "qat" in text
