@@ -1,11 +1,25 @@
 """Test configuration: 16 virtual CPU devices (one per appliance card), hypothesis profiles."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 16)
+
+# A persistent XLA compilation cache shared by this run's tests and the subprocesses they start
+# (killed-and-resumed training, the 2-process mesh). Many tests compile the same programs (a fresh
+# jit closure per training run, per generator); the cache makes the suite fit its 10-minute budget
+# on 2 cores. It stores compiled executables only, so results are unchanged. Fresh per run.
+_cache = os.environ.get("NP_JAX_TEST_COMPILATION_CACHE") or tempfile.mkdtemp(prefix="np_jax_xla_cache_")
+os.environ["NP_JAX_TEST_COMPILATION_CACHE"] = _cache  # xdist workers and subprocesses share it
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

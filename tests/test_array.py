@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from np_jax import array as na
 from np_jax import core
@@ -20,6 +20,7 @@ def rand_ints(rng, shape, bits, signed=True):
     return rng.integers(lo, hi + 1, size=shape).astype(np.int8)
 
 
+@settings(max_examples=15)  # each example compiles new shapes
 @given(b=st.integers(1, 4), k=st.integers(1, 200), n=st.integers(1, 90), rows=st.integers(1, 16),
        cols=st.integers(1, 16), xb=bits_st, wb=bits_st, seed=st.integers(0, 2**31))
 def test_array_vmm_matches_oracle_and_single_core(b, k, n, rows, cols, xb, wb, seed):

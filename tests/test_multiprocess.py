@@ -30,6 +30,10 @@ def _env():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
+    for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):  # the suite's compilation cache (conftest)
+        if k in os.environ:
+            env[k] = os.environ[k]
     return env
 
 
@@ -103,7 +107,7 @@ def test_settings_validation(monkeypatch):
         settings_from_env(None, 2, 0)
     with pytest.raises(DistributedError, match="not in"):
         settings_from_env("127.0.0.1:1", 2, 2)
-    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.5:1234")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
     monkeypatch.setenv("JAX_PROCESS_ID", "3")
-    assert settings_from_env() == ("10.0.0.1:1234", 4, 3)
+    assert settings_from_env() == ("127.0.0.5:1234", 4, 3)
