@@ -209,7 +209,8 @@ def eval_command(args) -> int:
         kind = "float-trained" if get_policy(tc.precision).is_float else "qat"
         add(kind if len(cks) == 1 else f"{kind} ({Path(tc.out).name})", ck.params, tc.precision,
             checkpoint=str(ck.path), step=ck.step, train_tokens=ck.meta.get("tokens"),
-            train_minutes=ck.meta.get("elapsed_s", 0) / 60, source=f"{ck.path} (step {ck.step})")
+            train_minutes=ck.meta.get("elapsed_s", 0) / 60, source=f"{ck.path} (step {ck.step})",
+            train_config=tc.to_json())
     fl = rows[0]["perplexity"]
     for r in rows:
         r["vs_float"] = r["perplexity"] / fl

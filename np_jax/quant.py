@@ -48,6 +48,10 @@ class TensorQuant:
     def __post_init__(self):
         if self.bits is not None:
             check_bits(self.bits)
+            if self.bits == 8 and not self.signed:
+                raise ValueError(
+                    "unsigned 8-bit codes (0..255) do not fit the INT8 datapath; use signed 8-bit "
+                    "(a non-negative tensor such as softmax probabilities then uses codes 0..127)")
 
     @property
     def is_float(self) -> bool:
@@ -99,13 +103,13 @@ POLICIES: dict[str, PrecisionPolicy] = {
         ),
         PrecisionPolicy(
             "a8c8w4",
-            (("lm_head.w", _w(8)), ("*.attn.probs", TensorQuant(8, signed=False)), ("*.w", _w(4)),
+            (("lm_head.w", _w(8)), ("*.attn.probs", TensorQuant(8)), ("*.w", _w(4)),
              ("*", TensorQuant(8))),
             "rack successor: 8-bit activations and KV cache, 4-bit weights (INT8 output layer)",
         ),
         PrecisionPolicy(
             "w8a8",
-            (("*.attn.probs", TensorQuant(8, signed=False)), ("*.w", _w(8)), ("*", TensorQuant(8))),
+            (("*.attn.probs", TensorQuant(8)), ("*.w", _w(8)), ("*", TensorQuant(8))),
             "INT8 weights, activations and KV cache",
         ),
         PrecisionPolicy("float", (("*", FLOAT),), "no quantization (float32 reference)"),

@@ -70,8 +70,11 @@ def quantize(v: jax.Array, step: jax.Array, bits: int, signed: bool = True) -> j
     """Integer codes `clip(round(v / step), lo, hi)` held in int8 (the definition used everywhere).
 
     Rounding is half-to-even. NaN becomes 0; +inf/-inf become the range ends. `step` must be
-    positive (callers validate; see `np_jax.quant`).
+    positive (callers validate; see `np_jax.quant`). Every code must fit int8, so unsigned 8-bit
+    (0..255) is rejected: the chip's INT8 lanes are signed.
     """
+    if bits == 8 and not signed:
+        raise ValueError("unsigned 8-bit codes do not fit the INT8 datapath; quantize as signed 8-bit")
     lo, hi = int_range(check_bits(bits), signed)
     r = jnp.round(v.astype(jnp.float32) / jnp.asarray(step, jnp.float32))
     r = jnp.where(jnp.isnan(r), 0.0, r)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from np_jax import activation_unit as au
@@ -44,6 +45,10 @@ def test_softmax_masked_rows_sum_to_one():
        st.sampled_from([2, 4, 8]), st.booleans())
 def test_quantize_range_and_special_values(vals, bits, signed):
     v = np.array(vals, np.float32)
+    if bits == 8 and not signed:  # 0..255 cannot be held in the int8 codes: a clear error
+        with pytest.raises(ValueError, match="unsigned 8-bit"):
+            vu.quantize(jnp.asarray(v), 0.5, bits, signed)
+        return
     q = np.asarray(vu.quantize(jnp.asarray(v), 0.5, bits, signed))
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     assert q.dtype == np.int8 and (q >= lo).all() and (q <= hi).all()
