@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from np_jax.cli import add_process_arguments
+
 DEFAULT_PROMPT = "def fibonacci(n):"
 
 
@@ -41,12 +43,7 @@ def register(sub) -> None:
     p.add_argument("--devices", type=int, default=None,
                    help="JAX devices to spread the cards over (default: one per card; on CPU these are "
                         "virtual devices)")
-    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="multi-process run: the coordinator address (or JAX_COORDINATOR_ADDRESS)")
-    p.add_argument("--num-processes", type=int, default=None, help="multi-process run: number of processes "
-                   "(or JAX_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, default=None, help="multi-process run: this process's index "
-                   "(or JAX_PROCESS_ID)")
+    add_process_arguments(p)
     p.add_argument("--single-device", action="store_true",
                    help="run the model sequentially on one device instead of the emulated appliance")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the ChatML chat template")
@@ -65,10 +62,10 @@ def _calibration_tokens(encode, n: int = 256) -> list[int]:
 
 def _setup_devices(n: int | None) -> None:
     """Ask for `n` virtual CPU devices (must run before JAX computes anything)."""
-    import jax
+    from np_jax.distributed import request_cpu_devices
 
     if n:
-        jax.config.update("jax_num_cpu_devices", n)
+        request_cpu_devices(n)
 
 
 def run_command(args) -> int:

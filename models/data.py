@@ -51,6 +51,8 @@ class Encoder(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def decode(self, ids: Sequence[int]) -> str: ...
+
 
 class ByteEncoder:
     """UTF-8 bytes as token ids (for models without a tokenizer, e.g. random-init configs).
@@ -69,6 +71,13 @@ class ByteEncoder:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8", "replace"))
 
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) & 0xFF for i in ids).decode("utf-8", "replace")
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset({self.separator_id})
+
 
 class TokenizerEncoder:
     """A `models.tokenizer.Tokenizer` (e.g. SmolLM2's); separator `<|endoftext|>` or else EOS."""
@@ -85,6 +94,13 @@ class TokenizerEncoder:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset(self.tok.eos_ids | {self.separator_id})
 
 
 @dataclass(frozen=True)

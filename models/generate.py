@@ -1,4 +1,7 @@
-"""Batched greedy generation: prefill each user's prompt, then one-token decode steps.
+"""Batched generation: prefill each user's prompt, then one-token decode steps.
+
+Greedy by default; with `temperature > 0` tokens are sampled from softmax(logits / T) with a
+key that is a pure function of (`seed`, step), so a run is reproducible.
 
 Prompt lengths are bucketed (powers of two, at least `min_bucket`) so a new prompt length
 reuses a compiled prefill; the cache length is fixed per `Generator`, so decode compiles once.
@@ -39,31 +42,39 @@ class GenerationResult:
 
 
 class Generator:
-    """Greedy generation for a batch of users with a model held in serving form."""
+    """Greedy (or sampled) generation for a batch of users with a model held in serving form."""
 
     def __init__(self, params, cfg: ModelConfig | str, policy="w4a4", cache_len: int = 512, min_bucket: int = 16,
-                 serving_params=None):
+                 serving_params=None, temperature: float = 0.0, seed: int = 0):
         self.cfg = get_config(cfg)
         self.policy = policy
         self.cache_len = cache_len
         self.min_bucket = min_bucket
         if cache_len > self.cfg.max_seq_len:
             raise llama.ModelInputError(f"cache of {cache_len} positions exceeds the context of {self.cfg.max_seq_len}")
+        if not temperature >= 0:
+            raise llama.ModelInputError(f"temperature must be >= 0, got {temperature}")
+        self.temperature, self.seed = float(temperature), seed
         self.params = serving_params if serving_params is not None else llama.prepare_serving(params, self.cfg, policy)
-        cfg_, pol = self.cfg, policy
+        cfg_, pol, temp = self.cfg, policy, self.temperature
+
+        def pick(logits_BxV, key):
+            if temp == 0:
+                return jnp.argmax(logits_BxV, -1).astype(jnp.int32)
+            return jax.random.categorical(key, logits_BxV.astype(jnp.float32) / temp, axis=-1).astype(jnp.int32)
 
         @jax.jit
-        def prefill(params, tokens, lengths, cache):
+        def prefill(params, tokens, lengths, cache, key):
             B, L = tokens.shape
             pos = jnp.broadcast_to(jnp.arange(L), (B, L))
             logits, cache = llama.step(params, tokens, pos, cache, cfg_, pol)
             last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-            return jnp.argmax(last, -1).astype(jnp.int32), cache
+            return pick(last, key), cache
 
         @jax.jit
-        def decode(params, tok, pos, cache):
+        def decode(params, tok, pos, cache, key):
             logits, cache = llama.step(params, tok[:, None], pos[:, None], cache, cfg_, pol)
-            return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
+            return pick(logits[:, 0], key), cache
 
         self._prefill, self._decode = prefill, decode
         self._compiled: dict = {}
@@ -82,7 +93,7 @@ class Generator:
         return self._executable(fn, args)(*args)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids=(), progress=None) -> GenerationResult:
-        """Greedy-decode up to `max_new_tokens` for each prompt. `progress(n)` is called per step."""
+        """Decode up to `max_new_tokens` for each prompt. `progress(n)` is called per step."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise llama.ModelInputError("every user needs a non-empty prompt")
         if max_new_tokens < 1:
@@ -100,9 +111,11 @@ class Generator:
         llama.check_tokens(toks, self.cfg)
         cache = llama.init_cache(self.cfg, len(prompts), self.cache_len, self.policy)
         compile0 = self.compile_s
-        args = (self.params, jnp.asarray(toks), jnp.asarray(lengths), cache)
+        base_key = jax.random.key(self.seed)
+        args = (self.params, jnp.asarray(toks), jnp.asarray(lengths), cache, jax.random.fold_in(base_key, 0))
         self._executable(self._prefill, args)
-        self._executable(self._decode, (self.params, jnp.zeros(len(prompts), jnp.int32), jnp.asarray(lengths), cache))
+        self._executable(self._decode, (self.params, jnp.zeros(len(prompts), jnp.int32), jnp.asarray(lengths), cache,
+                                        base_key))
 
         t0 = time.perf_counter()
         tok, cache = self._call(self._prefill, *args)
@@ -114,10 +127,11 @@ class Generator:
         steps = 0
         if progress:
             progress(1)
-        for _ in range(max_new_tokens - 1):
+        for k in range(max_new_tokens - 1):
             if done.all():
                 break
-            tok_j, cache = self._call(self._decode, self.params, jnp.asarray(tok), jnp.asarray(pos), cache)
+            tok_j, cache = self._call(self._decode, self.params, jnp.asarray(tok), jnp.asarray(pos), cache,
+                                      jax.random.fold_in(base_key, k + 1))
             tok = np.asarray(tok_j)
             pos += 1
             steps += 1

@@ -24,6 +24,15 @@ the restored arrays. A step without a manifest is incomplete (interrupted while 
 any size or hash mismatch, unreadable file or failing restore marks it corrupt. Loading takes
 the newest step that verifies and reports each rejected one with the reason; when resuming
 training, rejected steps are moved to `out/rejected/` so the run can write those steps again.
+
+Data parallelism (`train(tc, devices=N)`, and always in a multi-process run, see
+`np_jax.distributed`): the parameters and optimizer state are replicated over a 1-D "data"
+mesh of N devices, each device takes `batch_size / N` sequences of every micro-batch, and the
+jitted step's mean over the global batch becomes XLA's all-reduce of the gradients. Every
+process computes the same data stream (it is a pure function of seed and step) and feeds its
+devices their slice. Only process 0 writes logs, metrics and manifests; every process takes
+part in orbax's saves. The result equals one-device training up to the order of the float
+sums (tests/test_multiprocess.py).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -45,11 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from models import llama
 from models.config import ModelConfig, get_config
 from models.data import ByteEncoder, Corpus, DataConfig, Encoder, TokenizerEncoder, TrainStream, held_out_windows
 from np_jax import optim
+from np_jax.distributed import to_global
 from np_jax.quant import get_policy
 
 MANIFEST = "np_jax_manifest.json"
@@ -211,11 +223,20 @@ def model_config_from_json(d: dict) -> ModelConfig:
 
 # --- checkpoints -------------------------------------------------------------------------------------
 
+def _host(x) -> np.ndarray:
+    """Host copy of a leaf; a replicated array spanning processes is read from a local replica."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            raise ValueError("only replicated multi-process arrays can be read on one process")
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+
 def tree_sha256(tree) -> str:
     """SHA-256 over every leaf's key path, dtype, shape and bytes (flattening order)."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = np.asarray(leaf)
+        a = _host(leaf)
         h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
@@ -264,6 +285,35 @@ def verify_files(step_dir: Path) -> str | None:
     return None
 
 
+def _reject(out: Path, s: int, why: str, quarantine: bool) -> str:
+    """Move step `s` to `out/rejected/` (with `quarantine`); the message saying so."""
+    d = out / str(s)
+    msg = f"checkpoint {d} rejected: {why}"
+    if quarantine:
+        dest = out / "rejected" / str(s)
+        n = 1
+        while dest.exists():
+            dest, n = out / "rejected" / f"{s}-{n}", n + 1
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(d), str(dest))
+        msg += f"; moved to {dest}"
+    return msg
+
+
+def quarantine_unverified(out: str | Path, log: Log = _stderr) -> None:
+    """Move the steps newer than the newest one that verifies to `out/rejected/`.
+
+    A multi-process run does this on process 0 before every process restores (orbax restores
+    collectively, so all processes must then pick the same step).
+    """
+    out = Path(out)
+    for s in reversed(checkpoint_steps(out)):
+        why = verify_files(out / str(s))
+        if why is None:
+            return
+        log(_reject(out, s, why, True))
+
+
 @dataclass
 class Checkpoint:
     """A verified checkpoint."""
@@ -284,16 +334,30 @@ class Checkpoint:
 
 
 def _restore_step(step_dir: Path, opt_target_fn: Callable | None):
+    """Restore a step's items onto this process's first device, whatever mesh they were saved from.
+
+    Targets with explicit single-device shardings are given, so that a checkpoint written by a
+    data-parallel or multi-process run loads in one process (and vice versa).
+    """
     import orbax.checkpoint as ocp
 
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    as_local = lambda tree: jax.tree.map(  # noqa: E731
+        lambda a: jax.ShapeDtypeStruct(tuple(a.shape), a.dtype, sharding=local), tree)
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta", args=ocp.args.JsonRestore())
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(step_dir / "params")
-        params = jax.tree.map(jnp.asarray, params)
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # orbax warns that a per-item metadata file it does not need is absent
+        try:
+            md = ckptr.metadata(step_dir / "params")
+        finally:
+            absl.setLevel(level)
+        tree = getattr(getattr(md, "item_metadata", md), "tree", md)  # StepMetadata in newer orbax versions
+        params = ckptr.restore(step_dir / "params", as_local(tree))
         opt_state = None
         if opt_target_fn is not None:
-            target = opt_target_fn(params)
-            opt_state = ckptr.restore(step_dir / "opt_state", target)
+            opt_state = ckptr.restore(step_dir / "opt_state", as_local(opt_target_fn(params)))
     return params, opt_state, meta
 
 
@@ -340,16 +404,7 @@ def load_checkpoint(out: str | Path, *, opt_target_fn: Callable | None = None, s
             if rejected:
                 log(f"using checkpoint {d} (step {s}) instead")
             return Checkpoint(d, s, params, opt_state, meta)
-        msg = f"checkpoint {d} rejected: {why}"
-        if quarantine:
-            dest = out / "rejected" / str(s)
-            n = 1
-            while dest.exists():
-                dest, n = out / "rejected" / f"{s}-{n}", n + 1
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(d), str(dest))
-            msg += f"; moved to {dest}"
-        log(msg)
+        log(_reject(out, s, why, quarantine))
         rejected.append(s)
     raise NoGoodCheckpoint(f"no checkpoint under {out} verifies (rejected steps: {', '.join(map(str, rejected))})")
 
@@ -368,12 +423,16 @@ class CheckpointWriter:
         self.mngr = ocp.CheckpointManager(self.out, options=opts, item_names=("params", "opt_state", "meta"))
 
     def save(self, step: int, params, opt_state, meta: dict) -> Path:
+        """Every process calls this (orbax saves collectively); process 0 writes the manifest."""
         ocp = self.ocp
         d = self.out / str(step)
         self.mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                      opt_state=ocp.args.StandardSave(opt_state),
                                                      meta=ocp.args.JsonSave(meta)), force=True)
         self.mngr.wait_until_finished()
+        if jax.process_index() != 0:
+            _barrier(f"manifest {step}")
+            return d
         manifest = {"format": FORMAT, "step": step,
                     "files": {rel: {"size": p.stat().st_size, "sha256": _file_sha256(p)}
                               for rel, p in _step_files(d).items()},
@@ -384,10 +443,19 @@ class CheckpointWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, d / MANIFEST)
+        _barrier(f"manifest {step}")
         return d
 
     def close(self) -> None:
         self.mngr.close()
+
+
+def _barrier(name: str) -> None:
+    """All processes wait here (no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 # --- the training step ---------------------------------------------------------------------------------
@@ -432,7 +500,7 @@ _TRAJECTORY_KEYS = ("precision", "steps", "lr", "step_lr", "weight_decay", "warm
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step(cfg: ModelConfig, opt_key: tuple) -> Callable:
+def _train_step(cfg: ModelConfig, opt_key: tuple, mesh: jax.sharding.Mesh | None = None) -> Callable:
     """The jitted optimizer step (cached per model config and optimizer settings)."""
     tc = TrainConfig(**dict(opt_key))
     policy, distill = tc.precision, tc.distill
@@ -463,16 +531,40 @@ def _train_step(cfg: ModelConfig, opt_key: tuple) -> Callable:
         params = _floor_steps(optax.apply_updates(params, updates))
         return params, opt_state, {"loss": l / n, "ce": ce / n, "grad_norm": _global_norm(g)}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    # data parallel: everything but the batch is replicated, so is everything that comes out
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=jax.sharding.NamedSharding(mesh, P()))
 
 
-def train_step_fn(cfg: ModelConfig, tc: TrainConfig) -> Callable:
+def train_step_fn(cfg: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> Callable:
     """`step(params, opt_state, teacher, tokens [A, B, L+1]) -> (params, opt_state, metrics)`.
 
     `params` and `opt_state` are donated; `teacher` (float parameters) is used only when
-    `tc.distill > 0` (pass None otherwise).
+    `tc.distill > 0` (pass None otherwise). With a data `mesh`, pass replicated parameters and
+    tokens sharded over B (see `train`).
     """
-    return _train_step(cfg, tuple((k, getattr(tc, k)) for k in _TRAJECTORY_KEYS))
+    return _train_step(cfg, tuple((k, getattr(tc, k)) for k in _TRAJECTORY_KEYS), mesh)
+
+
+def data_mesh(devices: int | None = None) -> jax.sharding.Mesh | None:
+    """The 1-D "data" mesh of a data-parallel run; None for one device.
+
+    One process: the first `devices` local devices (default 1). Several processes: every
+    device of every process (`devices`, if given, must say so).
+    """
+    devs = jax.devices()
+    if jax.process_count() > 1:
+        if devices not in (None, len(devs)):
+            raise ValueError(f"a multi-process run trains on all {len(devs)} devices of its "
+                             f"{jax.process_count()} processes, not {devices}")
+        n = len(devs)
+    else:
+        n = devices or 1
+        if not 1 <= n <= len(devs):
+            raise ValueError(f"--devices {n}: this process has {len(devs)} {devs[0].platform} device(s) "
+                             "(on CPU, ask for more virtual devices before JAX starts)")
+    return None if n == 1 else jax.sharding.Mesh(np.array(devs[:n]), ("data",))
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -504,15 +596,23 @@ def read_metrics(path: Path, upto: int) -> list[dict]:
 
 
 def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool | None = None,
-          log: Log = _stderr) -> TrainResult:
+          log: Log = _stderr, devices: int | None = None) -> TrainResult:
     """Run (or resume) the training run `tc`; returns the parameters after the last step run.
 
     Resumes from the newest verified checkpoint under `tc.out` (its settings must match, see
     `TrainConfig.differences`). `stop_after=k` returns right after step k without saving, as a
     process killed at that point would (for tests). `progress`: tqdm bar (None: only on a terminal).
+    `devices`: data-parallel over this many local devices (a multi-process run uses all devices).
     """
     from tqdm import tqdm
 
+    mesh = data_mesh(devices)
+    if mesh is not None and tc.batch_size % mesh.size:
+        raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of the {mesh.size} data-parallel devices")
+    lead = jax.process_index() == 0
+    if not lead:
+        log = lambda msg: None  # noqa: E731 - one voice per run
+        progress = False
     out = Path(tc.out)
     base = load_model(tc.model, tc.gguf, tc.seed, tc.init_from, log=log)
     cfg, policy = base.cfg, get_policy(tc.precision)
@@ -526,8 +626,12 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool | No
     start, resumed_from, elapsed0, metrics = 0, None, 0.0, []
     ck = None
     if checkpoint_steps(out):
+        if jax.process_count() > 1:  # process 0 sets rejected steps aside, then all restore the same step
+            if lead:
+                quarantine_unverified(out, log)
+            _barrier("checkpoints verified")
         try:
-            ck = load_checkpoint(out, opt_target_fn=lambda p: jax.eval_shape(tx.init, p), quarantine=True, log=log)
+            ck = load_checkpoint(out, opt_target_fn=lambda p: jax.eval_shape(tx.init, p), quarantine=lead, log=log)
         except NoGoodCheckpoint as e:
             log(f"{e}; starting from step 0")
     if ck is not None:
@@ -551,6 +655,10 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool | No
                 f"in {time.perf_counter() - t0:.1f} s")
         params = jax.tree.map(jnp.array, params)  # own copies: the step donates them (the teacher keeps the base)
         opt_state = tx.init(params)
+    if mesh is not None:
+        repl, batch_sharding = (jax.sharding.NamedSharding(mesh, spec) for spec in (P(), P(None, "data", None)))
+        params, opt_state, teacher = (None if t is None else jax.tree.map(lambda x: to_global(_host(x), repl), t)
+                                      for t in (params, opt_state, teacher))
     if start >= tc.steps:
         log(f"{out} is already at step {start} (of {tc.steps})")
         return TrainResult(params, start, cfg, metrics, elapsed0, start * tc.tokens_per_step, resumed_from,
@@ -558,23 +666,25 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool | No
 
     out.mkdir(parents=True, exist_ok=True)
     mpath = out / "metrics.jsonl"
-    mpath.write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    if lead:
+        mpath.write_text("".join(json.dumps(r) + "\n" for r in metrics))
     writer = CheckpointWriter(out, tc.keep)
-    step_fn = train_step_fn(cfg, tc)
+    step_fn = train_step_fn(cfg, tc, mesh)
     lr_at = make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule)
     log(f"training {cfg.name} ({base.source}) at {policy.name}: steps {start + 1}-{tc.steps}, "
         f"{tc.grad_accum} x {tc.batch_size} x {tc.seq_len} = {tc.tokens_per_step} tokens/step; "
-        f"data {corpus.describe()}")
+        f"data {corpus.describe()}" + (f"; data parallel over {mesh.size} devices" if mesh is not None else ""))
     bar = tqdm(total=tc.steps, initial=start, desc=f"train {policy.name}", unit="step", file=sys.stderr,
                disable=(None if progress is None else not progress), dynamic_ncols=True)
     elapsed, last_ckpt = elapsed0, None
     try:
-        with open(mpath, "a") as mfile:
+        with open(mpath if lead else os.devnull, "a") as mfile:
             for step in range(start, tc.steps):
-                toks = jnp.asarray(stream.batch(step))
+                toks = stream.batch(step)
+                toks = jnp.asarray(toks) if mesh is None else to_global(toks, batch_sharding)
                 t0 = time.perf_counter()
                 params, opt_state, m = step_fn(params, opt_state, teacher, toks)
-                m = {k: float(v) for k, v in m.items()}  # waits for the step
+                m = {k: float(_host(v)) for k, v in m.items()}  # waits for the step
                 dt = time.perf_counter() - t0
                 elapsed += dt
                 done = step + 1

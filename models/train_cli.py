@@ -12,11 +12,17 @@ import sys
 import time
 from pathlib import Path
 
+from np_jax.cli import add_process_arguments
+
 TRAIN_EPILOG = """\
 examples:
   np-jax train --model tiny --steps 200 --out runs/tiny-float          float training from random init
   np-jax train --precision w4a4 --steps 60 --out runs/qat-w4a4          QAT of SmolLM2-135M from its GGUF
   np-jax train --precision w4a4 --init-from runs/ft --out runs/qat      QAT from a float run's checkpoint
+  np-jax train --devices 8 --batch-size 8 --out runs/dp                 data parallel over 8 devices
+  np-jax train --coordinator host0:1234 --num-processes 2 --process-id 0 --batch-size 16 ...
+                                                                        one of 2 processes (run the same
+                                                                        command on each; see docs/multihost.md)
 Re-running the same command resumes from the newest checkpoint that verifies.
 """
 
@@ -24,6 +30,8 @@ EVAL_EPILOG = """\
 examples:
   np-jax eval                                     SmolLM2-135M: float vs w4a4 PTQ
   np-jax eval --checkpoint runs/qat-w4a4 --json    float vs PTQ vs the QAT run (base model from its settings)
+  np-jax eval --humaneval --problems 20           adds HumanEval pass@1 (greedy) for each row
+  np-jax eval --humaneval --samples 10 --k 1 --k 10 --temperature 0.8   pass@1 and pass@10 from 10 samples
 """
 
 
@@ -78,6 +86,10 @@ def register(sub) -> None:
         p.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_)
     p.add_argument("--data", action="append", default=argparse.SUPPRESS, metavar="DIR",
                    help="directory of .py files (repeatable; default: the Python standard library)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="data parallel over this many devices of this process; --batch-size must be a multiple "
+                        "(default: 1; on CPU these are virtual devices; a multi-process run uses every device)")
+    add_process_arguments(p)
     p.add_argument("--plot-loss", default=None, metavar="FILE.png", help="draw the training loss curve")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.set_defaults(func=train_command)
@@ -111,11 +123,30 @@ def register(sub) -> None:
     p.add_argument("--no-ptq", action="store_true", help="skip the PTQ row(s)")
     p.add_argument("--plot-loss", default=None, metavar="FILE.png",
                    help="draw the (single) checkpoint's training loss with the held-out NLLs as reference lines")
+    h = p.add_argument_group("HumanEval (optional; needs pip install 'np-jax[humaneval]')")
+    h.add_argument("--humaneval", action="store_true",
+                   help="also report HumanEval pass@k of every row; runs generated code in a subprocess")
+    h.add_argument("--problems", type=int, default=None, help="the first N HumanEval problems (default: all 164)")
+    h.add_argument("--samples", type=int, default=1, help="completions per problem (default: 1, greedy)")
+    h.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: 0 = greedy for 1 sample, 0.8 for several)")
+    h.add_argument("--k", type=int, action="append", default=None,
+                   help="pass@k to report (repeatable; default: 1, and 10 when --samples >= 10)")
+    h.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per completion")
+    h.add_argument("--exec-timeout", type=float, default=5.0, help="seconds each check may run before it is killed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=eval_command)
 
 
 def train_command(args) -> int:
+    from np_jax.distributed import initialize, request_cpu_devices, settings_from_env
+
+    _, n_proc, _ = settings_from_env(args.coordinator, args.num_processes, args.process_id)
+    if n_proc == 1 and args.devices and args.devices > 1:
+        request_cpu_devices(args.devices)
+    initialize(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
     from models import train as T
 
     kw = {dest: getattr(args, dest) for _, dest, _, _ in TRAIN_FLAGS if hasattr(args, dest)}
@@ -124,7 +155,9 @@ def train_command(args) -> int:
     if hasattr(args, "data"):
         kw["data_dirs"] = tuple(args.data)
     tc = T.TrainConfig(**kw)
-    res = T.train(tc)
+    res = T.train(tc, devices=args.devices)
+    if jax.process_index() != 0:
+        return 0  # one report per run
     summary = {"out": tc.out, "model": res.cfg.name, "precision": tc.precision, "step": res.step,
                "tokens": res.tokens, "minutes": res.elapsed_s / 60, "resumed_from": res.resumed_from,
                "final_loss": res.metrics[-1]["loss"] if res.metrics else None,
@@ -180,6 +213,17 @@ def eval_command(args) -> int:
                 "its training files may overlap this held-out set")
 
     rows = []
+    he_problems = he_settings = None
+    if args.humaneval:
+        from models import humaneval as HE
+
+        temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
+        ks = args.k or ([1, 10] if args.samples >= 10 else [1])
+        he_problems = HE.load_problems(args.problems)
+        he_settings = dict(samples=args.samples, temperature=temperature, ks=ks, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, timeout_s=args.exec_timeout)
+        if args.samples > 1 and temperature <= 0:
+            raise ValueError("several samples per problem need --temperature > 0 (greedy samples are identical)")
 
     def add(name, params, policy, **extra):
         t0 = time.perf_counter()
@@ -187,6 +231,17 @@ def eval_command(args) -> int:
         rows.append({"name": name, "precision": get_policy(policy).name, **extra, **r,
                      "seconds": time.perf_counter() - t0})
         log(f"{name}: perplexity {r['perplexity']:.3f} ({rows[-1]['seconds']:.0f} s)")
+        if he_problems is not None:
+            from tqdm import tqdm
+
+            t0 = time.perf_counter()
+            with tqdm(total=len(he_problems) * args.samples, desc=f"HumanEval {name}", unit="completion",
+                      file=sys.stderr, disable=None) as bar:
+                he = HE.evaluate(params, cfg, policy, base.encoder, he_problems, progress=bar.update, **he_settings)
+            rows[-1]["humaneval"] = he.to_json()
+            rows[-1]["humaneval"]["seconds"] = time.perf_counter() - t0
+            log(f"{name}: HumanEval " + ", ".join(f"pass@{k} {v:.4f}" for k, v in he.pass_at_k.items())
+                + f" on {he.problems} problems ({rows[-1]['humaneval']['seconds']:.0f} s)")
 
     add("float", base.params, "float", source=base.source)
     q_cks = [ck for ck in cks if not get_policy(ck.train_config.precision).is_float]
@@ -237,6 +292,8 @@ def eval_command(args) -> int:
     for r in rows:
         step = r.get("step")
         tt = r.get("train_tokens")
+        he = r.get("humaneval")
         print(f"{r['name']:<20} {r['precision']:<9} {'-' if step is None else step:>6} {'-' if tt is None else tt:>12} "
-              f"{r['nll']:8.4f} {r['perplexity']:12.3f} {r['vs_float']:8.2f}x")
+              f"{r['nll']:8.4f} {r['perplexity']:12.3f} {r['vs_float']:8.2f}x"
+              + ("  HumanEval " + ", ".join(f"{k} {v:.4f}" for k, v in he["pass_at_k"].items()) if he else ""))
     return 0

@@ -51,6 +51,16 @@ def _spec(args) -> int:
     return 0
 
 
+def add_process_arguments(parser) -> None:
+    """The multi-process flags shared by the CLI commands (`np-jax run`, `np-jax train`)."""
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                        help="multi-process run: the coordinator address (or JAX_COORDINATOR_ADDRESS)")
+    parser.add_argument("--num-processes", type=int, default=None,
+                        help="multi-process run: number of processes (or JAX_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, default=None,
+                        help="multi-process run: this process's index (or JAX_PROCESS_ID)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="np-jax", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,6 +21,18 @@ class DistributedError(RuntimeError):
     """A multi-process run that could not start or lost a process."""
 
 
+def request_cpu_devices(n: int) -> None:
+    """Ask for `n` virtual CPU devices, which only works before JAX starts its backends.
+
+    Afterwards (e.g. inside a test process) the devices are what they are; callers check the
+    count they get and say so.
+    """
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        pass
+
+
 def settings_from_env(coordinator: str | None = None, num_processes: int | None = None,
                       process_id: int | None = None) -> tuple[str | None, int, int]:
     """(coordinator, num_processes, process_id) from arguments, else the JAX_* environment variables."""

@@ -1,7 +1,9 @@
-"""The computation compared between a single-process and a two-process 16-device mesh.
+"""The computations compared between a single-process and a two-process 16-device mesh.
 
 Used by tests/test_multiprocess.py in-process and by `python tests/_multiprocess_case.py
-PORT PROCESS_ID OUT` in each worker process (8 CPU devices each, loopback coordinator).
+PORT PROCESS_ID OUT TRAIN_DIR` in each worker process (8 CPU devices each, loopback
+coordinator): the appliance (`compute`) and data-parallel training with a checkpoint, an
+interruption and a resume (`train_case`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,31 @@ def compute() -> dict:
             "devices": len(jax.devices())}
 
 
-def main(port: str, process_id: str, out: str) -> None:
+def train_config(out: str):
+    from models import train
+
+    return train.TrainConfig(out=out, model="tiny", precision="float", batch_size=16, grad_accum=1, seq_len=32,
+                             steps=2, save_every=1, lr=1e-3, calib_windows=1, warmup_steps=0)
+
+
+def train_case(out: str) -> dict:
+    """Two training steps of the tiny model (float: the data-parallel mechanics do not depend on
+    the precision, and float compiles fastest): step 1 is saved, the run stops after step 2 without saving
+    it (as a killed process would), and a second call resumes from step 1 and saves step 2."""
+    import numpy as np
+
+    from models import train
+
+    quiet = dict(progress=False, log=lambda s: None)
+    first = train.train(train_config(out), stop_after=2, **quiet)
+    res = train.train(train_config(out), **quiet)
+    leaves = {"/".join(str(k) for k in path): train._host(x)
+              for path, x in __import__("jax").tree_util.tree_flatten_with_path(res.params)[0]}
+    return {"resumed_from": res.resumed_from, "first_losses": np.array([m["loss"] for m in first.metrics]),
+            "losses": np.array([m["loss"] for m in res.metrics]), **{"param:" + k: v for k, v in leaves.items()}}
+
+
+def main(port: str, process_id: str, out: str, train_dir: str) -> None:
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
@@ -50,9 +76,10 @@ def main(port: str, process_id: str, out: str) -> None:
 
     initialize(f"127.0.0.1:{port}", 2, int(process_id), timeout_s=60, heartbeat_s=20)
     res = compute()
+    res.update({"train:" + k: v for k, v in train_case(train_dir).items()})
     if jax.process_index() == 0:
         np.savez(out, **res)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -14,7 +14,13 @@ from np_jax.array import TiledWeights
 from np_jax.quant import TensorQuant
 from np_jax.vector_unit import quantize, dequantize
 
-tq_st = st.builds(TensorQuant, bits=st.sampled_from([2, 4, 8]), signed=st.booleans())
+# every supported width/signedness; unsigned 8-bit (0..255) does not fit the INT8 lanes and is refused
+tq_st = st.sampled_from([TensorQuant(b, signed=sg) for b in (2, 4, 8) for sg in (True, False) if (b, sg) != (8, False)])
+
+
+def test_unsigned_8_bit_is_refused():
+    with pytest.raises(ValueError, match="unsigned 8-bit"):
+        TensorQuant(8, signed=False)
 
 
 @given(tq=tq_st, shape=st.sampled_from([(7,), (3, 5), (2, 3, 4)]), per_channel=st.booleans(),

@@ -297,6 +297,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("np-jax eval: error:") and "does not exist" in err and "\n" not in err
     assert main(["train", "--model", "tiny", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
+    # data parallel: the batch must split evenly, the devices must exist
+    assert main(["train", "--model", "tiny", "--devices", "2", "--batch-size", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "--batch-size 3 must be a multiple of the 2 data-parallel devices" in capsys.readouterr().err
+    assert main(["train", "--model", "tiny", "--devices", "999", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"this process has {len(jax.devices())} cpu device(s)" in err and "\n" not in err.strip()
 
 
 def test_cli_eval_table(reference, capsys, tmp_path):
