@@ -136,6 +136,32 @@ def card_programs(cfg: ModelConfig, policy, with_cache: bool = True, result: str
     return layer_fn, head_fn
 
 
+def pipelined_logits(params: llama.Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, layout: CardLayout,
+                     mesh) -> jax.Array:
+    """`llama.forward` through the card pipeline: logits [B, L, V], differentiable.
+
+    `params` are in training form (float weights and step sizes); the B sequences are split
+    into the layout's micro-batches, which flow card to card over `mesh`
+    (`np_jax.pipeline.card_mesh`). The forward is bit-identical to `llama.forward`; gradients
+    agree to the fp16 resolution of the activations (tests/test_appliance.py).
+    """
+    from np_jax.pipeline import run_pipeline
+
+    M = layout.micro_batches
+    B, L = tokens_BxL.shape
+    if B % M:
+        raise ValueError(f"{B} sequences cannot be split into {M} micro-batches")
+    layer_fn, head_fn = card_programs(cfg, policy, with_cache=False, result="logits")
+    cards = build_cards(params, cfg, policy, layout)
+    x = llama.embed(params, tokens_BxL, llama.resolve(policy, cfg)).reshape(M, B // M, L, -1)
+    no_state = {"none": jnp.zeros((len(layout.roles), B, 1))}
+    res, _ = run_pipeline(layout.schedule, mesh, layer_fn, head_fn, cards, x,
+                          {"pos": jnp.broadcast_to(jnp.arange(L), (M, B // M, L))}, no_state)
+    parts = [res[c][..., : hi - lo] for c, ((lo, hi), r) in enumerate(zip(
+        [v if v is not None else (0, 0) for v in layout.vocab_slices], layout.roles)) if r == "head"]
+    return jnp.concatenate(parts, -1).reshape(B, L, -1)
+
+
 def combine_greedy(res: dict, layout: CardLayout) -> np.ndarray:
     """Greedy token per user from the output cards' (max, argmax) over their vocabulary slices.
 

@@ -32,7 +32,11 @@ def register(sub) -> None:
                    help="prompt text; repeat for several users (default: a code prompt)")
     p.add_argument("--users", type=int, default=None, help="number of users (prompts are repeated to fill)")
     p.add_argument("--new-tokens", type=int, default=48, help="tokens to generate per user")
-    p.add_argument("--precision", default="w4a4", help="precision policy: w4a4, a8c8w4, w8a8 or float")
+    p.add_argument("--precision", default=None,
+                   help="precision policy: w4a4, a8c8w4, w8a8 or float (default: w4a4, or the checkpoint's)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="serve the newest good checkpoint of an `np-jax train` run (QAT-trained weights and step "
+                        "sizes, no calibration) instead of the post-training-quantized base model")
     p.add_argument("--calibration", default="mse", choices=["mse", "lsq"],
                    help="step-size initialisation without QAT: MSE-optimal or the LSQ paper's 2*mean|v|/sqrt(Q_P)")
     p.add_argument("--cache-len", type=int, default=None,
@@ -87,7 +91,16 @@ def run_command(args) -> int:
     from models.generate import Generator
     from np_jax.quant import get_policy
 
-    policy = get_policy(args.precision)
+    ck = None
+    if args.checkpoint:
+        from models.train import load_checkpoint
+
+        ck = load_checkpoint(args.checkpoint, log=lambda m: print(m, file=sys.stderr))
+        trained = ck.train_config.precision
+        if args.precision not in (None, trained):
+            raise ValueError(f"{args.checkpoint} was trained at {trained}; it cannot be served at {args.precision}")
+        args.precision = trained
+    policy = get_policy(args.precision or "w4a4")
     if args.new_tokens < 1:
         raise ValueError("--new-tokens must be >= 1")
     prompts_text = args.prompt or [DEFAULT_PROMPT]
@@ -121,13 +134,18 @@ def run_command(args) -> int:
         eos = ()
     prompts = [encode(t) for t in prompts_text]
     args.cache_len = args.cache_len or min(512, cfg.max_seq_len)
-    if params is not None and not policy.is_float:
+    if ck is not None:
+        if ck.cfg != cfg:
+            raise ValueError(f"{args.checkpoint} holds a {ck.cfg.name} model; run it with the matching --model/--gguf "
+                             f"(got {cfg.name})")
+        params = ck.params  # trained step sizes: no calibration
+    elif params is not None and not policy.is_float:
         params = llama.calibrate(params, jnp.asarray([_calibration_tokens(encode)]), cfg, policy, args.calibration)
     if params is not None:
         serving = llama.prepare_serving(params, cfg, policy)
     load_s = time.perf_counter() - t0
     log(f"model {cfg.name} ({cfg.n_layers} layers, d={cfg.d_model}), precision {policy.name}, {users} user(s); "
-        f"loaded and calibrated in {load_s:.1f} s")
+        f"loaded and " + (f"QAT step sizes from {ck.path}" if ck else "calibrated") + f" in {load_s:.1f} s")
 
     mapping_line, devices = "single device (sequential)", 1
     if args.single_device:
@@ -155,7 +173,8 @@ def run_command(args) -> int:
     tps = res.generated_tokens / (res.prefill_s + res.decode_s)
     kv_bits = llama.resolve(policy, cfg).kv.bits
     summary = {
-        "model": cfg.name, "precision": policy.name, "cards": 1 if args.single_device else args.cards,
+        "model": cfg.name, "precision": policy.name, "checkpoint": str(ck.path) if ck else None,
+        "cards": 1 if args.single_device else args.cards,
         "users": users, "mapping": mapping_line, "jax_devices": devices, "prompts": prompts_text, "outputs": texts,
         "generated_tokens": res.generated_tokens, "prompt_tokens": [len(p) for p in prompts],
         "emulator_tokens_per_s": tps,
@@ -189,7 +208,7 @@ def run_command(args) -> int:
     if np_pred and "latency_ms" in np_pred:
         print(f"predicted on NorthPole ({args.cards} cards): {np_pred['latency_ms']:.3f} ms/token per user, "
               f"{np_pred['system_throughput_tok_s']:,.0f} tokens/s (np_jax.perf; see docs/performance.md)")
-    if policy.name == "w4a4":
+    if policy.name == "w4a4" and ck is None:
         print("note: w4a4 without quantization-aware training degrades this small model heavily "
               "(see docs/quantization.md); try --precision w8a8 or float")
     return 0

@@ -121,6 +121,7 @@ class TrainConfig:
     save_every: int = 50                    # steps between checkpoints (and the last step)
     keep: int = 3                           # checkpoints kept
     log_every: int = 10                     # plain log lines (when no progress bar is shown)
+    appliance_cards: int = 0                # >0: the forward runs through the card pipeline on this many cards
 
     # Settings that do not change the trajectory (may differ when resuming).
     FREE = ("out", "save_every", "keep", "log_every")
@@ -131,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"unknown calibration {self.calibration!r}; choose one of {', '.join(llama.CALIBRATIONS)}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine or constant")
+        if self.appliance_cards < 0:
+            raise ValueError(f"appliance cards must be >= 0, got {self.appliance_cards}")
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep", "calib_windows", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -358,7 +361,9 @@ def _restore_step(step_dir: Path, opt_target_fn: Callable | None):
         opt_state = None
         if opt_target_fn is not None:
             opt_state = ckptr.restore(step_dir / "opt_state", as_local(opt_target_fn(params)))
-    return params, opt_state, meta
+    # uncommitted arrays (as freshly created ones are), so that callers may place them on any mesh
+    uncommitted = lambda t: jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), t)  # noqa: E731
+    return uncommitted(params), None if opt_state is None else uncommitted(opt_state), meta
 
 
 def load_checkpoint(out: str | Path, *, opt_target_fn: Callable | None = None, step: int | None = None,
@@ -496,19 +501,29 @@ def _floor_steps(params):
 
 
 _TRAJECTORY_KEYS = ("precision", "steps", "lr", "step_lr", "weight_decay", "warmup_steps", "schedule",
-                    "act_step_lr_mult", "act_step_warmup_steps", "grad_clip", "distill")
+                    "act_step_lr_mult", "act_step_warmup_steps", "grad_clip", "distill", "appliance_cards")
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step(cfg: ModelConfig, opt_key: tuple, mesh: jax.sharding.Mesh | None = None) -> Callable:
-    """The jitted optimizer step (cached per model config and optimizer settings)."""
+def _train_step(cfg: ModelConfig, opt_key: tuple, mesh: jax.sharding.Mesh | None = None,
+                pipeline: tuple | None = None) -> Callable:
+    """The jitted optimizer step (cached per model config, optimizer settings and meshes).
+
+    `pipeline`: (CardLayout, card mesh) to run the model's forward through the card pipeline.
+    """
     tc = TrainConfig(**dict(opt_key))
     policy, distill = tc.precision, tc.distill
     tx = make_optimizer(tc)
+    if pipeline is None:
+        forward = lambda params, x: llama.forward(params, x, cfg, policy)  # noqa: E731
+    else:
+        from models.appliance import pipelined_logits
+
+        forward = lambda params, x: pipelined_logits(params, x, cfg, policy, *pipeline)  # noqa: E731
 
     def loss_fn(params, teacher, toks_BxL1):
         x, y = toks_BxL1[:, :-1], toks_BxL1[:, 1:]
-        logits = llama.forward(params, x, cfg, policy)
+        logits = forward(params, x)
         ce = token_nll(logits, y).mean()
         if not distill:
             return ce, ce
@@ -537,14 +552,35 @@ def _train_step(cfg: ModelConfig, opt_key: tuple, mesh: jax.sharding.Mesh | None
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=jax.sharding.NamedSharding(mesh, P()))
 
 
-def train_step_fn(cfg: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> Callable:
+def train_step_fn(cfg: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh | None = None,
+                  devices: int | None = None) -> Callable:
     """`step(params, opt_state, teacher, tokens [A, B, L+1]) -> (params, opt_state, metrics)`.
 
     `params` and `opt_state` are donated; `teacher` (float parameters) is used only when
     `tc.distill > 0` (pass None otherwise). With a data `mesh`, pass replicated parameters and
-    tokens sharded over B (see `train`).
+    tokens sharded over B (see `train`). With `tc.appliance_cards`, the forward runs through
+    the card pipeline over `devices` devices (see `appliance_pipeline`).
     """
-    return _train_step(cfg, tuple((k, getattr(tc, k)) for k in _TRAJECTORY_KEYS), mesh)
+    pipeline = appliance_pipeline(cfg, tc, devices) if tc.appliance_cards else None
+    return _train_step(cfg, tuple((k, getattr(tc, k)) for k in _TRAJECTORY_KEYS), mesh, pipeline)
+
+
+def appliance_pipeline(cfg: ModelConfig, tc: TrainConfig, devices: int | None = None) -> tuple:
+    """(CardLayout, card mesh) for training through the appliance pipeline.
+
+    `tc.appliance_cards` cards: near-equal layer blocks, the output layer split over two cards
+    (as in the paper), one sequence per micro-batch (`batch_size` micro-batches). The cards are
+    spread over `devices` devices (default: one per card if there are enough, else one device).
+    """
+    from models.appliance import CardLayout
+    from np_jax.pipeline import card_mesh
+
+    cards = tc.appliance_cards
+    layout = CardLayout.simple(cfg, cards, micro_batches=tc.batch_size, head_cards=2)
+    n = devices or (cards if len(jax.devices()) >= cards else 1)
+    if cards % n:
+        raise ValueError(f"{cards} appliance cards cannot be split evenly over {n} devices")
+    return layout, card_mesh(n)
 
 
 def data_mesh(devices: int | None = None) -> jax.sharding.Mesh | None:
@@ -602,11 +638,14 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool | No
     Resumes from the newest verified checkpoint under `tc.out` (its settings must match, see
     `TrainConfig.differences`). `stop_after=k` returns right after step k without saving, as a
     process killed at that point would (for tests). `progress`: tqdm bar (None: only on a terminal).
-    `devices`: data-parallel over this many local devices (a multi-process run uses all devices).
+    `devices`: data-parallel over this many local devices (a multi-process run uses all devices);
+    with `tc.appliance_cards`, the devices the cards are spread over instead.
     """
     from tqdm import tqdm
 
-    mesh = data_mesh(devices)
+    mesh = None if tc.appliance_cards else data_mesh(devices)
+    if tc.appliance_cards and jax.process_count() > 1:
+        raise ValueError("training through the appliance pipeline runs in one process")
     if mesh is not None and tc.batch_size % mesh.size:
         raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of the {mesh.size} data-parallel devices")
     lead = jax.process_index() == 0
@@ -669,11 +708,12 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool | No
     if lead:
         mpath.write_text("".join(json.dumps(r) + "\n" for r in metrics))
     writer = CheckpointWriter(out, tc.keep)
-    step_fn = train_step_fn(cfg, tc, mesh)
+    step_fn = train_step_fn(cfg, tc, mesh, devices if tc.appliance_cards else None)
     lr_at = make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule)
     log(f"training {cfg.name} ({base.source}) at {policy.name}: steps {start + 1}-{tc.steps}, "
         f"{tc.grad_accum} x {tc.batch_size} x {tc.seq_len} = {tc.tokens_per_step} tokens/step; "
-        f"data {corpus.describe()}" + (f"; data parallel over {mesh.size} devices" if mesh is not None else ""))
+        f"data {corpus.describe()}" + (f"; data parallel over {mesh.size} devices" if mesh is not None else "")
+        + (f"; through the {tc.appliance_cards}-card appliance pipeline" if tc.appliance_cards else ""))
     bar = tqdm(total=tc.steps, initial=start, desc=f"train {policy.name}", unit="step", file=sys.stderr,
                disable=(None if progress is None else not progress), dynamic_ncols=True)
     elapsed, last_ckpt = elapsed0, None

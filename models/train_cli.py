@@ -20,6 +20,7 @@ examples:
   np-jax train --precision w4a4 --steps 60 --out runs/qat-w4a4          QAT of SmolLM2-135M from its GGUF
   np-jax train --precision w4a4 --init-from runs/ft --out runs/qat      QAT from a float run's checkpoint
   np-jax train --devices 8 --batch-size 8 --out runs/dp                 data parallel over 8 devices
+  np-jax train --model tiny --appliance-cards 16 --batch-size 4 --out runs/app   through the 16-card pipeline
   np-jax train --coordinator host0:1234 --num-processes 2 --process-id 0 --batch-size 16 ...
                                                                         one of 2 processes (run the same
                                                                         command on each; see docs/multihost.md)
@@ -70,6 +71,9 @@ TRAIN_FLAGS = [
     ("--save-every", "save_every", int, "steps between checkpoints; the last step is always saved (default: 50)"),
     ("--keep", "keep", int, "checkpoints kept (default: 3)"),
     ("--log-every", "log_every", int, "steps between log lines when no progress bar is shown (default: 10)"),
+    ("--appliance-cards", "appliance_cards", int, "run the forward (and its gradients) through the emulated "
+                                                  "appliance's card pipeline on this many cards, one sequence per "
+                                                  "micro-batch (default: 0, the sequential model on one device)"),
 ]
 
 
@@ -88,7 +92,8 @@ def register(sub) -> None:
                    help="directory of .py files (repeatable; default: the Python standard library)")
     p.add_argument("--devices", type=int, default=None,
                    help="data parallel over this many devices of this process; --batch-size must be a multiple "
-                        "(default: 1; on CPU these are virtual devices; a multi-process run uses every device)")
+                        "(default: 1; on CPU these are virtual devices; a multi-process run uses every device). "
+                        "With --appliance-cards: the devices the cards are spread over (default: one per card)")
     add_process_arguments(p)
     p.add_argument("--plot-loss", default=None, metavar="FILE.png", help="draw the training loss curve")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
@@ -142,8 +147,9 @@ def train_command(args) -> int:
     from np_jax.distributed import initialize, request_cpu_devices, settings_from_env
 
     _, n_proc, _ = settings_from_env(args.coordinator, args.num_processes, args.process_id)
-    if n_proc == 1 and args.devices and args.devices > 1:
-        request_cpu_devices(args.devices)
+    n_dev = args.devices or getattr(args, "appliance_cards", 0)
+    if n_proc == 1 and n_dev and n_dev > 1:
+        request_cpu_devices(n_dev)
     initialize(args.coordinator, args.num_processes, args.process_id)
     import jax
 

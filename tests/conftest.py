@@ -20,6 +20,7 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+assert len(jax.devices()) == 16  # start the backend now: CLI commands run in-process cannot change the count
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

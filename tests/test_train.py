@@ -321,3 +321,42 @@ def test_cli_eval_table(reference, capsys, tmp_path):
     assert main(["eval", "--checkpoint", out, "--windows", "4", "--seq-len", "32"]) == 0
     text = capsys.readouterr().out
     assert "held-out perplexity of tiny" in text and "ptq (mse)" in text and "qat" in text
+
+
+# --- training through the appliance pipeline ------------------------------------------------------
+
+def test_training_through_the_appliance_pipeline_matches_sequential(tmp_path):
+    """One w4a4 QAT step with the forward on the 16-card pipeline (16 devices) vs the sequential model."""
+    kw = dict(COMMON, batch_size=2, seq_len=16, steps=1, precision="w4a4", lr=1e-3, calib_windows=1)
+    seq = train.train(train.TrainConfig(out=str(tmp_path / "seq"), **kw), **QUIET)
+    app = train.train(train.TrainConfig(out=str(tmp_path / "app"), appliance_cards=16, **kw), **QUIET)
+    layout, mesh = train.appliance_pipeline(seq.cfg, train.TrainConfig(appliance_cards=16, **kw))
+    assert mesh.size == 16 and layout.roles.count("head") == 2 and layout.micro_batches == 2
+    assert app.metrics[0]["ce"] == seq.metrics[0]["ce"]  # the forward is bit-identical
+    # gradients agree to the fp16 resolution of the activations; Adam's first step moves each
+    # parameter by about +-lr, so only a gradient that is ~0 can send one the other way
+    far = total = 0
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(app.params)[0], jax.tree.leaves(seq.params)):
+        d = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        assert d.max() <= 2.5e-3, (jax.tree_util.keystr(path), d.max())
+        far, total = far + int((d > 1e-5).sum()), total + d.size
+    assert far < 0.02 * total, (far, total)
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        train.appliance_pipeline(seq.cfg, train.TrainConfig(appliance_cards=16, **kw), devices=3)
+
+
+def test_run_serves_a_qat_checkpoint(reference, capsys):
+    """`np-jax run --checkpoint` generates with the trained weights and step sizes (no calibration)."""
+    from models.generate import Generator
+    from np_jax.cli import main
+
+    out = str(reference.checkpoint.parent)
+    args = ["run", "--model", "tiny", "--checkpoint", out, "--single-device", "--new-tokens", "4", "--prompt", "def f(x):"]
+    assert main(args + ["--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["precision"] == "w4a4" and Path(rep["checkpoint"]).resolve() == Path(reference.checkpoint).resolve()
+    want = Generator(reference.params, reference.cfg, "w4a4", cache_len=128).generate(
+        [[b % 256 for b in b"def f(x):"]], 4).tokens[0]
+    assert rep["outputs"] == [" ".join(map(str, want))]
+    assert main(args + ["--precision", "w8a8"]) == 2
+    assert "was trained at w4a4; it cannot be served at w8a8" in capsys.readouterr().err
