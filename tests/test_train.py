@@ -326,12 +326,16 @@ def test_cli_eval_table(reference, capsys, tmp_path):
 # --- training through the appliance pipeline ------------------------------------------------------
 
 def test_training_through_the_appliance_pipeline_matches_sequential(tmp_path):
-    """One w4a4 QAT step with the forward on the 16-card pipeline (16 devices) vs the sequential model."""
-    kw = dict(COMMON, batch_size=2, seq_len=16, steps=1, precision="w4a4", lr=1e-3, calib_windows=1)
+    """One training step with the forward on a 4-card pipeline (4 devices) vs the sequential model.
+
+    The wiring of the training loop is checked here in float (fast to compile); the w4a4
+    pipeline's forward bits and gradients on 16 cards are checked in tests/test_appliance.py.
+    """
+    kw = dict(COMMON, batch_size=2, seq_len=16, steps=1, precision="float", lr=1e-3)
     seq = train.train(train.TrainConfig(out=str(tmp_path / "seq"), **kw), **QUIET)
-    app = train.train(train.TrainConfig(out=str(tmp_path / "app"), appliance_cards=16, **kw), **QUIET)
-    layout, mesh = train.appliance_pipeline(seq.cfg, train.TrainConfig(appliance_cards=16, **kw))
-    assert mesh.size == 16 and layout.roles.count("head") == 2 and layout.micro_batches == 2
+    app = train.train(train.TrainConfig(out=str(tmp_path / "app"), appliance_cards=4, **kw), **QUIET)
+    layout, mesh = train.appliance_pipeline(seq.cfg, train.TrainConfig(appliance_cards=4, **kw))
+    assert mesh.size == 4 and layout.roles == ("layers", "layers", "head", "head") and layout.micro_batches == 2
     assert app.metrics[0]["ce"] == seq.metrics[0]["ce"]  # the forward is bit-identical
     # gradients agree to the fp16 resolution of the activations; Adam's first step moves each
     # parameter by about +-lr, so only a gradient that is ~0 can send one the other way
