@@ -25,8 +25,8 @@ assert len(jax.devices()) == 16  # start the backend now: CLI commands run in-pr
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
-    "default", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]
+    "default", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True,
+settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "default")

@@ -465,7 +465,7 @@ def smollm2_header(tmp_path_factory) -> bytes:
         return f.read(data_start)
 
 
-@fuzz_settings(20)
+@fuzz_settings(8)
 @given(data=st.data())
 def test_fuzz_real_metadata_flips(tmp_path, smollm2_header, data):
     """Flips in the real file's 1.8 MB metadata (49k tokens, 49k merges): bounded and clean."""
