@@ -64,22 +64,14 @@ def _calibration_tokens(encode, n: int = 256) -> list[int]:
     return encode(Path(src_module.__file__).read_text())[:n]
 
 
-def _setup_devices(n: int | None) -> None:
-    """Ask for `n` virtual CPU devices (must run before JAX computes anything)."""
-    from np_jax.distributed import request_cpu_devices
-
-    if n:
-        request_cpu_devices(n)
-
-
 def run_command(args) -> int:
     if args.cards < 1:
         raise ValueError(f"--cards must be >= 1, got {args.cards}")
-    from np_jax.distributed import initialize, settings_from_env
+    from np_jax.distributed import initialize, request_cpu_devices, settings_from_env
 
     _, n_proc, _ = settings_from_env(args.coordinator, args.num_processes, args.process_id)
     if n_proc == 1:
-        _setup_devices(args.devices or args.cards)
+        request_cpu_devices(args.devices or args.cards)
     initialize(args.coordinator, args.num_processes, args.process_id)
     import jax
     import jax.numpy as jnp

@@ -78,6 +78,21 @@ def check(problem: dict, completion: str, timeout_s: float = 5.0) -> str:
     return f"failed: {tail[:200]}"
 
 
+def sampling_settings(samples: int, temperature: float | None = None,
+                      ks: Sequence[int] | None = None) -> tuple[float, list[int]]:
+    """Checked (temperature, ks) with their defaults: greedy for one sample, else 0.8; pass@1,
+    and pass@10 when there are at least 10 samples."""
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    temperature = temperature if temperature is not None else (0.0 if samples == 1 else 0.8)
+    if samples > 1 and temperature <= 0:
+        raise ValueError("several samples per problem need --temperature > 0 (greedy samples are identical)")
+    ks = sorted(set(ks)) if ks else ([1, 10] if samples >= 10 else [1])
+    if ks[0] < 1 or ks[-1] > samples:
+        raise ValueError(f"every k must be in [1, samples={samples}], got {ks}")
+    return temperature, ks
+
+
 @dataclass
 class HumanEvalResult:
     pass_at_k: dict[int, float]
@@ -100,13 +115,7 @@ def evaluate(params, cfg, policy, encoder, problems: Sequence[dict], *, samples:
     from models import llama
     from models.generate import Generator, bucket_length
 
-    if samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {samples}")
-    if samples > 1 and temperature <= 0:
-        raise ValueError("several samples per problem need --temperature > 0 (greedy samples are identical)")
-    ks = sorted(set(ks))
-    if not ks or ks[0] < 1 or ks[-1] > samples:
-        raise ValueError(f"every k must be in [1, samples={samples}], got {ks}")
+    temperature, ks = sampling_settings(samples, temperature, ks)
     prompts = [encoder.encode(p["prompt"]) for p in problems]
     longest = max(len(p) for p in prompts)
     cache_len = min(bucket_length(longest + max_new_tokens), cfg.max_seq_len)

@@ -61,7 +61,7 @@ from models import llama
 from models.config import ModelConfig, get_config
 from models.data import ByteEncoder, Corpus, DataConfig, Encoder, TokenizerEncoder, TrainStream, held_out_windows
 from np_jax import optim
-from np_jax.distributed import to_global
+from np_jax.distributed import to_global, to_host
 from np_jax.quant import get_policy
 
 MANIFEST = "np_jax_manifest.json"
@@ -226,20 +226,11 @@ def model_config_from_json(d: dict) -> ModelConfig:
 
 # --- checkpoints -------------------------------------------------------------------------------------
 
-def _host(x) -> np.ndarray:
-    """Host copy of a leaf; a replicated array spanning processes is read from a local replica."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if not x.is_fully_replicated:
-            raise ValueError("only replicated multi-process arrays can be read on one process")
-        return np.asarray(x.addressable_data(0))
-    return np.asarray(x)
-
-
 def tree_sha256(tree) -> str:
     """SHA-256 over every leaf's key path, dtype, shape and bytes (flattening order)."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = _host(leaf)
+        a = to_host(leaf)
         h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
@@ -696,7 +687,7 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool | No
         opt_state = tx.init(params)
     if mesh is not None:
         repl, batch_sharding = (jax.sharding.NamedSharding(mesh, spec) for spec in (P(), P(None, "data", None)))
-        params, opt_state, teacher = (None if t is None else jax.tree.map(lambda x: to_global(_host(x), repl), t)
+        params, opt_state, teacher = (None if t is None else jax.tree.map(lambda x: to_global(to_host(x), repl), t)
                                       for t in (params, opt_state, teacher))
     if start >= tc.steps:
         log(f"{out} is already at step {start} (of {tc.steps})")
@@ -724,7 +715,7 @@ def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool | No
                 toks = jnp.asarray(toks) if mesh is None else to_global(toks, batch_sharding)
                 t0 = time.perf_counter()
                 params, opt_state, m = step_fn(params, opt_state, teacher, toks)
-                m = {k: float(_host(v)) for k, v in m.items()}  # waits for the step
+                m = {k: float(to_host(v)) for k, v in m.items()}  # waits for the step
                 dt = time.perf_counter() - t0
                 elapsed += dt
                 done = step + 1

@@ -223,13 +223,10 @@ def eval_command(args) -> int:
     if args.humaneval:
         from models import humaneval as HE
 
-        temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
-        ks = args.k or ([1, 10] if args.samples >= 10 else [1])
+        temperature, ks = HE.sampling_settings(args.samples, args.temperature, args.k)  # checked before any work
         he_problems = HE.load_problems(args.problems)
         he_settings = dict(samples=args.samples, temperature=temperature, ks=ks, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, timeout_s=args.exec_timeout)
-        if args.samples > 1 and temperature <= 0:
-            raise ValueError("several samples per problem need --temperature > 0 (greedy samples are identical)")
 
     def add(name, params, policy, **extra):
         t0 = time.perf_counter()

@@ -104,9 +104,15 @@ def to_global(x, sharding: NamedSharding) -> jax.Array:
 
 
 def to_host(x) -> np.ndarray:
-    """The full value of a (possibly multi-process) array on every process."""
+    """The full value of a (possibly multi-process) array on every process.
+
+    A replicated array is read from a local replica (no communication); any other array that
+    spans processes is gathered, which every process must then call together.
+    """
     if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from np_jax.core import check_bits, int_range
-from np_jax.vector_unit import quantize
+from np_jax.core import int_range
+from np_jax.vector_unit import code_range, quantize
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,7 @@ class TensorQuant:
 
     def __post_init__(self):
         if self.bits is not None:
-            check_bits(self.bits)
-            if self.bits == 8 and not self.signed:
-                raise ValueError(
-                    "unsigned 8-bit codes (0..255) do not fit the INT8 datapath; use signed 8-bit "
-                    "(a non-negative tensor such as softmax probabilities then uses codes 0..127)")
+            code_range(self.bits, self.signed)
 
     @property
     def is_float(self) -> bool:

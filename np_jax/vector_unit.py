@@ -66,6 +66,18 @@ def scale_accumulator(acc_i32: jax.Array, scale: jax.Array, dtype=VECTOR_DTYPE) 
     return (acc_i32.astype(jnp.float32) * jnp.asarray(scale, jnp.float32)).astype(dtype)
 
 
+def code_range(bits: int, signed: bool = True) -> tuple[int, int]:
+    """The integer range of `bits`-wide codes held in int8; unsigned 8-bit (0..255) does not fit.
+
+    The chip's INT8 lanes are signed: a non-negative tensor (softmax probabilities) quantized
+    at 8 bits is signed INT8 and uses codes 0..127.
+    """
+    if bits == 8 and not signed:
+        raise ValueError("unsigned 8-bit codes (0..255) do not fit the INT8 datapath; use signed 8-bit "
+                         "(a non-negative tensor such as softmax probabilities then uses codes 0..127)")
+    return int_range(check_bits(bits), signed)
+
+
 def quantize(v: jax.Array, step: jax.Array, bits: int, signed: bool = True) -> jax.Array:
     """Integer codes `clip(round(v / step), lo, hi)` held in int8 (the definition used everywhere).
 
@@ -73,9 +85,7 @@ def quantize(v: jax.Array, step: jax.Array, bits: int, signed: bool = True) -> j
     positive (callers validate; see `np_jax.quant`). Every code must fit int8, so unsigned 8-bit
     (0..255) is rejected: the chip's INT8 lanes are signed.
     """
-    if bits == 8 and not signed:
-        raise ValueError("unsigned 8-bit codes do not fit the INT8 datapath; quantize as signed 8-bit")
-    lo, hi = int_range(check_bits(bits), signed)
+    lo, hi = code_range(bits, signed)
     r = jnp.round(v.astype(jnp.float32) / jnp.asarray(step, jnp.float32))
     r = jnp.where(jnp.isnan(r), 0.0, r)
     return jnp.clip(r, lo, hi).astype(jnp.int8)

@@ -60,7 +60,7 @@ def train_case(out: str) -> dict:
     quiet = dict(progress=False, log=lambda s: None)
     first = train.train(train_config(out), stop_after=2, **quiet)
     res = train.train(train_config(out), **quiet)
-    leaves = {"/".join(str(k) for k in path): train._host(x)
+    leaves = {"/".join(str(k) for k in path): train.to_host(x)
               for path, x in __import__("jax").tree_util.tree_flatten_with_path(res.params)[0]}
     return {"resumed_from": res.resumed_from, "first_losses": np.array([m["loss"] for m in first.metrics]),
             "losses": np.array([m["loss"] for m in res.metrics]), **{"param:" + k: v for k, v in leaves.items()}}
