@@ -2,7 +2,7 @@
 
 Run: `python -m benchmarks.bench_appliance [--models smollm2-135m granite-3b-northpole] [--devices N] [--json]`.
 For each model: 28 users (14 micro-batches of 2), the appliance mapping for w4a4, one decode
-step for all users through the 16-card GPipe pipeline (np_jax.runtime) against one float32
+step for all users through the 16-card GPipe pipeline (np_jax.appliance.runtime) against one float32
 `llama.step` of the same batch on one device. Goal: ratio (appliance / float32) <= 1.5.
 SmolLM2 uses its real weights; the 3B shape uses random weights (generated directly in
 integer form; its float32 baseline uses random float weights of the same shapes).
@@ -35,10 +35,11 @@ def main(argv=None) -> int:
     import numpy as np
 
     from benchmarks._timing import median_seconds
-    from models import llama, loaders
-    from models.appliance import ApplianceGenerator, CardLayout
+    from models import llama
+    from models.appliance import Appliance
     from models.config import get_config
-    from np_jax.mapping import map_model
+    from models.io import weights as loaders
+    from np_jax.appliance.mapping import map_model
 
     rows = []
     for name in a.models:
@@ -67,8 +68,7 @@ def main(argv=None) -> int:
         # the appliance: w4a4 mapping, 16 cards, the same users
         for m_req in a.micro_batches:
             mapping = map_model(cfg, "w4a4", users=users, context=S, micro_batches=m_req)
-            gen = ApplianceGenerator(serving, cfg, "w4a4", CardLayout.from_mapping(mapping), users, cache_len=S,
-                                     devices=a.devices)
+            gen = Appliance(serving, cfg, "w4a4", mapping, cache_len=S, devices=a.devices)
             M, mb = mapping.micro_batches, mapping.micro_batch_size
             x = gen._frames(np.asarray(tok)[:, None])
             aux = {"pos": pos.reshape(M, mb, 1), "last": jnp.zeros((M, mb), jnp.int32)}

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._timing import compare
-from np_jax import array as na
-from np_jax import core
+from np_jax.chip import array as na
+from np_jax.chip import core
 
 CASES = [  # (batch, K, N, bits)
     (2, 4096, 4096, 4),

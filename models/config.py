@@ -1,19 +1,24 @@
-"""Named model configurations of Granite/Llama-family decoders.
+"""The model record (`ModelConfig`) and the named configurations of Granite/Llama-family decoders.
 
-Shape legend used in models/: B batch (users), L sequence (query positions), S cache length,
-T key positions, D model width, F FFN width, H query heads, G query heads per KV head,
-K KV heads, E head dim, V vocabulary, N layers.
+`ModelConfig` is the one record of a decoder's hyper-parameters: the named configs below and
+the GGUF reader (models.io.gguf) both produce it. Two configs are equal when their shapes and
+numerics are (`name` and `source` are labels, not compared).
+
+Shape legend used in models/ and np_jax/ (one legend): B batch (users or sequences), L query
+positions, S cache length, T key positions, D model width, F FFN width, H query heads,
+G query heads per KV head, Kv KV heads, E head dim, V vocabulary, N layers; a matrix is
+[K, N] = [input features (the reduction), output features], as in np_jax.chip.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str
+    name: str = field(compare=False)
     n_layers: int
     d_model: int
     d_ff: int
@@ -27,7 +32,7 @@ class ModelConfig:
     tied_embeddings: bool = True
     attn_bias: bool = False
     mlp_bias: bool = False
-    source: str = ""
+    source: str = field(default="", compare=False)
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -79,6 +84,11 @@ CONFIGS: dict[str, ModelConfig] = {
                     source="spec sec. 8 / issue: a 70B Llama-shaped model for the planner"),
     ]
 }
+
+
+def named_configs() -> dict[str, ModelConfig]:
+    """The named configs, for np_jax's model registry (entry-point group `np_jax.models`)."""
+    return dict(CONFIGS)
 
 
 def get_config(name: str | ModelConfig) -> ModelConfig:

@@ -3,7 +3,7 @@
 Pure functions over a parameter pytree. Layers are stacked (leading axis N) and run with
 `lax.scan`, so 30 or 40 layers compile once. The precision policy (np_jax.quant) decides,
 tensor by tensor, whether a product runs in float32 or as the chip's integer product
-(np_jax.layers); the module code is the same either way.
+(np_jax.quant.products); the module code is the same either way.
 
 Parameters (training form; `prepare_serving` turns every linear layer into core-array tiles):
   embed [V, D]; final_norm [D]; lm_head {"w" [D, V] (untied only), "s_w", "s_x"}
@@ -30,16 +30,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from np_jax import layers as qlayers
-from np_jax.array import tile_weights
-from np_jax import quant, vector_unit as vu
-from np_jax.core import stored_bytes
+from np_jax.quant import products as qlayers
+from np_jax.chip.array import tile_weights
+from np_jax import quant
+from np_jax.chip import vector_unit as vu
 from np_jax.quant import PrecisionPolicy, TensorQuant, get_policy
 from models.config import ModelConfig, get_config
+from np_jax.appliance.mapping import LAYER_MATRICES, kv_cache_bytes, matrix_tilings, output_tiling
+from np_jax.chip.array import Tiling
 
 Params = dict[str, Any]
 
-LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+LINEARS = LAYER_MATRICES
 # Activation quantization points of one layer: parameter path -> policy role (minus "layers.i.").
 ACT_STEPS = {
     ("attn", "s_x"): "attn.x", ("attn", "s_q"): "attn.qk.q", ("attn", "s_k"): "attn.kv",
@@ -55,16 +57,22 @@ class ModelInputError(ValueError):
 
 @dataclass(frozen=True)
 class Precision:
-    """The policy resolved for one model: uniform over layers (required by the layer scan)."""
+    """The policy resolved for one model: uniform over layers (required by the layer scan), the
+    tilings of its matrices on the core array (the mapping's objects; "lm_head" for the output
+    layer), and an optional override of the vector-unit dtype (calibration runs in float32)."""
 
     policy: PrecisionPolicy
-    compute_dtype: Any = None  # override of the vector-unit dtype (calibration runs in float32)
+    compute_dtype: Any = None
+    tilings: tuple[tuple[str, Tiling], ...] = ()
 
     def layer(self, role: str) -> TensorQuant:
-        return self.policy(f"layers.0.{role}")
+        return self.policy.layer(role)
 
     def head(self, role: str) -> TensorQuant:
-        return self.policy(f"lm_head.{role}")
+        return self.policy.output(role)
+
+    def tiling(self, name: str) -> Tiling | None:
+        return dict(self.tilings).get(name)
 
     @property
     def dtype(self):
@@ -76,20 +84,25 @@ class Precision:
     def kv(self) -> TensorQuant:
         return self.layer("attn.kv")
 
-    def check_uniform(self, n_layers: int) -> None:
-        roles = [f"attn.{n}.w" for n in "qkvo"] + ["mlp.gate.w", "mlp.up.w", "mlp.down.w"] + sorted(set(ACT_STEPS.values()))
-        for i in range(1, n_layers):
-            for r in roles:
-                if self.policy(f"layers.{i}.{r}") != self.layer(r):
-                    raise ValueError(f"policy {self.policy.name!r} gives layer {i} a different {r} precision; "
-                                     "per-layer precision must be uniform")
+
+LAYER_ROLES = tuple(f"{m}.w" for m in LAYER_MATRICES)
 
 
-def resolve(policy: str | PrecisionPolicy, cfg: ModelConfig | None = None) -> Precision:
-    p = Precision(get_policy(policy))
+def model_tilings(cfg: ModelConfig) -> dict[str, Tiling]:
+    """The tilings the sequential model uses: every layer matrix and the whole output layer, by
+    the mapper's own rule (np_jax.appliance.mapping)."""
+    return matrix_tilings(cfg) | {"lm_head": output_tiling(cfg, 1)}
+
+
+def resolve(policy: str | PrecisionPolicy | Precision, cfg: ModelConfig | None = None,
+            tilings: dict[str, Tiling] | None = None) -> Precision:
+    if isinstance(policy, Precision):
+        return policy
+    p = get_policy(policy)
     if cfg is not None:
-        p.check_uniform(cfg.n_layers)
-    return p
+        p.check_uniform(cfg.n_layers, LAYER_ROLES + tuple(sorted(set(ACT_STEPS.values()))))
+    t = tilings if tilings is not None else (model_tilings(cfg) if cfg is not None else {})
+    return Precision(p, tilings=tuple(sorted(t.items())))
 
 
 # --- parameters ------------------------------------------------------------------------------------
@@ -191,27 +204,28 @@ class _Calib:
             self.steps[path] = self.init(v, TensorQuant(tq.bits, tq.signed))
 
 
-def _lin(x, p, sx, x_tq, w_tq, dtype, calib, path):
+def _lin(x, p, sx, x_tq, w_tq, dtype, calib, path, tiling=None):
     if calib is not None:
         calib.see(path, x, x_tq)
         x_tq = w_tq = quant.FLOAT
-    return qlayers.linear(x, {**p, "s_x": sx}, x_tq, w_tq, dtype=dtype)
+    return qlayers.linear(x, {**p, "s_x": sx}, x_tq, w_tq, dtype=dtype, tiling=tiling)
 
 
-def _layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, calib: _Calib | None):
-    """One transformer layer. `kv` is None (attend within the chunk) or (k_BxSxKxE, v_BxSxKxE) cache codes."""
+def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, calib: _Calib | None = None):
+    """One transformer layer (one layer's slice of the stacked parameters). `kv` is None (attend
+    within the chunk) or (k_BxSxKvxE, v_BxSxKvxE) cache codes; returns (x, new kv or None)."""
     dtype = prec.dtype
     B, L, _ = x_BxLxD.shape
     H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     G = H // K
     at, ml = lp["attn"], lp["mlp"]
-    r = prec.layer
+    r, tl = prec.layer, prec.tiling
     quantized = calib is None and not any(r(x).is_float for x in ("attn.qk.q", "attn.kv", "attn.probs"))
 
     h = vu.rmsnorm(x_BxLxD, lp["attn_norm"], cfg.rms_eps, dtype)
-    q = _lin(h, at["q"], at["s_x"], r("attn.x"), r("attn.q.w"), dtype, calib, ("attn", "s_x"))
-    k = _lin(h, at["k"], at["s_x"], r("attn.x"), r("attn.k.w"), dtype, calib, ("attn", "s_x"))
-    v = _lin(h, at["v"], at["s_x"], r("attn.x"), r("attn.v.w"), dtype, calib, ("attn", "s_x"))
+    q = _lin(h, at["q"], at["s_x"], r("attn.x"), r("attn.q.w"), dtype, calib, ("attn", "s_x"), tl("attn.q"))
+    k = _lin(h, at["k"], at["s_x"], r("attn.x"), r("attn.k.w"), dtype, calib, ("attn", "s_x"), tl("attn.k"))
+    v = _lin(h, at["v"], at["s_x"], r("attn.x"), r("attn.v.w"), dtype, calib, ("attn", "s_x"), tl("attn.v"))
     q = rope(q.reshape(B, L, H, E), pos_BxL, cfg.rope_theta)
     k = rope(k.reshape(B, L, K, E), pos_BxL, cfg.rope_theta)
     v = v.reshape(B, L, K, E)
@@ -265,12 +279,13 @@ def _layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, 
     else:
         o = jnp.einsum("bklt,bkte->bkle", probs.astype(jnp.float32), vals.astype(jnp.float32)).astype(dtype)
     o = o.reshape(B, K, G, L, E).transpose(0, 3, 1, 2, 4).reshape(B, L, H * E)
-    o = _lin(o, at["o"], at["o"]["s_x"], r("attn.o.x"), r("attn.o.w"), dtype, calib, ("attn", "o", "s_x"))
+    o = _lin(o, at["o"], at["o"]["s_x"], r("attn.o.x"), r("attn.o.w"), dtype, calib, ("attn", "o", "s_x"),
+             tl("attn.o"))
     x = (x_BxLxD + o).astype(dtype)
 
     h = vu.rmsnorm(x, lp["mlp_norm"], cfg.rms_eps, dtype)
-    g = _lin(h, ml["gate"], ml["s_x"], r("mlp.x"), r("mlp.gate.w"), dtype, calib, ("mlp", "s_x"))
-    u = _lin(h, ml["up"], ml["s_x"], r("mlp.x"), r("mlp.up.w"), dtype, calib, ("mlp", "s_x"))
+    g = _lin(h, ml["gate"], ml["s_x"], r("mlp.x"), r("mlp.gate.w"), dtype, calib, ("mlp", "s_x"), tl("mlp.gate"))
+    u = _lin(h, ml["up"], ml["s_x"], r("mlp.x"), r("mlp.up.w"), dtype, calib, ("mlp", "s_x"), tl("mlp.up"))
     silu_tq = r("mlp.silu")
     if calib is not None:
         calib.see(("mlp", "s_in"), g, silu_tq)
@@ -281,7 +296,8 @@ def _layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, 
     if calib is not None:
         calib.see(("mlp", "s_out"), a, silu_tq)
     m = (a.astype(dtype) * u.astype(dtype)).astype(dtype)
-    m = _lin(m, ml["down"], ml["down"]["s_x"], r("mlp.down.x"), r("mlp.down.w"), dtype, calib, ("mlp", "down", "s_x"))
+    m = _lin(m, ml["down"], ml["down"]["s_x"], r("mlp.down.x"), r("mlp.down.w"), dtype, calib, ("mlp", "down", "s_x"),
+             tl("mlp.down"))
     x = (x + m).astype(dtype)
     return x, (None if kv is None else (k_new, v_new))
 
@@ -300,25 +316,40 @@ def embed(params: Params, tokens_BxL: jax.Array, prec: Precision) -> jax.Array:
 
 
 def head(params: Params, x_BxLxD: jax.Array, cfg: ModelConfig, prec: Precision, calib: _Calib | None = None) -> jax.Array:
-    """Final norm and output layer: float32 logits [B, L, V]."""
+    """Final norm and output layer: float32 logits [B, L, V]. `params` needs "final_norm" and
+    "lm_head" (and "embed" for a tied training-form output layer); an output-layer card passes its
+    vocabulary slice as "lm_head" (and `prec` carries the slice's tiling)."""
     h = vu.rmsnorm(x_BxLxD, params["final_norm"], cfg.rms_eps, prec.dtype)
     lh = params["lm_head"]
     p = dict(lh) if "tw" in lh else {**lh, "w": lm_head_weight(params)}
     if calib is not None:
         calib.see(("lm_head", "s_x"), h, prec.head("x"))
         return _lin(h, p, lh["s_x"], quant.FLOAT, quant.FLOAT, jnp.float32, None, None)
-    return qlayers.linear(h, p, prec.head("x"), prec.head("w"), dtype=prec.dtype).astype(jnp.float32)
+    return qlayers.linear(h, p, prec.head("x"), prec.head("w"), dtype=prec.dtype,
+                          tiling=prec.tiling("lm_head")).astype(jnp.float32)
 
 
-def run_layers(layers: Params, x_BxLxD, pos_BxL, cache: dict | None, cfg: ModelConfig, prec: Precision):
-    """Scan the stacked layers; returns (x, new cache or None)."""
+def run_layers(layers: Params, x_BxLxD, pos_BxL, cache: dict | None, cfg: ModelConfig, prec: Precision,
+               n_valid=None):
+    """Scan the stacked layers; returns (x, new cache or None).
+
+    `n_valid` (traced int): only the first n_valid layers run, the rest pass the activation and
+    their cache through unchanged (a card holding fewer layers than the stack's slots).
+    """
     def body(x, xs):
-        lp, kv = xs
-        x, kv_new = _layer(lp, x, pos_BxL, kv, cfg, prec, None)
-        return x, kv_new
+        i, lp, kv = xs
+
+        def run(x, kv):
+            y, kv_new = layer(lp, x, pos_BxL, kv, cfg, prec, None)
+            return y.astype(x.dtype), kv_new
+
+        if n_valid is None:
+            return run(x, kv)
+        return jax.lax.cond(i < n_valid, run, lambda x, kv: (x, kv), x, kv)
 
     kv = None if cache is None else (cache["k"], cache["v"])
-    x, kv_new = jax.lax.scan(body, x_BxLxD, (layers, kv))
+    n = jax.tree.leaves(layers)[0].shape[0]
+    x, kv_new = jax.lax.scan(body, x_BxLxD, (jnp.arange(n), layers, kv))
     return x, (None if cache is None else {"k": kv_new[0], "v": kv_new[1]})
 
 
@@ -350,7 +381,7 @@ def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, m
         return params
     check_tokens(tokens_BxL, cfg)
     fprec = resolve("float")
-    prec = Precision(prec.policy, jnp.float32)
+    prec = Precision(prec.policy, jnp.float32, prec.tilings)
 
     @jax.jit
     def collect(params, tokens):
@@ -360,7 +391,7 @@ def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, m
         def body(x, lp):
             calib = _Calib(method)
             # quantization roles from the real policy, arithmetic in float
-            x_new, _ = _layer(lp, x, pos, None, cfg, prec, calib)
+            x_new, _ = layer(lp, x, pos, None, cfg, prec, calib)
             return x_new.astype(jnp.float32), calib.steps
 
         x, steps = jax.lax.scan(body, embed(params, tokens, fprec), params["layers"])
@@ -380,9 +411,10 @@ def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, m
 
 # --- serving -------------------------------------------------------------------------------------
 
-def prepare_serving(params: Params, cfg: ModelConfig, policy) -> Params:
-    """Quantize and tile every linear layer once (the chip's resident weights)."""
-    prec = resolve(policy, cfg)
+def prepare_serving(params: Params, cfg: ModelConfig, policy, tilings: dict[str, Tiling] | None = None) -> Params:
+    """Quantize and tile every linear layer once (the chip's resident weights), with the tilings
+    of a mapping (default: `model_tilings`, the mapper's rule for the sequential model)."""
+    prec = resolve(policy, cfg, tilings)
     if prec.policy.is_float:
         return params
     lay = params["layers"]
@@ -392,30 +424,32 @@ def prepare_serving(params: Params, cfg: ModelConfig, policy) -> Params:
         p = lay[blk][lin]
         for key in ("s_w",) + (("s_x",) if "s_x" in p else ()):
             quant.check_step(p[key])
-        served = jax.vmap(lambda p: qlayers.prepare_linear({**p, "s_x": jnp.float32(1.0)}, tq))(p)
+        t = prec.tiling(name)
+        served = jax.vmap(lambda p: qlayers.prepare_linear({**p, "s_x": jnp.float32(1.0)}, tq, tiling=t))(p)
         served = {k: v for k, v in served.items() if k != "s_x"} | ({"s_x": p["s_x"]} if "s_x" in p else {})
         lay = _set(lay, (blk, lin), served)
     for path in ACT_STEPS:
         quant.check_step(_get(lay, path))
     lh = {**params["lm_head"], "w": lm_head_weight(params)}
-    out = {**params, "layers": lay, "lm_head": qlayers.prepare_linear(lh, prec.head("w"), name="lm_head")}
+    out = {**params, "layers": lay,
+           "lm_head": qlayers.prepare_linear(lh, prec.head("w"), tiling=prec.tiling("lm_head"), name="lm_head")}
     return out
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, policy) -> dict:
-    """An empty KV cache for `batch` users and `length` positions at the policy's width."""
+def init_cache(cfg: ModelConfig, batch: int, length: int, policy, layers: int | None = None, xp=jnp) -> dict:
+    """An empty KV cache {"k", "v": [layers, batch, length, Kv, E]} at the policy's width (int8-held
+    codes; float32 for a float cache); `layers` defaults to all of them, `xp` to jax.numpy."""
     if length > cfg.max_seq_len:
         raise ModelInputError(f"a cache of {length} positions exceeds the context of {cfg.max_seq_len}")
     prec = resolve(policy, cfg)
-    dt = jnp.float32 if prec.kv.is_float else jnp.int8
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    dt = np.float32 if prec.kv.is_float else np.int8
+    shape = (cfg.n_layers if layers is None else layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": xp.zeros(shape, dt), "v": xp.zeros(shape, dt)}
 
 
-def kv_cache_bytes(cfg: ModelConfig, users: int, context: int, bits: int | None, layers: int | None = None) -> int:
-    """Bytes of KV cache for `users` x `context` positions (packed at `bits`; float: float32 as the emulator stores it)."""
-    n = (cfg.n_layers if layers is None else layers) * users * context * 2 * cfg.kv_dim
-    return 4 * n if bits is None else stored_bytes(n, bits)
+def cache_bytes(cfg: ModelConfig, users: int, context: int, policy) -> int:
+    """Bytes of the whole model's KV cache (np_jax.appliance.mapping.kv_cache_bytes, at the policy's width)."""
+    return kv_cache_bytes(users, context, cfg.kv_dim, resolve(policy).kv.bits, layers=cfg.n_layers)
 
 
 def step(params: Params, tokens_BxL: jax.Array, positions_BxL: jax.Array, cache: dict, cfg: ModelConfig,
@@ -451,8 +485,11 @@ def init_serving_random(cfg: ModelConfig | str, key: jax.Array, policy="w4a4") -
         u = jax.random.bits(k, shape, jnp.uint8) >> (8 - tq.bits)
         return (u.astype(jnp.int16) - tq.q_n).astype(jnp.int8)
 
-    def served(k, k_in, k_out, tq, bias):
-        per_layer = jax.jit(lambda k: tile_weights(codes(k, (k_in, k_out), tq), bits=tq.bits, signed=tq.signed))
+    def served(k, name, tq, bias):
+        k_in, k_out = cfg.layer_matrices()[name]
+        t = prec.tiling(name)
+        per_layer = jax.jit(lambda k: tile_weights(codes(k, (k_in, k_out), tq), bits=tq.bits, signed=tq.signed,
+                                                   tiling=t))
         tws = [per_layer(kk) for kk in jax.random.split(k, n)]
         tw = jax.tree.map(lambda *xs: jnp.stack(xs), *tws)
         p = {"tw": tw, "s_w": jnp.full((n, k_out), 1.0 / (tq.q_p * math.sqrt(k_in)), jnp.float32)}
@@ -468,12 +505,12 @@ def init_serving_random(cfg: ModelConfig | str, key: jax.Array, policy="w4a4") -
                  "mlp": {"s_x": act("mlp.x"), "s_in": act("mlp.silu"), "s_out": act("mlp.silu")}}
     for name in LINEARS:
         blk, lin = name.split(".")
-        k_in, k_out = cfg.layer_matrices()[name]
-        lay[blk][lin] = served(next(keys), k_in, k_out, prec.layer(f"{name}.w"), cfg.attn_bias if blk == "attn" else cfg.mlp_bias)
+        lay[blk][lin] = served(next(keys), name, prec.layer(f"{name}.w"), cfg.attn_bias if blk == "attn" else cfg.mlp_bias)
     lay["attn"]["o"]["s_x"] = act("attn.o.x")
     lay["mlp"]["down"]["s_x"] = act("mlp.down.x")
     htq = prec.head("w")
-    head_codes = jax.jit(lambda k: tile_weights(codes(k, (d, cfg.vocab_size), htq), bits=htq.bits, signed=htq.signed))
+    head_codes = jax.jit(lambda k: tile_weights(codes(k, (d, cfg.vocab_size), htq), bits=htq.bits, signed=htq.signed,
+                                                tiling=prec.tiling("lm_head")))
     lm_head = {"tw": head_codes(next(keys)), "s_w": jnp.full((cfg.vocab_size,), 1.0 / (htq.q_p * math.sqrt(d)), jnp.float32),
                "s_x": jnp.float32(4.0 / prec.head("x").q_p)}
     embed_ = (0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d))).astype(jnp.float16)

@@ -1,17 +1,24 @@
 """The `np-jax` command line.
 
-np_jax's own subcommands live here; packages built on np_jax (such as `models`, which adds
-`run`) contribute theirs through the `np_jax.commands` entry-point group: each entry point
-is a function `register(subparsers)` that adds one or more subcommands whose parsers set
-`func`. np_jax itself never imports them by name.
+Subcommands come from the `np_jax.commands` entry-point group: each entry point is a function
+`register(subparsers)` that adds one or more subcommands whose parsers set `func`. np_jax's own
+(`spec`, `map`, `perf`, `dse`, `plan`, in np_jax.commands) are registered the same way as those
+of packages built on np_jax (such as `models`, which adds `run`, `train` and `eval`). Named model
+shapes come from the `np_jax.models` entry-point group (a function returning {name: shape}), so
+np_jax never imports a model package by name.
+
+Every user-facing error is one line on stderr, `np-jax <command>: error: ...`, with exit status
+2; Ctrl-C prints one line and exits with 130; a closed stdout (`np-jax map | head -1`) ends the
+command quietly, as a Unix tool does.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 DESCRIPTION = """\
 np_jax: a JAX functional emulator of IBM's NorthPole neural-inference chip and of its
@@ -21,34 +28,47 @@ real appliance's speed and efficiency, and trains the quantized model with the s
 
 EPILOG = """\
 examples:
-  np-jax run                          SmolLM2-135M, w4a4, a default code prompt
+  np-jax run                          SmolLM2-135M, a default code prompt, 16 emulated cards
   np-jax run --prompt 'def quicksort(a):' --new-tokens 64 --json
+  np-jax map --model granite-3b-northpole   the published mapping: cards, cores, bytes
+  np-jax perf                         the published run's predicted Table I
   np-jax spec --json                  every hardware figure with its source
 """
 
 
-def _spec(args) -> int:
-    from np_jax.spec import APPLIANCE, NORTHPOLE, PUBLISHED_RUN, sources
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults appended to each flag's help (once: not where the help already says it)."""
 
-    data = {"chip": sources(NORTHPOLE), "appliance": {k: v for k, v in sources(APPLIANCE).items() if k != "chip"},
-            "published_run": sources(PUBLISHED_RUN),
-            "derived": {"n_cores": NORTHPOLE.n_cores, "core_array_sram_bytes": NORTHPOLE.core_array_sram_bytes,
-                        "peak_tops": {f"int{b}": NORTHPOLE.peak_ops_s(b) / 1e12 for b in (8, 4, 2)},
-                        "pcie_bytes_s_per_direction": APPLIANCE.pcie_bytes_s, "appliance_power_w": APPLIANCE.power_w}}
-    if args.json:
-        print(json.dumps(data, indent=2, default=str))
-        return 0
-    for section in ("chip", "appliance", "published_run"):
-        print(f"[{section}]")
-        for name, f in data[section].items():
-            note = f"  ({f['note']})" if f["note"] else ""
-            print(f"  {name:<34} {f['value']!s:<44} {f['source']}{note}")
-    d = data["derived"]
-    print("[derived]")
-    print(f"  cores {d['n_cores']}, core SRAM {d['core_array_sram_bytes'] / 2**20:.0f} MiB, peak TOPS "
-          + ", ".join(f"{k.upper()} {v:.1f}" for k, v in d["peak_tops"].items())
-          + f", PCIe {d['pcie_bytes_s_per_direction'] / 1e9:.2f} GB/s/direction, appliance {d['appliance_power_w']:.0f} W")
-    return 0
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default:" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def model_shapes() -> dict:
+    """Named model shapes contributed by installed packages (entry-point group `np_jax.models`)."""
+    out: dict = {}
+    for ep in sorted(entry_points(group="np_jax.models"), key=lambda e: e.name):
+        out.update(ep.load()())
+    return out
+
+
+def get_shape(name: str):
+    """The named model shape (any object with np_jax.appliance.mapping.DecoderShape's attributes)."""
+    shapes = model_shapes()
+    if name not in shapes:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(shapes) or '(none installed)'}")
+    return shapes[name]
+
+
+def positive(name: str, value, *, upper: int | None = None, why: str = "") -> int:
+    """`value` as an int in [1, upper], else ValueError naming the flag (and the bound's reason)."""
+    if value is None or int(value) < 1:
+        raise ValueError(f"--{name} must be >= 1, got {value}")
+    if upper is not None and int(value) > upper:
+        raise ValueError(f"--{name} {value} is above the limit of {upper:,}" + (f" ({why})" if why else ""))
+    return int(value)
 
 
 def add_process_arguments(parser) -> None:
@@ -61,20 +81,38 @@ def add_process_arguments(parser) -> None:
                         help="multi-process run: this process's index (or JAX_PROCESS_ID)")
 
 
+def add_mapping_arguments(parser, *, users: int | None, cards: int = 16) -> None:
+    """The flags that choose a mapping, shared by `map`, `perf` and `run`."""
+    parser.add_argument("--users", type=int, default=users, help="users N (the mini-batch)")
+    parser.add_argument("--cards", type=int, default=cards, help="cards in the appliance")
+    parser.add_argument("--micro-batches", type=int, default=None,
+                        help="micro-batches M (default: the count with the best predicted throughput)")
+    parser.add_argument("--output-cards", "--head-cards", dest="output_cards", type=int, default=None,
+                        help="cards for the output layer (default: the count with the best predicted throughput, "
+                             "at least the fewest that fit)")
+    parser.add_argument("--max-latency-ms", type=float, default=None,
+                        help="choose the mapping with the best predicted throughput within this latency (ms/token)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="np-jax", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="np-jax", description=DESCRIPTION, epilog=EPILOG, formatter_class=Formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("spec", help="print the chip and appliance specification with sources",
-                       description="Every NorthPole and appliance figure np_jax uses, with its source.")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_spec)
     for ep in sorted(entry_points(group="np_jax.commands"), key=lambda e: e.name):
         ep.load()(sub)
     return parser
 
 
+def cache_dir() -> Path:
+    """np_jax's cache folder: $NP_JAX_CACHE, else $XDG_CACHE_HOME/np_jax (default ~/.cache/np_jax)."""
+    if os.environ.get("NP_JAX_CACHE"):
+        return Path(os.environ["NP_JAX_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "np_jax"
+
+
 def main(argv: list[str] | None = None) -> int:
+    # JAX's persistent compilation cache makes a command's second run start in seconds (it stores
+    # compiled executables only: results are unchanged). An explicit JAX setting wins.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -82,8 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"np-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a Unix tool does
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
     except (ValueError, MemoryError, OSError, KeyError, RuntimeError) as e:  # user-facing errors: one clear line
-        print(f"np-jax {args.command}: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split()) if str(e).strip() else type(e).__name__
+        print(f"np-jax {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

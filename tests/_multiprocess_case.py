@@ -18,22 +18,24 @@ def compute() -> dict:
     import numpy as np
 
     from models import llama
-    from models.appliance import ApplianceGenerator, CardLayout, build_cards, card_programs
+    from models.appliance import Appliance, build_cards, card_programs
     from models.config import get_config
-    from np_jax.runtime import ApplianceRuntime
+    from models.generate import Generator
+    from np_jax.appliance.mapping import map_model
+    from np_jax.appliance.runtime import ApplianceRuntime
 
     cfg = get_config("tiny")
     params = llama.init_params(cfg, jax.random.key(0))
     params = llama.calibrate(params, jnp.asarray(np.arange(64).reshape(2, 32) % cfg.vocab_size), cfg, "w4a4")
     serving = llama.prepare_serving(params, cfg, "w4a4")
-    layout = CardLayout.simple(cfg, 16, micro_batches=2, head_cards=2)
+    mapping = map_model(cfg, "w4a4", users=4, context=32, cards=16, micro_batches=2, output_cards=2, strict=False)
     prompts = [[5, 9, 11], [7] * 9, [3, 1, 4, 1, 5, 9, 2, 6], [100, 200]]
-    gen = ApplianceGenerator(serving, cfg, "w4a4", layout, users=4, cache_len=32, devices=16)
+    gen = Generator(backend=Appliance(serving, cfg, "w4a4", mapping, cache_len=32, devices=16))
     tokens = gen.generate(prompts, 6).tokens
 
-    layer_fn, head_fn = card_programs(cfg, "w4a4", result="logits")
+    layer_fn, head_fn = card_programs(cfg, "w4a4", mapping, result="logits")
     state = {k: np.zeros((16, 1, 4, 16, cfg.n_kv_heads, cfg.head_dim), np.int8) for k in ("k", "v")}
-    rt = ApplianceRuntime(layout.schedule, layer_fn, head_fn, build_cards(serving, cfg, "w4a4", layout), state,
+    rt = ApplianceRuntime(mapping.schedule, layer_fn, head_fn, build_cards(serving, cfg, "w4a4", mapping), state,
                           devices=16, user_axis=1)
     toks = np.arange(32).reshape(4, 8) * 7 % cfg.vocab_size
     x = llama.embed(serving, jnp.asarray(toks), llama.resolve("w4a4")).reshape(2, 2, 8, -1)
@@ -56,11 +58,12 @@ def train_case(out: str) -> dict:
     import numpy as np
 
     from models import train
+    from np_jax.appliance.distributed import to_host
 
     quiet = dict(progress=False, log=lambda s: None)
     first = train.train(train_config(out), stop_after=2, **quiet)
     res = train.train(train_config(out), **quiet)
-    leaves = {"/".join(str(k) for k in path): train.to_host(x)
+    leaves = {"/".join(str(k) for k in path): to_host(x)
               for path, x in __import__("jax").tree_util.tree_flatten_with_path(res.params)[0]}
     return {"resumed_from": res.resumed_from, "first_losses": np.array([m["loss"] for m in first.metrics]),
             "losses": np.array([m["loss"] for m in res.metrics]), **{"param:" + k: v for k, v in leaves.items()}}
@@ -72,7 +75,7 @@ def main(port: str, process_id: str, out: str, train_dir: str) -> None:
     jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
 
-    from np_jax.distributed import initialize
+    from np_jax.appliance.distributed import initialize
 
     initialize(f"127.0.0.1:{port}", 2, int(process_id), timeout_s=60, heartbeat_s=20)
     res = compute()

@@ -6,14 +6,21 @@ import numpy as np
 import pytest
 
 from models import llama
-from models.appliance import ApplianceGenerator, CardLayout, build_cards, card_programs, combine_greedy
+from models.appliance import Appliance, build_cards, card_programs, combine_greedy
 from models.config import get_config
 from models.generate import Generator
-from np_jax.mapping import map_model, plot_card
-from np_jax.memory import CoreMemoryError
-from np_jax.pipeline import Schedule, card_mesh, run_pipeline
+from np_jax.appliance.mapping import CardPlan, Mapping, map_model, output_tiling
+from np_jax.appliance.pipeline import Schedule, card_mesh, run_pipeline
+from np_jax.chip.memory import CoreMemoryError
+from np_jax.plots import plot_card
 
 CFG = get_config("tiny")
+
+
+def layout(cards, micro_batches, output_cards, users=4, context=16):
+    """Near-equal layer blocks, the vocabulary over `output_cards` cards, the rest idle (the mapper's rules)."""
+    return map_model(CFG, "w4a4", users=users, context=context, cards=cards, micro_batches=micro_batches,
+                     output_cards=output_cards, strict=False)
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +35,10 @@ def model():
 def test_published_mapping_fits_and_8bit_kv_does_not():
     cfg = get_config("granite-3b-northpole")
     m = map_model(cfg, "w4a4", users=28, context=2048)
-    assert m.fits and len(m.layer_cards) == 14 and len(m.head_cards) == 2
+    assert m.fits and len(m.layer_cards) == 14 and len(m.output_cards) == 2
     assert (m.micro_batches, m.micro_batch_size) == (14, 2)
     assert all(c.layers == (i,) for i, c in enumerate(m.layer_cards))
-    assert [c.vocab_slice for c in m.head_cards] == [(0, 24576), (24576, 49152)]
+    assert [c.vocab_slice for c in m.output_cards] == [(0, 24576), (24576, 49152)]
     s = m.cards[0].summary()
     assert s["weights_bytes"] >= 218_103_808 // 2 and s["kv_cache_bytes"] == 28 * 2048 * 2 * 1024 // 2
     assert s["fullest_core_bytes"] <= s["core_capacity_bytes"]
@@ -45,7 +52,7 @@ def test_published_mapping_fits_and_8bit_kv_does_not():
 def test_mapping_layers_per_card_and_errors():
     m = map_model(get_config("smollm2-135m"), "w4a4", users=4, context=512)
     assert m.fits and sum(len(c.layers) for c in m.layer_cards) == 30
-    assert sorted({c.role for c in m.cards}) == ["head", "layers"]
+    assert sorted({c.role for c in m.cards}) == ["layers", "output"]
     with pytest.raises(ValueError, match="at least one card"):
         map_model(CFG, "w4a4", users=2, context=16, cards=0)
     with pytest.raises(ValueError, match="equal micro-batches"):
@@ -83,27 +90,27 @@ def _sequential_logits(serving, toks, cache_len):
 @pytest.mark.parametrize("devices", [16, 1])
 def test_pipelined_prefill_and_decode_equal_sequential_bits(model, devices):
     _, serving = model
-    layout = CardLayout.simple(CFG, 16, micro_batches=2, head_cards=2)
-    layer_fn, head_fn = card_programs(CFG, "w4a4", result="logits")
-    cards = build_cards(serving, CFG, "w4a4", layout)
+    mapping = layout(16, 2, 2)
+    layer_fn, head_fn = card_programs(CFG, "w4a4", mapping, result="logits")
+    cards = build_cards(serving, CFG, "w4a4", mapping)
     users, L, S = 4, 8, 16
     state = {k: jnp.zeros((16, 1, users, S, CFG.n_kv_heads, CFG.head_dim), jnp.int8) for k in ("k", "v")}
     toks = jax.random.randint(jax.random.key(7), (users, L + 3), 0, CFG.vocab_size)
     mesh = card_mesh(devices)
-    run = jax.jit(lambda c, x, a, s: run_pipeline(layout.schedule, mesh, layer_fn, head_fn, c, x, a, s, user_axis=1))
+    run = jax.jit(lambda c, x, a, s: run_pipeline(mapping.schedule, mesh, layer_fn, head_fn, c, x, a, s, user_axis=1))
     x = llama.embed(serving, toks[:, :L], llama.resolve("w4a4")).reshape(2, 2, L, -1)
     res, state = run(cards, x, {"pos": jnp.broadcast_to(jnp.arange(L), (2, 2, L))}, state)
     ref, ref_cache = _sequential_logits(serving, toks[:, :L], S)
-    got = jnp.concatenate([res[c] for c in layout.schedule.head_cards], -1).reshape(users, L, -1)
+    got = jnp.concatenate([res[c] for c in mapping.schedule.output_cards], -1).reshape(users, L, -1)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     for t in range(L, L + 3):  # decode steps, each user at its own position
         x = llama.embed(serving, toks[:, t:t + 1], llama.resolve("w4a4")).reshape(2, 2, 1, -1)
         res, state = run(cards, x, {"pos": jnp.full((2, 2, 1), t)}, state)
         ref, ref_cache = llama.step(serving, toks[:, t:t + 1], jnp.full((users, 1), t), ref_cache, CFG, "w4a4")
-        got = jnp.concatenate([res[c] for c in layout.schedule.head_cards], -1).reshape(users, 1, -1)
+        got = jnp.concatenate([res[c] for c in mapping.schedule.output_cards], -1).reshape(users, 1, -1)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     # the cards' KV caches hold exactly the sequential cache
-    layer_cards = layout.schedule.layer_cards
+    layer_cards = mapping.schedule.layer_cards
     np.testing.assert_array_equal(np.asarray(state["k"])[layer_cards][:, 0],
                                   np.asarray(ref_cache["k"]))
 
@@ -114,8 +121,8 @@ def test_appliance_generation_equals_single_device_generation(model, cards, head
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (3, 11, 17, 5)]
     ref = Generator(params, CFG, "w4a4", cache_len=64, serving_params=serving).generate(prompts, 5).tokens
-    layout = CardLayout.simple(CFG, cards, micro_batches=2, head_cards=head_cards)
-    gen = ApplianceGenerator(serving, CFG, "w4a4", layout, users=4, cache_len=64, devices=devices)
+    mapping = layout(cards, 2, head_cards, context=64)
+    gen = Generator(backend=Appliance(serving, CFG, "w4a4", mapping, cache_len=64, devices=devices))
     res = gen.generate(prompts, 5)
     assert res.tokens == ref and res.timings["devices"] == devices
     frames = res.timings["frames"]
@@ -124,8 +131,8 @@ def test_appliance_generation_equals_single_device_generation(model, cards, head
 
 def test_gradients_through_the_pipeline_match_sequential(model):
     params, _ = model
-    layout = CardLayout.simple(CFG, 16, micro_batches=2, head_cards=2)
-    layer_fn, head_fn = card_programs(CFG, "w4a4", with_cache=False, result="logits")
+    mapping = layout(16, 2, 2)
+    layer_fn, head_fn = card_programs(CFG, "w4a4", mapping, with_cache=False, result="logits")
     toks = jax.random.randint(jax.random.key(9), (4, 9), 0, CFG.vocab_size)
     mesh = card_mesh(16)
     dummy = {"d": jnp.zeros((16, 4, 1))}
@@ -134,11 +141,11 @@ def test_gradients_through_the_pipeline_match_sequential(model):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, 1:, None], -1))
 
     def pipelined_loss(p):
-        cards = build_cards(p, CFG, "w4a4", layout)
+        cards = build_cards(p, CFG, "w4a4", mapping)
         x = llama.embed(p, toks[:, :-1], llama.resolve("w4a4")).reshape(2, 2, 8, -1)
-        res, _ = run_pipeline(layout.schedule, mesh, layer_fn, head_fn, cards, x,
+        res, _ = run_pipeline(mapping.schedule, mesh, layer_fn, head_fn, cards, x,
                               {"pos": jnp.broadcast_to(jnp.arange(8), (2, 2, 8))}, dummy)
-        return nll(jnp.concatenate([res[c] for c in layout.schedule.head_cards], -1).reshape(4, 8, -1))
+        return nll(jnp.concatenate([res[c] for c in mapping.schedule.output_cards], -1).reshape(4, 8, -1))
 
     seq_loss = lambda p: nll(llama.forward(p, toks[:, :-1], CFG, "w4a4"))
     lp, gp = jax.jit(jax.value_and_grad(pipelined_loss))(params)
@@ -154,13 +161,13 @@ def test_gradients_through_the_pipeline_match_sequential(model):
 
 
 def test_combine_greedy_breaks_ties_to_lower_vocabulary():
-    layout = CardLayout(("layers", "head", "head"), ((0,), (), ()), (None, (0, 4), (4, 8)), 1)
+    sched = Schedule(("layers", "output", "output"), 1)
     res = {"max": np.array([[[0.0, 0.0]], [[1.0, 2.0]], [[1.0, 3.0]]]), "arg": np.array([[[0, 0]], [[2, 3]], [[5, 7]]])}
-    np.testing.assert_array_equal(combine_greedy(res, layout), [2, 7])
+    np.testing.assert_array_equal(combine_greedy(res, sched), [2, 7])
 
 
 def test_schedule_validation():
     with pytest.raises(ValueError, match="output-layer"):
         Schedule(("layers", "layers"), 2)
-    s = Schedule(("layers", "layers", "head", "head"), 3)
+    s = Schedule(("layers", "layers", "output", "output"), 3)
     assert s.ticks == 3 + 3 - 1 and s.source_of(3) == 1 and s.depth_of(3) == 2

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from np_jax import core
-from np_jax.core import INT32_MAX, INT32_MIN
+from np_jax.chip import core
+from np_jax.chip.core import INT32_MAX, INT32_MIN
 
 bits_st = st.sampled_from(core.SUPPORTED_BITS)
 

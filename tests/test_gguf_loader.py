@@ -1,4 +1,4 @@
-"""Tests for models.gguf_loader: exact write/read round trip, Q/K layout, the real
+"""Tests for models.io.gguf: exact write/read round trip, Q/K layout, the real
 SmolLM2 file, and robustness against truncated / corrupted files (incl. fuzzing).
 
 Most tests use a tiny synthetic Llama (2 layers, d=64) written with gguf.GGUFWriter,
@@ -20,11 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.gguf_loader import (
+from models.config import ModelConfig
+from models.io.gguf import (
     GGUFError,
     GGUFModel,
     GGUFTokenizerData,
-    LlamaHParams,
     permute_qk,
     read_gguf,
     read_gguf_metadata,
@@ -68,14 +68,14 @@ def tiny_tokenizer_data() -> GGUFTokenizerData:
 
 
 TINY_TOK = tiny_tokenizer_data()
-TINY_HP = LlamaHParams(
-    n_layers=2, d_model=64, d_ff=128, n_heads=4, n_kv_heads=2, head_dim=16,
-    vocab_size=len(TINY_TOK.tokens), rope_theta=10000.0, rms_eps=1e-5, context_length=256,
+TINY_HP = ModelConfig(
+    "tiny-gguf", n_layers=2, d_model=64, d_ff=128, n_heads=4, n_kv_heads=2, head_dim=16,
+    vocab_size=len(TINY_TOK.tokens), rope_theta=10000.0, rms_eps=1e-5, max_seq_len=256,
     tied_embeddings=True,
 )
 
 
-def tiny_tensors(hp: LlamaHParams, seed: int = 0) -> dict[str, np.ndarray]:
+def tiny_tensors(hp: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Random float32 weights under the loader's standard names."""
     rng = np.random.default_rng(seed)
     d, f, v = hp.d_model, hp.d_ff, hp.vocab_size
@@ -95,7 +95,7 @@ def tiny_tensors(hp: LlamaHParams, seed: int = 0) -> dict[str, np.ndarray]:
     return {k: a.astype(np.float32) for k, a in t.items()}
 
 
-def write_tiny(path: pathlib.Path, hp: LlamaHParams = TINY_HP, tensors: dict | None = None,
+def write_tiny(path: pathlib.Path, hp: ModelConfig = TINY_HP, tensors: dict | None = None,
                matrix_type: Q = Q.Q4_1, embed_type: Q = Q.Q8_0) -> dict[str, np.ndarray]:
     tensors = tiny_tensors(hp) if tensors is None else tensors
     write_llama_gguf(path, hp, tensors, TINY_TOK, matrix_type=matrix_type, embed_type=embed_type)
@@ -166,7 +166,7 @@ def load_must_be_clean(path: pathlib.Path, max_peak_bytes: int) -> GGUFModel | N
     if model is not None:
         for name, arr in model.tensors.items():
             assert arr.dtype == np.float32 and np.isfinite(arr).all(), name
-        hp = model.hparams
+        hp = model.config
         assert model.tensors["embed"].shape == (hp.vocab_size, hp.d_model)
         assert len(model.tensors) == 2 + 9 * hp.n_layers + (0 if hp.tied_embeddings else 1)
     return model
@@ -181,10 +181,10 @@ def load_must_be_clean(path: pathlib.Path, max_peak_bytes: int) -> GGUFModel | N
     (Q.F16, Q.Q4_0, False),
 ])
 def test_write_read_round_trip_is_exact(tmp_path, matrix_type, embed_type, tied):
-    hp = LlamaHParams(**{**TINY_HP.__dict__, "tied_embeddings": tied})
+    hp = TINY_HP.replace(tied_embeddings=tied)
     src = write_tiny(tmp_path / "m.gguf", hp, tiny_tensors(hp, seed=1), matrix_type, embed_type)
     m = read_gguf(tmp_path / "m.gguf")
-    assert m.hparams == LlamaHParams(**{**hp.__dict__, "rms_eps": float(np.float32(hp.rms_eps))})
+    assert m.config == hp.replace(rms_eps=float(np.float32(hp.rms_eps)))
     assert m.tokenizer == TINY_TOK
     assert set(m.tensors) == set(src)
     for name, w in src.items():
@@ -279,9 +279,9 @@ def smollm2() -> GGUFModel:
 
 
 def test_real_smollm2_hparams_and_shapes(smollm2):
-    hp = smollm2.hparams
+    hp = smollm2.config
     assert (hp.n_layers, hp.d_model, hp.d_ff, hp.n_heads, hp.n_kv_heads, hp.head_dim) == (30, 576, 1536, 9, 3, 64)
-    assert (hp.vocab_size, hp.context_length, hp.tied_embeddings) == (49152, 8192, True)
+    assert (hp.vocab_size, hp.max_seq_len, hp.tied_embeddings) == (49152, 8192, True)
     assert hp.rope_theta == 1e5 and math.isclose(hp.rms_eps, 1e-5, rel_tol=1e-6)
     t = smollm2.tensors
     assert len(t) == 2 + 9 * 30 and "lm_head" not in t

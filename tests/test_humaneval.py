@@ -1,4 +1,4 @@
-"""HumanEval harness (models.humaneval): execution with time limits, pass@k, sampling, end to end."""
+"""HumanEval harness (models.evaluate.humaneval): execution with time limits, pass@k, sampling, end to end."""
 
 import itertools
 import math
@@ -7,10 +7,10 @@ import jax
 import pytest
 from hypothesis import given, strategies as st
 
-from models import humaneval as HE
+from models.evaluate import humaneval as HE
 from models import llama
 from models.config import get_config
-from models.data import ByteEncoder
+from models.train.data import ByteEncoder
 from models.generate import Generator
 
 CFG = get_config("tiny")

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from models import llama
 from models.config import CONFIGS, get_config
 from models.generate import Generator, bucket_length
+from np_jax.appliance.mapping import kv_cache_bytes
 
 CFG = get_config("tiny")
 
@@ -120,8 +121,8 @@ def test_bad_inputs_raise_clear_errors(params):
 def test_kv_cache_byte_accounting_matches_spec():
     cfg = CONFIGS["granite-3b-northpole"]
     # spec sec. 3: 28 users x 2048 positions x 2 x 1024 x 0.5 B = 58.7 MB per layer
-    assert llama.kv_cache_bytes(cfg, 28, 2048, 4, layers=1) == 28 * 2048 * 2 * 1024 // 2
-    assert llama.kv_cache_bytes(cfg, 28, 2048, 8, layers=1) == 2 * llama.kv_cache_bytes(cfg, 28, 2048, 4, layers=1)
+    assert kv_cache_bytes(28, 2048, cfg.kv_dim, 4, layers=1) == 28 * 2048 * 2 * 1024 // 2
+    assert kv_cache_bytes(28, 2048, cfg.kv_dim, 8, layers=1) == 2 * kv_cache_bytes(28, 2048, cfg.kv_dim, 4, layers=1)
     assert cfg.layer_params() == 218_103_808  # 218.1 M parameters per layer (spec sec. 3)
 
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from np_jax.distributed import DistributedError, settings_from_env
+from np_jax.appliance.distributed import DistributedError, settings_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 CASE = Path(__file__).resolve().parent / "_multiprocess_case.py"
@@ -122,7 +122,7 @@ def test_two_process_data_parallel_training_equals_one_device(two_process_run, t
 def test_unreachable_coordinator_fails_fast_with_a_clear_error():
     """A worker whose coordinator never appears gives up with a clear message, not a hang."""
     code = ("import jax; jax.config.update('jax_num_cpu_devices', 2)\n"
-            "from np_jax.distributed import initialize, DistributedError\n"
+            "from np_jax.appliance.distributed import initialize, DistributedError\n"
             "try:\n"
             f"    initialize('127.0.0.1:{_free_port()}', 2, 1, timeout_s=5)\n"
             "except DistributedError as e:\n"
@@ -136,7 +136,7 @@ def test_unreachable_coordinator_fails_fast_with_a_clear_error():
 def test_coordinator_without_peers_ends_in_bounded_time():
     """The coordinator of two processes started alone terminates (non-zero) instead of hanging."""
     code = ("import jax; jax.config.update('jax_num_cpu_devices', 2)\n"
-            "from np_jax.distributed import initialize\n"
+            "from np_jax.appliance.distributed import initialize\n"
             f"initialize('127.0.0.1:{_free_port()}', 2, 0, timeout_s=5)\n"
             "print('JOINED')\n")
     t0 = time.monotonic()

@@ -1,4 +1,4 @@
-"""Performance, energy and space model (np_jax.perf), design-space exploration (np_jax.dse),
+"""Performance, energy and space model (np_jax.cost), design-space exploration (np_jax.cost.dse),
 scale-out planner, and the `perf`/`dse`/`plan` commands."""
 
 import dataclasses
@@ -13,24 +13,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.config import get_config
-from np_jax import dse, perf
-from np_jax.array import Tiling, array_vmm_cost
-from np_jax.mapping import map_model
+from np_jax import cost
+from np_jax.cost import dse
+from np_jax.chip.array import Tiling, array_vmm_cost
+from np_jax.appliance.mapping import map_model
 from np_jax.spec import APPLIANCE, GPU_POINTS, PUBLISHED_RUN
 
 G3B = get_config("granite-3b-northpole")
-S3B = perf.ModelShape.from_decoder(G3B)
-EVAL = jax.jit(lambda d, w, b: perf.evaluate(d, w, b, S3B))
+S3B = cost.ModelShape.from_decoder(G3B)
+EVAL = jax.jit(lambda d, w, b: cost.evaluate(d, w, b, S3B))
 
 
 def ev(d=None, w=None, b=None):
-    return {k: float(v) for k, v in EVAL(d or perf.Design(), w or perf.Workload(), b or perf.Bits()).items()
+    return {k: float(v) for k, v in EVAL(d or cost.Design(), w or cost.Workload(), b or cost.Bits()).items()
             if jnp.ndim(v) == 0}
 
 
 @pytest.fixture(scope="module")
 def published():
-    return perf.predict(G3B, "w4a4")
+    return cost.predict(G3B, "w4a4")
 
 
 # --- formulas on hand-computed cases -------------------------------------------------------------
@@ -38,11 +39,11 @@ def published():
 def test_schedule_hand_computed():
     # 2 layer stages of 100 us (sum 200 us), output layer 50 us, PCIe 1 GB/s + 1 us, host 10 us,
     # frames 1000 B/token, logits 2000 B/token; N = 4 users in M = 2 micro-batches of 2.
-    d = perf.Design(pcie_bytes_s=1e9, pcie_latency_s=1e-6, host_s_per_microbatch=10e-6)
-    w = perf.Workload(users=4.0, micro_batches=2.0, prompt_tokens=8.0, gen_tokens=11.0, cards=3.0)
-    dec = perf.Stages(jnp.float32(200e-6), jnp.float32(100e-6), jnp.float32(50e-6))
-    pre = perf.Stages(jnp.float32(400e-6), jnp.float32(200e-6), jnp.float32(50e-6))
-    out = perf.schedule(d, w, n_stages=2.0, head_cards=1.0, dec=dec, pre=pre, chunk=4.0,
+    d = cost.Design(pcie_bytes_s=1e9, pcie_latency_s=1e-6, host_s_per_microbatch=10e-6)
+    w = cost.Workload(users=4.0, micro_batches=2.0, prompt_tokens=8.0, gen_tokens=11.0, cards=3.0)
+    dec = cost.Stages(jnp.float32(200e-6), jnp.float32(100e-6), jnp.float32(50e-6))
+    pre = cost.Stages(jnp.float32(400e-6), jnp.float32(200e-6), jnp.float32(50e-6))
+    out = cost.schedule(d, w, n_stages=2.0, output_cards=1.0, dec=dec, pre=pre, chunk=4.0,
                         frame_bytes_per_token=1000.0, logits_bytes_per_token=2000.0)
     # decode: hops host->c0, c0->c1 (2 x (2000 B / 1e9 + 1 us) = 6 us), c1->head (3 us),
     # logits back (4000 B: 5 us) + host 10 us -> R = 200 + 50 + 6 + 3 + 5 + 10 = 274 us;
@@ -60,15 +61,15 @@ def test_schedule_hand_computed():
     assert float(out["energy_tok_s_W"]) == pytest.approx(t_sys / 3 / 42.0, rel=1e-5)
     assert float(out["space_tok_s_per_transistor"]) == pytest.approx(t_sys / 3 / 22e9, rel=1e-4)
     # throughput-bound when M x busy exceeds the round trip
-    out = perf.schedule(d, w.replace(micro_batches=1.0, users=2.0), n_stages=2.0, head_cards=1.0,
-                        dec=perf.Stages(jnp.float32(200e-6), jnp.float32(100e-6), jnp.float32(50e-6)), pre=pre,
+    out = cost.schedule(d, w.replace(micro_batches=1.0, users=2.0), n_stages=2.0, output_cards=1.0,
+                        dec=cost.Stages(jnp.float32(200e-6), jnp.float32(100e-6), jnp.float32(50e-6)), pre=pre,
                         chunk=4.0, frame_bytes_per_token=1000.0, logits_bytes_per_token=2000.0)
     assert float(out["decode_throughput_bound"]) == 0.0
 
 
 def test_layer_vmm_counts_match_the_core_array_cost():
-    d = perf.Design()
-    ph = perf.layer_phases(S3B, perf.Bits(), d, b=2, mb=2, users=28, context=2048, t=1536)
+    d = cost.Design()
+    ph = cost.layer_phases(S3B, cost.Bits(), d, b=2, mb=2, users=28, context=2048, t=1536)
     qkv = sum(array_vmm_cost(2, Tiling(*G3B.layer_matrices()[m]), x_bits=4, w_bits=4).cycles
               for m in ("attn.q", "attn.k", "attn.v"))
     assert float(ph.vmm_cycles[1]) == pytest.approx(qkv)
@@ -84,76 +85,76 @@ def test_layer_vmm_counts_match_the_core_array_cost():
 
 def test_resident_bytes_match_the_mapping_ledger():
     m = map_model(G3B, "w4a4", users=28, context=2048)
-    ph = perf.layer_phases(S3B, perf.Bits(), perf.Design(), b=2, mb=2, users=28, context=2048, t=1536)
-    scratch = 2 * perf.scratch_bytes_per_token(S3B, perf.Bits(), perf.Design())
+    ph = cost.layer_phases(S3B, cost.Bits(), cost.Design(), b=2, mb=2, users=28, context=2048, t=1536)
+    scratch = 2 * cost.scratch_bytes_per_token(S3B, cost.Bits(), cost.Design())
     fullest = m.cards[0].memory.fullest_core()[1]
     assert float(jnp.sum(ph.resident_bytes) + scratch) == pytest.approx(fullest, abs=64)  # norms spread: <64 B apart
-    st_ = perf.mapping_structure(m)
-    assert (st_["n_stages"], st_["layers_max"], st_["head_cards"], st_["head_cols"]) == (14, 1, 2, 24576)
+    st_ = cost.mapping_structure(m)
+    assert (st_["n_stages"], st_["layers_max"], st_["output_cards"], st_["out_cols"]) == (14, 1, 2, 24576)
 
 
 @pytest.mark.parametrize("name,users", [("granite-3b-northpole", 28), ("smollm2-135m", 8), ("granite-3.3-8b", 4)])
 def test_relaxed_head_cards_match_the_mapper(name, users):
-    from np_jax.mapping import head_cards_needed
+    from np_jax.appliance.mapping import output_cards_needed
     from np_jax.quant import get_policy
 
     cfg = get_config(name)
     for prec in ("w4a4", "w8a8"):
-        h, cols, need = perf.head_cards_relaxed(perf.ModelShape.from_decoder(cfg), perf.Bits.from_policy(prec),
-                                                perf.Design(), 2.0)
-        assert int(h) == head_cards_needed(cfg, get_policy(prec), 2) and float(need) <= perf.Design().sram_per_core_bytes
+        h, cols, need = cost.output_cards_relaxed(cost.ModelShape.from_decoder(cfg), cost.Bits.from_policy(prec),
+                                                cost.Design(), 2.0)
+        assert int(h) == output_cards_needed(cfg, get_policy(prec), 2) and float(need) <= cost.Design().sram_per_core_bytes
 
 
 def test_reference_design_power_transistors_and_bits():
-    d = perf.Design()
+    d = cost.Design()
     assert float(d.transistors()) == pytest.approx(APPLIANCE.chip.transistors, rel=1e-6)
     assert float(d.power_w_per_card()) == pytest.approx(42.0, rel=1e-6)
     assert float(d.replace(clock_hz=800e6).power_w_per_card()) > 42.0
-    assert perf.Bits.from_policy("w4a4") == perf.Bits(4, 4, 4, 4, 8, 8)
-    assert perf.Bits.from_policy("a8c8w4") == perf.Bits(4, 8, 8, 8, 8, 8)
+    assert cost.Bits.from_policy("w4a4") == cost.Bits(4, 4, 4, 4, 8, 8)
+    assert cost.Bits.from_policy("a8c8w4") == cost.Bits(4, 8, 8, 8, 8, 8)
     with pytest.raises(ValueError, match="integers"):
-        perf.Bits.from_policy("float")
-    for name, f in perf.parameters().items():
+        cost.Bits.from_policy("float")
+    for name, f in cost.parameters().items():
         assert f["source"], name  # every parameter names its source
 
 
 def test_ceil_ste_and_pack_layer():
     x = jnp.float32(2.3)
-    assert float(perf.ceil_ste(x)) == 3.0 and float(perf.floor_ste(x)) == 2.0
-    assert float(jax.grad(perf.ceil_ste)(x)) == 1.0
+    assert float(cost.ceil_ste(x)) == 3.0 and float(cost.floor_ste(x)) == 2.0
+    assert float(jax.grad(cost.ceil_ste)(x)) == 1.0
     # phases of 60, 30, 50 bytes (work 6, 3, 10 cycles, latency 1) on cards of 70 bytes:
     # card 0: 60 + 10 of 30 (work 1), card 1: 20 of 30 (work 2) + 50 -> [6+1 + 1+1, 2+1 + 10+1]
-    assert perf.pack_layer([60, 30, 50], [6, 3, 10], 70, 1) == pytest.approx([9, 14])
+    assert cost.pack_layer([60, 30, 50], [6, 3, 10], 70, 1) == pytest.approx([9, 14])
 
 
 # --- the calibrated model against HPEC24 -----------------------------------------------------------
 
 def test_reproduces_the_published_northpole_row(published):
-    res = perf.published_comparison(published)
+    res = cost.published_comparison(published)
     assert set(res) == {"system_throughput_tok_s", "latency_ms", "energy_tok_s_W", "space_tok_s_per_1e9_transistors"}
     for k, r in res.items():
         assert abs(r["residual"]) < 0.02, (k, r)
     assert published["fits"] and published["cards"] == 16 and published["micro_batches"] == 14
     # the GPU ratios the paper states follow from the prediction (within their rounding)
-    for row in perf.gpu_table(published):
+    for row in cost.gpu_table(published):
         for key, stated in row["stated_ratios"].items():
             assert row[f"ratio_{key}"] == pytest.approx(stated, rel=0.05), (row["point"], key)
 
 
 def test_calibration_recovers_the_stored_parameter():
-    lat = perf.calibrate(G3B, iters=30)
-    assert lat == pytest.approx(perf.CALIBRATED_PHASE_LATENCY_CYCLES, rel=2e-3)
+    lat = cost.calibrate(G3B, iters=30)
+    assert lat == pytest.approx(cost.CALIBRATED_PHASE_LATENCY_CYCLES, rel=2e-3)
 
 
 def test_relaxed_model_equals_the_mapping_model_at_the_published_point(published):
     r = ev()
     for k in ("system_throughput_tok_s", "latency_ms", "inter_token_ms", "prompt_time_s"):
         assert r[k] == pytest.approx(published[k], rel=1e-4), k
-    assert r["fits"] == 1.0 and r["head_cards"] == 2 and r["layers_per_card"] == 1
+    assert r["fits"] == 1.0 and r["output_cards"] == 2 and r["layers_per_card"] == 1
 
 
 def test_sensible_answers_when_inputs_change(published):
-    p = lambda **kw: perf.predict(G3B, "w4a4", **kw)
+    p = lambda **kw: cost.predict(G3B, "w4a4", **kw)
     # HPEC24: M equal to the layer stages keeps the pipeline busy; fewer or more is slower
     m1, m7, m28 = p(micro_batches=1), p(micro_batches=7), p(micro_batches=28)
     assert published["system_throughput_tok_s"] > max(m1["system_throughput_tok_s"], m7["system_throughput_tok_s"],
@@ -163,10 +164,10 @@ def test_sensible_answers_when_inputs_change(published):
     assert few["system_throughput_tok_s"] < published["system_throughput_tok_s"]
     assert few["latency_ms"] <= published["latency_ms"]
     # an 8-bit KV cache at 28 users x 2048 does not fit (spec sec. 3): flagged, with the reason
-    a8 = perf.predict(G3B, "a8c8w4")
+    a8 = cost.predict(G3B, "a8c8w4")
     assert not a8["fits"] and "card 0" in a8["error"]
     # a smaller model is faster per token at the same users
-    small = perf.predict(get_config("smollm2-135m"), "w4a4", users=28)
+    small = cost.predict(get_config("smollm2-135m"), "w4a4", users=28)
     assert small["fits"] and small["layer_ms_decode"] < published["layer_ms_decode"]
     # in the same context, more generated tokens amortise the prefill: throughput rises
     short = p(gen_tokens=256, context=2048)
@@ -180,13 +181,13 @@ def test_sensible_answers_when_inputs_change(published):
 
 def test_predict_rejects_bad_input():
     with pytest.raises(ValueError, match="users"):
-        perf.predict(G3B, users=0)
+        cost.predict(G3B, users=0)
     with pytest.raises(ValueError, match="context"):
-        perf.predict(G3B, context=100)
+        cost.predict(G3B, context=100)
     with pytest.raises(ValueError, match="integers"):
-        perf.predict(G3B, "float")
+        cost.predict(G3B, "float")
     with pytest.raises(ValueError, match="micro-batches"):
-        perf.predict(G3B, users=28, micro_batches=5)
+        cost.predict(G3B, users=28, micro_batches=5)
 
 
 # --- monotonicity ------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ workloads = st.fixed_dictionaries({
 @settings(max_examples=25)
 @given(designs, workloads, st.floats(1.01, 3.0))
 def test_faster_clock_never_raises_latency(dp, wp, factor):
-    d, w = perf.Design(**dp), perf.Workload(**wp)
+    d, w = cost.Design(**dp), cost.Workload(**wp)
     slow, fast = ev(d, w), ev(d.replace(clock_hz=dp["clock_hz"] * factor), w)
     assert fast["latency_ms"] <= slow["latency_ms"] * (1 + 1e-5)
 
@@ -212,7 +213,7 @@ def test_faster_clock_never_raises_latency(dp, wp, factor):
 @settings(max_examples=25)
 @given(designs, workloads, st.floats(1.01, 4.0))
 def test_more_pcie_bandwidth_or_less_pcie_latency_never_raises_latency(dp, wp, factor):
-    d, w = perf.Design(**dp), perf.Workload(**wp)
+    d, w = cost.Design(**dp), cost.Workload(**wp)
     base = ev(d, w)["latency_ms"]
     assert ev(d.replace(pcie_bytes_s=dp["pcie_bytes_s"] * factor), w)["latency_ms"] <= base * (1 + 1e-5)
     assert ev(d.replace(pcie_latency_s=dp["pcie_latency_s"] / factor), w)["latency_ms"] <= base * (1 + 1e-5)
@@ -221,14 +222,14 @@ def test_more_pcie_bandwidth_or_less_pcie_latency_never_raises_latency(dp, wp, f
 @settings(max_examples=25)
 @given(designs, workloads, st.floats(1.0, 3.0))
 def test_more_memory_per_core_never_stops_a_fitting_design_fitting(dp, wp, factor):
-    d, w = perf.Design(**dp), perf.Workload(**wp)
+    d, w = cost.Design(**dp), cost.Workload(**wp)
     small = ev(d, w)
     big = ev(d.replace(sram_per_core_bytes=dp["sram_per_core_bytes"] * factor), w)
     if small["fits"]:
         assert big["fits"]
     # more memory never needs more output-layer cards (so never fewer layer cards)
-    assert big["head_cards"] <= small["head_cards"] and big["layers_per_card"] <= small["layers_per_card"]
-    if (big["head_cards"], big["layers_per_card"]) == (small["head_cards"], small["layers_per_card"]):
+    assert big["output_cards"] <= small["output_cards"] and big["layers_per_card"] <= small["layers_per_card"]
+    if (big["output_cards"], big["layers_per_card"]) == (small["output_cards"], small["layers_per_card"]):
         # same structure: every byte added is a byte of margin
         added = dp["sram_per_core_bytes"] * (factor - 1)
         assert big["fits_margin_bytes"] == pytest.approx(small["fits_margin_bytes"] + added, rel=1e-4, abs=1.0)
@@ -241,14 +242,14 @@ def test_more_memory_per_core_keeps_the_real_mapping_fitting(users, context, fac
     app = dataclasses.replace(APPLIANCE, chip=dataclasses.replace(chip, core_sram_bytes=int(chip.core_sram_bytes * factor)))
     base = map_model(G3B, "w4a4", users=users, context=context, strict=False)
     bigger = map_model(G3B, "w4a4", users=users, context=context, appliance=app, strict=False,
-                       head_cards=len(base.head_cards))
+                       output_cards=len(base.output_cards))
     assert bigger.fits or not base.fits
 
 
 @settings(max_examples=15)
 @given(workloads, st.sampled_from([1.5, 2.0, 4.0]))
 def test_longer_context_never_helps_fitting(wp, factor):
-    w = perf.Workload(**wp)
+    w = cost.Workload(**wp)
     ctx = wp["prompt_tokens"] + wp["gen_tokens"]
     a, b = ev(w=w.replace(context=ctx)), ev(w=w.replace(context=ctx * factor))
     assert b["fits_margin_bytes"] <= a["fits_margin_bytes"] + 1e-6
@@ -259,10 +260,10 @@ def test_longer_context_never_helps_fitting(wp, factor):
 @pytest.mark.parametrize("name", ["clock_hz", "pcie_bytes_s", "pcie_latency_s", "host_s_per_microbatch",
                                   "phase_latency_cycles", "sram_bytes_per_cycle_per_core"])
 def test_grad_matches_finite_differences(name):
-    d0 = perf.Design()
+    d0 = cost.Design()
 
     def log_tsys(logp):
-        out = perf.evaluate(d0.replace(**{name: jnp.exp(logp)}), perf.Workload(), perf.Bits(), S3B)
+        out = cost.evaluate(d0.replace(**{name: jnp.exp(logp)}), cost.Workload(), cost.Bits(), S3B)
         return jnp.log(out["system_throughput_tok_s"])
 
     x = jnp.log(jnp.float32(getattr(d0, name)))
@@ -329,17 +330,17 @@ def test_gradient_search_improves_on_the_published_design_within_its_constraints
 
 def test_planner_uses_the_fewest_cards_that_fit():
     for name, prec in (("granite-3.3-8b", "a8c8w4"), ("llama-70b", "a8c8w4"), ("granite-3b-northpole", "w4a4")):
-        r = perf.plan_instance(get_config(name), prec, micro_batches=28 if "70b" in name else None)
-        room = r["core_bytes"] - r["micro_batch_size"] * float(perf.scratch_bytes_per_token(
-            perf.ModelShape.from_decoder(get_config(name)), perf.Bits.from_policy(prec), perf.Design()))
+        r = cost.plan_instance(get_config(name), prec, micro_batches=28 if "70b" in name else None)
+        room = r["core_bytes"] - r["micro_batch_size"] * float(cost.scratch_bytes_per_token(
+            cost.ModelShape.from_decoder(get_config(name)), cost.Bits.from_policy(prec), cost.Design()))
         k = r["cards_per_layer"]
         assert r["layer_bytes_per_core"] / k <= room  # fits
         assert k == 1 or r["layer_bytes_per_core"] / (k - 1) > room  # one card fewer would not
         assert r["cards_per_instance"] * r["instances"] <= r["total_cards"] < r["cards_per_instance"] * (r["instances"] + 1)
     # the 3B at 16 cards per instance stays inside one server: no Ethernet hop
-    assert perf.plan_instance(G3B, "w4a4")["ethernet_hops"] == 0
+    assert cost.plan_instance(G3B, "w4a4")["ethernet_hops"] == 0
     with pytest.raises(ValueError, match="does not fit|needs"):
-        perf.plan_instance(get_config("llama-70b"), "a8c8w4", total_cards=64)
+        cost.plan_instance(get_config("llama-70b"), "a8c8w4", total_cards=64)
 
 
 # --- command line ------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from np_jax import layers, quant
-from np_jax.array import TiledWeights
+from np_jax.quant import products as layers
+from np_jax import quant
+from np_jax.chip.array import TiledWeights
 from np_jax.quant import TensorQuant
-from np_jax.vector_unit import quantize, dequantize
+from np_jax.chip.vector_unit import quantize, dequantize
 
 # every supported width/signedness; unsigned 8-bit (0..255) does not fit the INT8 lanes and is refused
 tq_st = st.sampled_from([TensorQuant(b, signed=sg) for b in (2, 4, 8) for sg in (True, False) if (b, sg) != (8, False)])
@@ -201,7 +202,7 @@ def test_product_gradients_are_the_fake_quant_gradients():
 def test_optimizer_groups_and_activation_step_warm_start():
     params = {"lin": {"w": jnp.ones((4, 4)), "s_w": jnp.ones((4,)), "s_x": jnp.float32(1.0), "b": jnp.ones((2, 4))},
               "norm": jnp.ones((2, 4))}  # stacked (2-D) biases and norms are still not decayed
-    from np_jax.optim import lsq_optimizer, param_groups
+    from np_jax.quant.optim import lsq_optimizer, param_groups
     groups = param_groups(params)
     assert groups == {"lin": {"w": "weights", "s_w": "weight_steps", "s_x": "act_steps", "b": "other"}, "norm": "other"}
     tx = lsq_optimizer(1e-3, weight_decay=0.1, act_step_warmup_steps=2, grad_clip=None)

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import llama, loaders
+from models import llama
+from models.io import weights as loaders
 from models.config import get_config
 from models.generate import Generator
-from models.gguf_loader import smollm2_gguf_path
-from models.tokenizer import Tokenizer
+from models.io.gguf import smollm2_gguf_path
+from models.io.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 PROMPT = "def fibonacci(n):"

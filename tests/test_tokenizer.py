@@ -1,4 +1,4 @@
-"""Tests for models.tokenizer: SmolLM2's byte-level BPE rebuilt from its GGUF file."""
+"""Tests for models.io.tokenizer: SmolLM2's byte-level BPE rebuilt from its GGUF file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import pre_tokenizers
 
-from models.gguf_loader import GGUFTokenizerData, read_gguf_tokenizer_data, smollm2_gguf_path
-from models.tokenizer import BYTE_TO_UNICODE, Tokenizer, build_tokenizer, chatml_default_system_prompt
+from models.io.gguf import GGUFTokenizerData, read_gguf_tokenizer_data, smollm2_gguf_path
+from models.io.tokenizer import BYTE_TO_UNICODE, Tokenizer, build_tokenizer, chatml_default_system_prompt
 
 # Reference ids from llama.cpp / HF for SmolLM2 (measured independently of this code).
 FIB_TEXT = "def fibonacci(n):"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from np_jax import activation_unit as au
-from np_jax import vector_unit as vu
+from np_jax.chip import activation_unit as au
+from np_jax.chip import vector_unit as vu
 
 
 @given(n=st.integers(1, 700), seed=st.integers(0, 2**31))

@@ -1,36 +1,38 @@
 """`np-jax perf`, `np-jax dse`, `np-jax plan`: the performance, design-space and scale-out commands.
 
 Registered into the `np-jax` CLI through the `np_jax.commands` entry point. The model is
-np_jax.perf / np_jax.dse; this module resolves named model configs (models.config) and prints.
+np_jax.cost / np_jax.cost.dse; this module resolves named model configs (models.config) and prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from np_jax.cli import Formatter, add_mapping_arguments, get_shape, positive
+from np_jax.commands.map import mapping_from_args
 from np_jax.spec import GPU_POINTS, MIB, PUBLISHED_RUN, RACK
 
 
 def register(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser(
         "perf", help="predict the appliance's throughput, latency, energy and space metrics (HPEC24 Table I)",
         description="Predict what the real NorthPole appliance delivers for a model, mapping and run, and compare "
                     "it with HPEC24's GPU points P1-P4. Defaults are the published run (granite-3b-northpole, "
-                    "w4a4, 28 users, 14 micro-batches, 1024 prompt + 1024 generated tokens, 16 cards).",
-        formatter_class=fmt)
+                    "w4a4, 28 users, 1024 prompt + 1024 generated tokens, 16 cards); the mapping is the one with "
+                    "the best predicted throughput (for the published run: HPEC24's, 14 micro-batches).",
+        formatter_class=Formatter)
     p.add_argument("--model", default=PUBLISHED_RUN.model, help="named model config")
-    p.add_argument("--users", type=int, default=PUBLISHED_RUN.users, help="users N (the mini-batch)")
-    p.add_argument("--micro-batches", type=int, default=None,
-                   help="micro-batches M (default: as many as layer cards, dividing the users; 14 for the published run)")
+    add_mapping_arguments(p, users=PUBLISHED_RUN.users)
     p.add_argument("--prompt-tokens", type=int, default=PUBLISHED_RUN.prompt_tokens, help="prompt tokens per user")
     p.add_argument("--gen-tokens", type=int, default=PUBLISHED_RUN.generated_tokens, help="generated tokens per user")
     p.add_argument("--context", type=int, default=None, help="KV-cache positions per user (default: prompt + generated)")
-    p.add_argument("--precision", default="w4a4", help="precision policy (w4a4, a8c8w4, w8a8)")
-    p.add_argument("--cards", type=int, default=16, help="appliance cards")
+    p.add_argument("--precision", default="w4a4", help="precision policy (w4a4, a8c8w4, w8a8, ...)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per user per pipeline pass (default: as many as the free core memory allows)")
+    p.add_argument("--allow-overflow", action="store_true",
+                   help="report the figures of a mapping that does not fit (as if it did) with exit status 0")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="DIR", help="write Fig. 1/2-style PNGs (energy and throughput vs latency)")
     p.add_argument("--params", action="store_true", help="also list every model parameter with its source")
@@ -42,7 +44,7 @@ def register(sub) -> None:
                     "then run a multi-start gradient search (optax Adam) that maximises an objective subject to "
                     "fitting in core memory and a latency bound. Also prints elasticities d log(metric) / "
                     "d log(parameter) at the published design.",
-        formatter_class=fmt)
+        formatter_class=Formatter)
     d.add_argument("--model", default=PUBLISHED_RUN.model, help="named model config")
     d.add_argument("--precision", default="w4a4", help="precision policy")
     d.add_argument("--objective", default="energy", choices=["energy", "space", "throughput", "throughput-card"],
@@ -62,7 +64,7 @@ def register(sub) -> None:
                     "server, 200 Gb Ethernet between servers, A8-C8-W4): the fewest cards one instance needs "
                     "(layers split over several cards where one card cannot hold a layer), how many instances "
                     "fit, and what each delivers.",
-        formatter_class=fmt)
+        formatter_class=Formatter)
     q.add_argument("--model", default=RACK.model, help="named model config (granite-3.3-8b, granite-3b-northpole, llama-70b, ...)")
     q.add_argument("--cards", type=int, default=RACK.cards, help="cards in the rack")
     q.add_argument("--cards-per-server", type=int, default=RACK.cards_per_server, help="cards per server")
@@ -78,14 +80,17 @@ def register(sub) -> None:
 
 # --- perf ---------------------------------------------------------------------------------------
 
-def _predict(args, users=None):
-    from models.config import get_config
-    from np_jax import perf
+def _predict(args, shape, users=None):
+    from np_jax import cost
 
-    return perf.predict(get_config(args.model), args.precision, users=users or args.users,
-                        micro_batches=args.micro_batches if users is None else None,
-                        prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, cards=args.cards,
-                        context=args.context, prefill_chunk=args.prefill_chunk)
+    positive("prompt-tokens", args.prompt_tokens)
+    positive("gen-tokens", args.gen_tokens)
+    context = args.context or args.prompt_tokens + args.gen_tokens
+    a = args if users is None else argparse.Namespace(**{**vars(args), "users": users, "micro_batches": None})
+    m = mapping_from_args(shape, args.precision, a, context=context, prompt_tokens=args.prompt_tokens,
+                          gen_tokens=args.gen_tokens)
+    return cost.predict(shape, args.precision, users=a.users, prompt_tokens=args.prompt_tokens,
+                        gen_tokens=args.gen_tokens, context=context, prefill_chunk=args.prefill_chunk, mapping=m)
 
 
 def _fmt(v, spec=".3g"):
@@ -93,28 +98,29 @@ def _fmt(v, spec=".3g"):
 
 
 def perf_command(args) -> int:
-    from np_jax import perf
+    from np_jax import cost
 
-    if args.cards < 2:
-        raise ValueError(f"--cards must be >= 2 (layers and the output layer), got {args.cards}")
-    pred = _predict(args)
-    table = perf.gpu_table(pred)
+    shape = get_shape(args.model)
+    pred = _predict(args, shape)
+    table = cost.gpu_table(pred)
     published = (args.model, args.precision, args.users, pred["micro_batches"], args.prompt_tokens, args.gen_tokens,
                  pred["cards"]) == (PUBLISHED_RUN.model, "w4a4", PUBLISHED_RUN.users, PUBLISHED_RUN.micro_batches,
                                     PUBLISHED_RUN.prompt_tokens, PUBLISHED_RUN.generated_tokens, 16)
-    resid = perf.published_comparison(pred) if published else None
+    resid = cost.published_comparison(pred) if published else None
     plots = []
     if args.plot:
-        curve = [_predict(args, users=u) for u in (2, 4, 8, 14, 28) if u != args.users]
-        plots = perf.plot_figures(pred, args.plot, curve=[c for c in curve if c["fits"]] + [pred])
+        from np_jax.plots import plot_figures
+
+        curve = [_predict(args, shape, users=u) for u in (2, 4, 8, 14, 28) if u != args.users]
+        plots = plot_figures(pred, args.plot, curve=[c for c in curve if c["fits"]] + [pred])
     if args.json:
         out = pred | {"table": table, "published_residuals": resid, "plots": plots,
-                      "calibrated": {"phase_latency_cycles": perf.Design().phase_latency_cycles,
+                      "calibrated": {"phase_latency_cycles": cost.Design().phase_latency_cycles,
                                      "against": "HPEC24 Table I: 28,356 tokens/s"}}
         if args.params:
-            out["parameters"] = perf.parameters()
+            out["parameters"] = cost.parameters()
         print(json.dumps(out, indent=2, default=str))
-        return 0
+        return _overflow_status(pred, args)
     print(f"NorthPole appliance (predicted): {pred['model']}, {pred['precision']}, {pred['users']} users = "
           f"{pred['micro_batches']} micro-batches of {pred['micro_batch_size']}, {pred['prompt_tokens']} prompt + "
           f"{pred['gen_tokens']} generated tokens, {pred['cards']} cards")
@@ -159,15 +165,24 @@ def perf_command(args) -> int:
         print()
         print("residuals against HPEC24's NorthPole row: " + ", ".join(
             f"{k} {v['predicted']:.4g} vs {v['published']:.4g} ({v['residual'] * 100:+.2f} %)" for k, v in resid.items()))
-    print(f"calibrated: phase_latency_cycles = {perf.Design().phase_latency_cycles:g} (against HPEC24's 28,356 tok/s); "
+    print(f"calibrated: phase_latency_cycles = {cost.Design().phase_latency_cycles:g} (against HPEC24's 28,356 tok/s); "
           "every other parameter from the papers or an explicit assumption (--params)")
     if args.params:
         print()
-        for name, f in perf.parameters().items():
+        for name, f in cost.parameters().items():
             print(f"  {name:<34} {f['value']!s:<24} {f['source']}" + (f"  ({f['note']})" if f["note"] else ""))
     for path in plots:
         print(f"wrote {path}")
-    return 0
+    return _overflow_status(pred, args)
+
+
+def _overflow_status(pred: dict, args) -> int:
+    """Exit status 1 for figures of a mapping that does not fit, unless --allow-overflow."""
+    if pred["fits"] or args.allow_overflow:
+        return 0
+    print(f"np-jax perf: the mapping does not fit ({pred['error']}); the figures assume it did "
+          "(pass --allow-overflow to accept them)", file=sys.stderr)
+    return 1
 
 
 # --- dse ----------------------------------------------------------------------------------------
@@ -193,23 +208,26 @@ def _metrics_str(m: dict) -> str:
 def dse_command(args) -> int:
     import jax.numpy as jnp
 
-    from models.config import get_config
-    from np_jax import dse, perf
+    from np_jax import cost
+    from np_jax.cost import dse
+    from np_jax.plots import plot_pareto
 
-    cfg = get_config(args.model)
-    bits = perf.Bits.from_policy(args.precision)
+    cfg = get_shape(args.model)
+    dse.check_search(objective=_OBJ[args.objective], latency_bound_ms=args.latency_bound_ms, steps=args.steps,
+                     starts=args.starts)
+    bits = cost.Bits.from_policy(args.precision)
     objective = _OBJ[args.objective]
     grid = dse.DEFAULT_GRID if args.grid == "default" else {
         "clock_hz": [300e6, 400e6, 600e6], "sram_per_core_bytes": [0.75 * MIB, 1.0 * MIB],
         "n_cores": [196.0, 256.0], "users": [14.0, 28.0], "micro_batches": [7.0, 14.0]}
-    base = {k: float(v) for k, v in perf.evaluate(perf.Design(), perf.Workload(), bits, cfg).items()
+    base = {k: float(v) for k, v in cost.evaluate(cost.Design(), cost.Workload(), bits, cfg).items()
             if jnp.ndim(v) == 0}
     sens = dse.sensitivities(cfg, bits=bits)
     sw = dse.sweep(cfg, grid, latency_bound_ms=args.latency_bound_ms, objective=objective, bits=bits)
     gs = dse.gradient_search(cfg, objective=objective, latency_bound_ms=args.latency_bound_ms, steps=args.steps,
                              starts=args.starts, seed=args.seed, bits=bits)
     if args.plot:
-        dse.plot_pareto(sw, args.plot, search=gs, baseline=base)
+        args.plot = plot_pareto(sw, args.plot, search=gs, baseline=base)
     if args.json:
         out = {"model": cfg.name, "precision": args.precision, "objective": objective,
                "latency_bound_ms": args.latency_bound_ms, "baseline": {k: base[k] for k in dse.KEY_METRICS},
@@ -259,11 +277,10 @@ def dse_command(args) -> int:
 # --- plan ---------------------------------------------------------------------------------------
 
 def plan_command(args) -> int:
-    from models.config import get_config
-    from np_jax import perf
+    from np_jax import cost
 
-    cfg = get_config(args.model)
-    r = perf.plan_instance(cfg, args.precision, users=args.users, context=args.context,
+    cfg = get_shape(args.model)
+    r = cost.plan_instance(cfg, args.precision, users=args.users, context=args.context,
                            micro_batches=args.micro_batches, prompt_tokens=args.prompt_tokens,
                            gen_tokens=args.gen_tokens, total_cards=args.cards, cards_per_server=args.cards_per_server)
     if args.json:
@@ -277,7 +294,7 @@ def plan_command(args) -> int:
           f"({r['cards_per_server']} per server)")
     print(f"one instance: {r['cards_per_instance']} cards = {r['layer_cards']} layer cards ({per}, "
           f"{r['layer_bytes_per_core'] / 1024:.0f} KiB of a layer per core vs {r['core_bytes'] / 1024:.0f} KiB) "
-          f"+ {r['head_cards']} output-layer card(s)")
+          f"+ {r['output_cards']} output-layer card(s)")
     print(f"instances: {r['instances']} ({r['cards_used']} of {r['total_cards']} cards); worst instance crosses "
           f"{r['ethernet_hops']} server boundaries (Ethernet)")
     print(f"per instance: {r['micro_batches']} micro-batches of {r['micro_batch_size']:g}; latency "

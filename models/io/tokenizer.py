@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Sequence
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
-from models.gguf_loader import GGUFTokenizerData, read_gguf_tokenizer_data
+from models.io.gguf import GGUFTokenizerData, read_gguf_tokenizer_data
 
 __all__ = ["BYTE_TO_UNICODE", "Tokenizer", "build_tokenizer", "chatml_default_system_prompt"]
 

@@ -14,8 +14,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from np_jax.core import check_bits, int_range
-from np_jax.vector_unit import quantize
+from np_jax.chip.core import check_bits, int_range
+from np_jax.chip.vector_unit import quantize
 
 
 def silu(x: jax.Array) -> jax.Array:

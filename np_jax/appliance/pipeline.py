@@ -12,7 +12,7 @@ so the arithmetic, and hence every bit, is the same on 1, 2, 4, 8 or 16 devices.
 
 The pipeline is generic: the model supplies
   layer_fn(card_params, x, aux, state) -> (x_out, state)   for layer cards,
-  head_fn(card_params, x, aux) -> result                   for output-layer cards,
+  output_fn(card_params, x, aux) -> result                   for output-layer cards,
 where `card_params` is one card's slice of a card-stacked pytree, `x` one micro-batch's
 activation, `aux` that micro-batch's slice of per-micro-batch data (positions, lengths), and
 `state` the card's per-user state (its KV cache) restricted to the micro-batch's users (every
@@ -22,7 +22,6 @@ state leaf has the user axis first). Idle cards and ticks outside a card's windo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import jax
@@ -30,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from np_jax.distributed import to_global
+from np_jax.appliance.distributed import to_global
 
-ROLES = ("layers", "head", "idle")
+ROLES = ("layers", "output", "idle")
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class Schedule:
     def __post_init__(self):
         if any(r not in ROLES for r in self.roles):
             raise ValueError(f"card roles must be among {ROLES}, got {self.roles}")
-        if "layers" not in self.roles or "head" not in self.roles:
+        if "layers" not in self.roles or "output" not in self.roles:
             raise ValueError("a pipeline needs at least one layer card and one output-layer card")
         if self.micro_batches < 1:
             raise ValueError("micro_batches must be >= 1")
@@ -59,22 +58,22 @@ class Schedule:
         return [c for c, r in enumerate(self.roles) if r == "layers"]
 
     @property
-    def head_cards(self) -> list[int]:
-        return [c for c, r in enumerate(self.roles) if r == "head"]
+    def output_cards(self) -> list[int]:
+        return [c for c, r in enumerate(self.roles) if r == "output"]
 
     def depth_of(self, card: int) -> int:
         """Tick offset of a card: its index among layer cards; all output cards share the last."""
         r = self.roles[card]
         if r == "layers":
             return self.layer_cards.index(card)
-        return len(self.layer_cards) if r == "head" else -1
+        return len(self.layer_cards) if r == "output" else -1
 
     def source_of(self, card: int) -> int:
         """The card whose previous-tick output this card consumes (-1: the host)."""
         if self.roles[card] == "layers":
             i = self.layer_cards.index(card)
             return -1 if i == 0 else self.layer_cards[i - 1]
-        return self.layer_cards[-1] if self.roles[card] == "head" else -1
+        return self.layer_cards[-1] if self.roles[card] == "output" else -1
 
     @property
     def depth(self) -> int:
@@ -114,14 +113,14 @@ def place_cards(tree, mesh: Mesh, axis: str = "cards"):
     return jax.tree.map(put, tree)
 
 
-def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, head_fn: Callable, card_params, x_MxBxLxD,
+def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, output_fn: Callable, card_params, x_MxBxLxD,
                  aux_M, state, *, axis: str = "cards", user_axis: int = 0):
     """Run M micro-batches through the cards. Returns (results [n_cards, M, ...], new state).
 
     `card_params` and `state` have a leading card axis (sharded over `axis`); after it, every
     state leaf has its user axis at `user_axis`. `x_MxBxLxD` and `aux_M` (leading
     micro-batch axis) are replicated host inputs. `results[c, m]` is output
-    card c's `head_fn` result for micro-batch m (zeros on other cards).
+    card c's `output_fn` result for micro-batch m (zeros on other cards).
     """
     C, M = schedule.n_cards, schedule.micro_batches
     n_dev = mesh.shape[axis]
@@ -145,7 +144,7 @@ def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, head_fn: Ca
     one_params = jax.tree.map(lambda a: a[0], card_params)
     one_state = jax.tree.map(lambda a: jax.lax.slice_in_dim(a[0], 0, mb, axis=user_axis), state)
     one_aux = jax.tree.map(lambda a: a[0], aux_M)
-    res_shape = jax.eval_shape(head_fn, one_params, x_MxBxLxD[0], one_aux)
+    res_shape = jax.eval_shape(output_fn, one_params, x_MxBxLxD[0], one_aux)
     hid_dtype = jax.eval_shape(layer_fn, one_params, x_MxBxLxD[0], one_aux, one_state)[0].dtype
 
     def body(params_loc, state_loc, xs, aux):
@@ -197,9 +196,9 @@ def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, head_fn: Ca
                 # Only active layer cards touch their state (idle cards would otherwise copy a
                 # micro-batch of KV cache in and out every tick).
                 y, state_loc = jax.lax.cond(is_layer, do_layer, no_layer, state_loc)
-                r = jax.lax.cond(active & (t_role[j] == ROLES.index("head")),
-                                 lambda: head_fn(card_params(), x, a), lambda: zeros_res)
-                keep = active & (t_role[j] == ROLES.index("head"))
+                r = jax.lax.cond(active & (t_role[j] == ROLES.index("output")),
+                                 lambda: output_fn(card_params(), x, a), lambda: zeros_res)
+                keep = active & (t_role[j] == ROLES.index("output"))
                 results = jax.tree.map(
                     lambda buf, v: jax.lax.dynamic_update_slice(
                         buf, jnp.where(keep, v, buf[j, mc])[None, None], (j, mc) + (0,) * (buf.ndim - 2)),

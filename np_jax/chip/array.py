@@ -28,10 +28,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from np_jax import core
-from np_jax.core import VmmCost, check_bits, int_range, stored_bytes, vmm_cycles
-from np_jax.memory import CoreMemory
+from np_jax.chip import core
+from np_jax.chip.core import PSUM_BYTES, VmmCost, check_bits, int_range, stored_bytes, vmm_cycles
+from np_jax.chip.memory import CoreMemory
 from np_jax.spec import NORTHPOLE, ChipSpec
+
+
+def tile_blocks(k, n, rows, cols, ceil=math.ceil):
+    """(Kb, Nb): the block of a [K, N] matrix one core holds on a `rows` x `cols` tiling.
+
+    The one tiling formula: `Tiling` uses it with `math.ceil`, the performance model with a
+    straight-through ceil on relaxed (traced) grid sizes.
+    """
+    return ceil(k / rows), ceil(n / cols)
 
 
 @dataclass(frozen=True)
@@ -54,11 +63,11 @@ class Tiling:
 
     @property
     def kb(self) -> int:
-        return math.ceil(self.k / self.rows)
+        return tile_blocks(self.k, self.n, self.rows, self.cols)[0]
 
     @property
     def nb(self) -> int:
-        return math.ceil(self.n / self.cols)
+        return tile_blocks(self.k, self.n, self.rows, self.cols)[1]
 
     def check_fits_grid(self, chip: ChipSpec = NORTHPOLE) -> None:
         if self.row0 + self.rows > chip.grid_rows or self.col0 + self.cols > chip.grid_cols:
@@ -96,7 +105,7 @@ class Tiling:
     def bytes_on_chip(self, bits: int, chip: ChipSpec = NORTHPOLE) -> np.ndarray:
         """Packed bytes per chip core ([grid_rows, grid_cols]) for this matrix at `bits`."""
         self.check_fits_grid(chip)
-        per_core = np.vectorize(lambda v: stored_bytes(int(v), bits))(self.values_RxC())
+        per_core = (self.values_RxC() * check_bits(bits) + 7) // 8  # stored_bytes, per core
         out = np.zeros((chip.grid_rows, chip.grid_cols), np.int64)
         out[self.row0:self.row0 + self.rows, self.col0:self.col0 + self.cols] = per_core
         return out
@@ -195,8 +204,8 @@ def array_vmm_cost(b: int, tiling: Tiling, *, x_bits: int, w_bits: int, chip: Ch
         cycles=vmm_cycles(b, tiling.kb, tiling.nb, bits, chip),
         weight_bytes=stored_bytes(tiling.k * tiling.n, w_bits),
         input_bytes=stored_bytes(b * tiling.k, x_bits) * used_cols,
-        partial_sum_bytes=4 * b * tiling.n * (used_rows - 1),
-        output_bytes=4 * b * tiling.n,
+        partial_sum_bytes=PSUM_BYTES * b * tiling.n * (used_rows - 1),
+        output_bytes=PSUM_BYTES * b * tiling.n,
     )
 
 

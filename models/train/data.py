@@ -35,72 +35,14 @@ import os
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from models.io.encoders import ByteEncoder, Encoder, TokenizerEncoder  # noqa: F401 (re-exported)
+
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 STDLIB = "stdlib"
-
-
-class Encoder(Protocol):
-    """What the data pipeline needs from a tokenizer."""
-
-    name: str
-    separator_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class ByteEncoder:
-    """UTF-8 bytes as token ids (for models without a tokenizer, e.g. random-init configs).
-
-    Ids are 0..255; the document separator is 0 (the NUL byte, absent from source text).
-    Needs a vocabulary of at least 256.
-    """
-
-    name = "bytes"
-    separator_id = 0
-
-    def __init__(self, vocab_size: int = 256):
-        if vocab_size < 256:
-            raise ValueError(f"byte tokens need a vocabulary of at least 256, got {vocab_size}")
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8", "replace"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) & 0xFF for i in ids).decode("utf-8", "replace")
-
-    @property
-    def stop_ids(self) -> frozenset[int]:
-        return frozenset({self.separator_id})
-
-
-class TokenizerEncoder:
-    """A `models.tokenizer.Tokenizer` (e.g. SmolLM2's); separator `<|endoftext|>` or else EOS."""
-
-    def __init__(self, tokenizer, name: str = "gguf"):
-        self.tok = tokenizer
-        self.name = name
-        sep = tokenizer.token_to_id("<|endoftext|>")
-        if sep is None:
-            sep = tokenizer.eos_id
-        if sep is None:
-            raise ValueError("the tokenizer has neither <|endoftext|> nor an EOS token to separate documents")
-        self.separator_id = int(sep)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    @property
-    def stop_ids(self) -> frozenset[int]:
-        return frozenset(self.tok.eos_ids | {self.separator_id})
 
 
 @dataclass(frozen=True)

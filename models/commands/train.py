@@ -144,7 +144,7 @@ def register(sub) -> None:
 
 
 def train_command(args) -> int:
-    from np_jax.distributed import initialize, request_cpu_devices, settings_from_env
+    from np_jax.appliance.distributed import initialize, request_cpu_devices, settings_from_env
 
     _, n_proc, _ = settings_from_env(args.coordinator, args.num_processes, args.process_id)
     n_dev = args.devices or getattr(args, "appliance_cards", 0)
@@ -169,7 +169,9 @@ def train_command(args) -> int:
                "final_loss": res.metrics[-1]["loss"] if res.metrics else None,
                "checkpoint": str(res.checkpoint) if res.checkpoint else None}
     if args.plot_loss:
-        T.plot_loss(res.metrics, args.plot_loss, title=f"{res.cfg.name} {tc.precision} training")
+        from np_jax.plots import plot_loss
+
+        plot_loss(res.metrics, args.plot_loss, title=f"{res.cfg.name} {tc.precision} training")
         summary["plot"] = args.plot_loss
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -184,7 +186,10 @@ def eval_command(args) -> int:
 
     from models import llama
     from models import train as T
-    from models.data import DataConfig, TrainStream, Corpus
+    from models.evaluate.perplexity import evaluate, held_out
+    from models.io.load import DEFAULT_MODEL
+    from models.train.data import Corpus, DataConfig, TrainStream
+    from np_jax.plots import plot_loss
     from np_jax.quant import get_policy
 
     log = lambda s: print(s, file=sys.stderr, flush=True)
@@ -197,11 +202,11 @@ def eval_command(args) -> int:
 
     # the float base
     if args.base:
-        base = T.load_model(init_from=args.base, log=log)
+        base = T.load_base(DEFAULT_MODEL, init_from=args.base, log=log)
     elif args.model is None and args.gguf is None and first is not None:
-        base = T.load_model(first.model, first.gguf, first.seed, first.init_from, log=log)
+        base = T.load_base(first.model, first.gguf, first.seed, first.init_from, log=log)
     else:
-        base = T.load_model(args.model or T.DEFAULT_MODEL, args.gguf, args.seed or 0, log=log)
+        base = T.load_base(args.model or DEFAULT_MODEL, args.gguf, args.seed or 0, log=log)
     cfg = base.cfg
     for ck in cks:
         if ck.cfg != cfg:
@@ -212,7 +217,7 @@ def eval_command(args) -> int:
                       pick(args.held_out_fraction, "held_out_fraction", 0.05), pick(args.split_seed, "split_seed", 0))
     if args.seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the context of {cfg.name} ({cfg.max_seq_len})")
-    windows, described = T.held_out(base.encoder, data, args.seq_len, args.windows)
+    windows, described = held_out(base.encoder, data, args.seq_len, args.windows)
     for ck in cks:
         if ck.train_config.data != data:
             log(f"warning: {ck.path} was trained on another data split ({ck.train_config.data.describe()}); "
@@ -221,7 +226,7 @@ def eval_command(args) -> int:
     rows = []
     he_problems = he_settings = None
     if args.humaneval:
-        from models import humaneval as HE
+        from models.evaluate import humaneval as HE
 
         temperature, ks = HE.sampling_settings(args.samples, args.temperature, args.k)  # checked before any work
         he_problems = HE.load_problems(args.problems)
@@ -230,7 +235,7 @@ def eval_command(args) -> int:
 
     def add(name, params, policy, **extra):
         t0 = time.perf_counter()
-        r = T.evaluate(params, cfg, policy, windows, args.batch_size)
+        r = evaluate(params, cfg, policy, windows, args.batch_size)
         rows.append({"name": name, "precision": get_policy(policy).name, **extra, **r,
                      "seconds": time.perf_counter() - t0})
         log(f"{name}: perplexity {r['perplexity']:.3f} ({rows[-1]['seconds']:.0f} s)")
@@ -281,7 +286,7 @@ def eval_command(args) -> int:
         metrics = T.read_metrics(ck.path.parent / "metrics.jsonl", ck.step)
         refs = {f"held-out NLL: {r['name']} {r['precision']}": r["nll"] for r in rows[1:]}
         refs["held-out NLL: float"] = rows[0]["nll"]
-        T.plot_loss(metrics, args.plot_loss, evals=refs,
+        plot_loss(metrics, args.plot_loss, evals=refs,
                     title=f"{cfg.name} {tc.precision}: {ck.step} steps x {tc.tokens_per_step} tokens"
                           + (f", distill {tc.distill:g}" if tc.distill else ""))
         report["plot"] = args.plot_loss

@@ -1,4 +1,4 @@
-"""Differentiable design-space exploration over the performance model (np_jax.perf).
+"""Differentiable design-space exploration over the performance model (np_jax.cost).
 
 - `sensitivities`: elasticities d log(metric) / d log(parameter) at a design, by `jax.grad`.
 - `sweep`: a grid of designs evaluated at once with `jax.vmap` (one compiled call), the best
@@ -8,7 +8,7 @@
   latency bound, both as softplus penalties; then snap the discrete parameters (users,
   micro-batches, a square core grid, cards) and re-evaluate.
 
-Parameter names are the fields of `perf.Design`, `perf.Workload` and `perf.Bits` (the latter
+Parameter names are the fields of `Design`, `Workload` and `Bits` (the latter
 prefixed `bits.`, e.g. `bits.w`). Feasible = fits in core memory (relaxed structure), latency
 <= the bound, and 1 <= micro-batches <= users.
 """
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from np_jax import perf
+from np_jax.cost.params import Bits, Design, ModelShape, Workload
+from np_jax.cost.predict import evaluate
 from np_jax.spec import MIB
 
 DEFAULT_GRID: dict[str, list[float]] = {
@@ -49,9 +50,9 @@ OBJECTIVES = ("energy_tok_s_W", "space_tok_s_per_transistor", "system_throughput
 
 
 def _split(params: dict) -> tuple[dict, dict, dict]:
-    dn = {f.name for f in dataclasses.fields(perf.Design)}
-    wn = {f.name for f in dataclasses.fields(perf.Workload)}
-    bn = {f"bits.{f.name}" for f in dataclasses.fields(perf.Bits)}
+    dn = {f.name for f in dataclasses.fields(Design)}
+    wn = {f.name for f in dataclasses.fields(Workload)}
+    bn = {f"bits.{f.name}" for f in dataclasses.fields(Bits)}
     d, w, b = {}, {}, {}
     for k, v in params.items():
         if k in dn:
@@ -65,21 +66,21 @@ def _split(params: dict) -> tuple[dict, dict, dict]:
     return d, w, b
 
 
-def apply(params: dict, design: perf.Design, workload: perf.Workload, bits: perf.Bits):
+def apply(params: dict, design: Design, workload: Workload, bits: Bits):
     """(design, workload, bits) with the named fields replaced by `params`' values."""
     d, w, b = _split(params)
     return design.replace(**d), workload.replace(**w), bits.replace(**b)
 
 
-def model_fn(shape, design: perf.Design | None = None, workload: perf.Workload | None = None,
-             bits: perf.Bits | None = None):
+def model_fn(shape, design: Design | None = None, workload: Workload | None = None,
+             bits: Bits | None = None):
     """`f(params: dict) -> metrics dict`: the relaxed model over the named parameters."""
-    s = perf.ModelShape.from_decoder(shape)
-    d0, w0, b0 = design or perf.Design(), workload or perf.Workload(), bits or perf.Bits()
+    s = ModelShape.from_decoder(shape)
+    d0, w0, b0 = design or Design(), workload or Workload(), bits or Bits()
 
     def f(params):
         d, w, b = apply({k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, d0, w0, b0)
-        return perf.evaluate(d, w, b, s)
+        return evaluate(d, w, b, s)
 
     return f
 
@@ -88,14 +89,14 @@ def sensitivities(shape, names=("clock_hz", "n_cores", "sram_per_core_bytes", "v
                                 "pcie_latency_s", "host_s_per_microbatch", "phase_latency_cycles", "users",
                                 "micro_batches", "bits.w", "bits.a"),
                   metrics=("system_throughput_tok_s", "latency_ms", "energy_tok_s_W"), *,
-                  design: perf.Design | None = None, workload: perf.Workload | None = None,
-                  bits: perf.Bits | None = None) -> dict:
+                  design: Design | None = None, workload: Workload | None = None,
+                  bits: Bits | None = None) -> dict:
     """Elasticities `d log metric / d log parameter` (by `jax.jacfwd`) at a design point."""
-    d0, w0, b0 = design or perf.Design(), workload or perf.Workload(), bits or perf.Bits()
+    d0, w0, b0 = design or Design(), workload or Workload(), bits or Bits()
     f = model_fn(shape, d0, w0, b0)
     base = {}
     for n in names:
-        obj = b0 if n.startswith("bits.") else (w0 if n in {x.name for x in dataclasses.fields(perf.Workload)} else d0)
+        obj = b0 if n.startswith("bits.") else (w0 if n in {x.name for x in dataclasses.fields(Workload)} else d0)
         base[n] = float(getattr(obj, n.removeprefix("bits.")))
     logp = {n: jnp.log(jnp.float32(v)) for n, v in base.items()}
 
@@ -125,8 +126,8 @@ def pareto_front(latency: np.ndarray, value: np.ndarray) -> np.ndarray:
 
 
 def sweep(shape, grid: dict[str, list[float]] | None = None, *, latency_bound_ms: float = 1.0,
-          objective: str = "energy_tok_s_W", design: perf.Design | None = None,
-          workload: perf.Workload | None = None, bits: perf.Bits | None = None) -> dict:
+          objective: str = "energy_tok_s_W", design: Design | None = None,
+          workload: Workload | None = None, bits: Bits | None = None) -> dict:
     """Evaluate the Cartesian grid of `grid` (name -> values) in one vmapped, jitted call.
 
     Returns the per-design parameters and metrics (numpy), the feasibility mask, the best
@@ -191,14 +192,14 @@ def _model_params(p: dict) -> dict:
     """Search parameters -> model parameters (micro-batch size -> micro-batch count)."""
     p = dict(p)
     if "micro_batch_size" in p:
-        p["micro_batches"] = p.get("users", perf.Workload().users) / p.pop("micro_batch_size")
+        p["micro_batches"] = p.get("users", Workload().users) / p.pop("micro_batch_size")
     return p
 
 
 def gradient_search(shape, *, bounds: dict[str, tuple[float, float]] | None = None, objective: str = "energy_tok_s_W",
                     latency_bound_ms: float = 1.0, steps: int = 300, starts: int = 8, learning_rate: float = 0.05,
-                    penalty: float = 20.0, seed: int = 0, design: perf.Design | None = None,
-                    workload: perf.Workload | None = None, bits: perf.Bits | None = None) -> dict:
+                    penalty: float = 20.0, seed: int = 0, design: Design | None = None,
+                    workload: Workload | None = None, bits: Bits | None = None) -> dict:
     """Maximise `objective` subject to fitting in core memory and `latency <= latency_bound_ms`.
 
     Loss (per start): -log(objective) + penalty * [softplus(k * (-margin / core bytes)) +
@@ -207,17 +208,9 @@ def gradient_search(shape, *, bounds: dict[str, tuple[float, float]] | None = No
     snapped (users to an integer, micro-batches to a divisor of it, the core grid to a square,
     cards to an integer) and re-evaluated.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if steps < 1 or starts < 1:
-        raise ValueError(f"steps and starts must be >= 1, got {steps} and {starts}")
-    if latency_bound_ms <= 0:
-        raise ValueError(f"the latency bound must be positive, got {latency_bound_ms}")
-    bounds = dict(bounds or DEFAULT_BOUNDS)
-    for n, (lo, hi) in bounds.items():
-        if not (0 < lo < hi):
-            raise ValueError(f"bounds of {n!r} must satisfy 0 < lo < hi, got ({lo}, {hi})")
-    d0, w0, b0 = design or perf.Design(), workload or perf.Workload(), bits or perf.Bits()
+    bounds = check_search(objective=objective, latency_bound_ms=latency_bound_ms, steps=steps, starts=starts,
+                          bounds=bounds)
+    d0, w0, b0 = design or Design(), workload or Workload(), bits or Bits()
     f = model_fn(shape, d0, w0, b0)
     k = 50.0
     sram_ref = float(d0.sram_per_core_bytes)
@@ -273,6 +266,22 @@ def gradient_search(shape, *, bounds: dict[str, tuple[float, float]] | None = No
     }
 
 
+def check_search(*, objective: str, latency_bound_ms: float, steps: int = 1, starts: int = 1,
+                 bounds: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[float, float]]:
+    """Validate the gradient search's settings before any work; returns the bounds to use."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if steps < 1 or starts < 1:
+        raise ValueError(f"steps and starts must be >= 1, got {steps} and {starts}")
+    if not (math.isfinite(latency_bound_ms) and latency_bound_ms > 0):
+        raise ValueError(f"the latency bound must be positive, got {latency_bound_ms}")
+    bounds = dict(bounds or DEFAULT_BOUNDS)
+    for n, (lo, hi) in bounds.items():
+        if not (0 < lo < hi):
+            raise ValueError(f"bounds of {n!r} must satisfy 0 < lo < hi, got ({lo}, {hi})")
+    return bounds
+
+
 def _neighbours(p: dict) -> list[dict]:
     """Integer designs around a continuous one: users floor/ceil, micro-batches the divisors of
     the users within a factor 2, a square core grid either side, cards floor/ceil."""
@@ -291,7 +300,7 @@ def _neighbours(p: dict) -> list[dict]:
         if c is not None:
             q["cards"] = float(c)
         if "micro_batches" in p:
-            uu = int(q.get("users", perf.Workload().users))
+            uu = int(q.get("users", Workload().users))
             m0 = max(p["micro_batches"], 1.0)
             divs = [m for m in range(1, uu + 1) if uu % m == 0 and m0 / 2 <= m <= 2 * m0] or [1]
             for m in divs:
@@ -318,44 +327,3 @@ def snap(p: dict, f=None, *, objective: str = "energy_tok_s_W", latency_bound_ms
     pool = np.flatnonzero(feas) if feas.any() else np.arange(len(cands))
     i = int(pool[np.argmax(outs[objective][pool])])
     return cands[i], {k: float(v[i]) for k, v in outs.items()}, bool(feas[i])
-
-
-def plot_pareto(sweep_result: dict, path: str, search: dict | None = None, baseline: dict | None = None) -> str:
-    """Scatter of the swept designs (feasible in colour) with the Pareto front, log axes."""
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    obj = sweep_result["objective"]
-    m = sweep_result["metrics"]
-    feas = sweep_result["feasible"]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5.6, 4.0))
-    ax.scatter(m["latency_ms"][~feas], m[obj][~feas], s=3, color="0.8", label="infeasible (memory / latency)")
-    ax.scatter(m["latency_ms"][feas], m[obj][feas], s=4, color="tab:blue", alpha=0.5, label="feasible")
-    front = sweep_result["pareto"]
-    if front:
-        ax.plot([p["metrics"]["latency_ms"] for p in front], [p["metrics"][obj] for p in front], "-o", ms=3,
-                color="tab:red", lw=1.2, label="Pareto front")
-    if baseline is not None:
-        ax.scatter(baseline["latency_ms"], baseline[obj], marker="s", s=50, facecolors="none", edgecolors="k",
-                   zorder=5, label="published design")
-    if search is not None:
-        sp = search["snapped"]["metrics"]
-        ax.scatter(sp["latency_ms"], sp[obj], marker="*", s=120, color="tab:green", zorder=6,
-                   label="gradient search (snapped)")
-    ax.axvline(sweep_result["latency_bound_ms"], color="k", ls=":", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("latency (ms/token)")
-    ax.set_ylabel(obj)
-    ax.set_title(f"{sweep_result['n_designs']:,} designs; latency bound {sweep_result['latency_bound_ms']} ms", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path

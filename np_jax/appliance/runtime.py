@@ -17,9 +17,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from np_jax.distributed import to_global, to_host
+from np_jax.appliance.distributed import to_global, to_host
 
-from np_jax.pipeline import Schedule, card_mesh, place_cards, run_pipeline
+from np_jax.appliance.pipeline import Schedule, card_mesh, place_cards, run_pipeline
 
 
 @dataclass
@@ -42,7 +42,7 @@ class FrameLedger:
             if r == "layers":
                 self.bytes_in[c] += M * frame_bytes
                 self.bytes_out[c] += M * frame_bytes
-            elif r == "head":
+            elif r == "output":
                 self.bytes_in[c] += M * frame_bytes
                 self.bytes_out[c] += M * result_bytes
         self.runs += 1
@@ -51,19 +51,31 @@ class FrameLedger:
         return {"runs": self.runs, "bytes_in": self.bytes_in.tolist(), "bytes_out": self.bytes_out.tolist()}
 
 
-def default_devices(n_cards: int) -> int:
-    """The most devices (<= available, over all processes) over which `n_cards` split evenly."""
-    n = len(jax.devices())
-    return max(d for d in range(1, min(n, n_cards) + 1) if n_cards % d == 0)
+def default_devices(n_cards: int) -> tuple[int, str]:
+    """How many devices to spread `n_cards` cards over, and why.
+
+    On accelerators (and on a mesh spanning processes) one card per device, or the most devices
+    over which the cards split evenly. In one process on CPU, the devices are virtual: they
+    share the host's few cores, so every cross-device transfer is pure overhead and all cards go
+    on one device (the same card programs, bit-identical on any device count).
+    """
+    devs = jax.devices()
+    if devs[0].platform == "cpu" and jax.process_count() == 1:
+        return 1, "all cards on one device: the CPU devices are virtual and share the host's cores"
+    n = max(d for d in range(1, min(len(devs), n_cards) + 1) if n_cards % d == 0)
+    return n, ("one card per device" if n == n_cards else f"{n_cards // n} cards per device")
 
 
 class ApplianceRuntime:
     """Cards configured once (params and state resident, sharded over a mesh); `run` streams micro-batches."""
 
-    def __init__(self, schedule: Schedule, layer_fn, head_fn, card_params, state, *, devices: int | None = None,
+    def __init__(self, schedule: Schedule, layer_fn, output_fn, card_params, state, *, devices: int | None = None,
                  axis: str = "cards", user_axis: int = 0):
         self.schedule = schedule
-        n_dev = default_devices(schedule.n_cards) if devices is None else devices
+        if devices is None:
+            n_dev, self.device_choice = default_devices(schedule.n_cards)
+        else:
+            n_dev, self.device_choice = devices, f"{devices} device(s) as asked"
         if schedule.n_cards % n_dev:
             raise ValueError(f"{schedule.n_cards} cards cannot be split evenly over {n_dev} devices")
         self.mesh = card_mesh(n_dev, axis)
@@ -72,7 +84,7 @@ class ApplianceRuntime:
         self.frames = FrameLedger(schedule.n_cards)
         self._compiled: dict = {}
         self.compile_s = 0.0  # ahead-of-time compilation time, kept out of run timings
-        self._run = jax.jit(partial(run_pipeline, schedule, self.mesh, layer_fn, head_fn, axis=axis, user_axis=user_axis),
+        self._run = jax.jit(partial(run_pipeline, schedule, self.mesh, layer_fn, output_fn, axis=axis, user_axis=user_axis),
                             donate_argnums=(3,))
 
     @property

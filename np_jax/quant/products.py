@@ -24,22 +24,25 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from np_jax import activation_unit, core
-from np_jax.array import TiledWeights, Tiling, array_vmm, tile_weights
-from np_jax.quant import TensorQuant, act_grad_scale, check_step, fake_quant, lsq_fake_quant, weight_grad_scale
-from np_jax.vector_unit import VECTOR_DTYPE, quantize, scale_accumulator
+from np_jax.chip import activation_unit, core
+from np_jax.chip.array import TiledWeights, Tiling, array_vmm, tile_weights
+from np_jax.quant.lsq import TensorQuant, act_grad_scale, check_step, fake_quant, lsq_fake_quant, weight_grad_scale
+from np_jax.chip.vector_unit import VECTOR_DTYPE, quantize, scale_accumulator
 
 _EINSUM = {"linear": "...k,kn->...n", "qk": "...lk,...tk->...lt", "pv": "...lt,...tk->...lk"}
 
 
 @dataclass(frozen=True)
 class ProductSpec:
-    """A quantized product: its kind ("linear", "qk" or "pv") and its operands' quantizers."""
+    """A quantized product: its kind ("linear", "qk" or "pv"), its operands' quantizers and, for a
+    linear layer, the `Tiling` of its weights on the core array (the mapping's own object;
+    None: the full grid)."""
 
     kind: str
     a: TensorQuant
     b: TensorQuant
     out_dtype: object = VECTOR_DTYPE
+    tiling: Tiling | None = None
 
     def __post_init__(self):
         if self.kind not in _EINSUM:
@@ -76,7 +79,9 @@ def scaled_int_product(a_q: jax.Array, b_q: jax.Array | TiledWeights, s_a: jax.A
 
 def _quantize_b(b, s_b, spec: ProductSpec):
     b_q = quantize(b, s_b, spec.b.bits, spec.b.signed)
-    return tile_weights(b_q, bits=spec.b.bits, signed=spec.b.signed) if spec.kind == "linear" else b_q
+    if spec.kind != "linear":
+        return b_q
+    return tile_weights(b_q, bits=spec.b.bits, signed=spec.b.signed, tiling=spec.tiling)
 
 
 def _fake_product(a, b, s_a, s_b, spec: ProductSpec):
@@ -108,19 +113,21 @@ quantized_product.defvjp(_qp_fwd, _qp_bwd)
 
 # --- linear layers -------------------------------------------------------------------------------
 
-def linear(x: jax.Array, p: dict, x_tq: TensorQuant, w_tq: TensorQuant, *, dtype=VECTOR_DTYPE) -> jax.Array:
+def linear(x: jax.Array, p: dict, x_tq: TensorQuant, w_tq: TensorQuant, *, dtype=VECTOR_DTYPE,
+           tiling: Tiling | None = None) -> jax.Array:
     """A linear layer `x @ W + b` under its precision.
 
-    `p` is either a training layer {"w": [K, N] float, "s_w", "s_x", ("b")} or a serving layer
-    from `prepare_linear` {"tw": TiledWeights, "s_w", "s_x", ("b")}; both run the same integer
-    forward. Float precision computes `x @ w` in float32 and returns `dtype`.
+    `p` is either a training layer {"w": [K, N] float, "s_w", "s_x", ("b")}, whose weights are
+    tiled with `tiling` (the mapping's), or a serving layer from `prepare_linear`
+    {"tw": TiledWeights, "s_w", "s_x", ("b")}, which carries its tiling; both run the same
+    integer forward. Float precision computes `x @ w` in float32 and returns `dtype`.
     """
     if w_tq.is_float or x_tq.is_float:
         if "w" not in p:
             raise ValueError("a float layer needs float weights 'w'")
         y = jnp.einsum("...k,kn->...n", x.astype(jnp.float32), p["w"].astype(jnp.float32))
     else:
-        spec = ProductSpec("linear", x_tq, w_tq, dtype)
+        spec = ProductSpec("linear", x_tq, w_tq, dtype, tiling)
         if "tw" in p:
             x_q = quantize(x, p["s_x"], x_tq.bits, x_tq.signed)
             y = scaled_int_product(x_q, p["tw"], p["s_x"], p["s_w"], spec)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from np_jax.spec import NORTHPOLE, ChipSpec
+from np_jax.spec import NORTHPOLE, ChipSpec, vmm_ops_per_cycle
 
 SUPPORTED_BITS = (2, 4, 8)
 INT32_MIN = -(2**31)
@@ -174,9 +174,27 @@ class VmmCost:
         return self.cycles / chip.clock_hz
 
 
+PSUM_BYTES = 4  # one int32 partial sum on the partial-sum network
+
+
+def _maximum(a, b):
+    return jnp.maximum(a, b) if isinstance(a, jax.Array) or isinstance(b, jax.Array) else max(a, b)
+
+
+def block_work(b, kb, nb, x_bits, w_bits, ops_per_cycle_int8) -> dict:
+    """What one core does for its [b, Kb] x [Kb, Nb] block product: VMM cycles at the wider
+    operand's rate, weight bytes it reads (packed), input bytes it receives, int32 partial-sum
+    bytes it passes on. Plain arithmetic on Python numbers or traced values, so the concrete
+    costs here and the (relaxed, differentiable) performance model are one formula."""
+    bits = _maximum(x_bits, w_bits)
+    return {"vmm_cycles": 2 * b * kb * nb / vmm_ops_per_cycle(ops_per_cycle_int8, bits),
+            "weight_bytes": kb * nb * w_bits / 8, "input_bytes": b * kb * x_bits / 8,
+            "psum_bytes": PSUM_BYTES * b * nb}
+
+
 def vmm_cycles(b: int, kb: int, nb: int, bits: int, chip: ChipSpec = NORTHPOLE) -> int:
     """Cycles for one core to multiply a [b, kb] block by a [kb, nb] block."""
-    return math.ceil(2 * b * kb * nb / chip.vmm_ops_per_cycle(bits))
+    return math.ceil(block_work(b, kb, nb, check_bits(bits), bits, chip.vmm_ops_per_cycle_int8)["vmm_cycles"])
 
 
 def core_vmm_cost(b: int, k: int, n: int, x_bits: int, w_bits: int, chip: ChipSpec = NORTHPOLE) -> VmmCost:
@@ -185,5 +203,5 @@ def core_vmm_cost(b: int, k: int, n: int, x_bits: int, w_bits: int, chip: ChipSp
     return VmmCost(
         macs=b * k * n, bits=bits, cores=1, cycles=vmm_cycles(b, k, n, bits, chip),
         weight_bytes=stored_bytes(k * n, w_bits), input_bytes=stored_bytes(b * k, x_bits),
-        partial_sum_bytes=0, output_bytes=4 * b * n,
+        partial_sum_bytes=0, output_bytes=PSUM_BYTES * b * n,
     )

@@ -1,4 +1,4 @@
-"""LSQ quantization (Esser et al., ICLR 2020) and the precision policy.
+"""LSQ quantization (Esser et al., ICLR 2020): the tensor quantizer, step sizes, fake-quant.
 
 One quantizer definition serves training and inference:
 - integer codes: `vector_unit.quantize(v, s, bits, signed)` = clip(round(v / s), -Q_N, Q_P);
@@ -12,19 +12,10 @@ One quantizer definition serves training and inference:
   per-token feature count is what keeps step and weight updates in proportion whatever the
   batch shape (the paper's N_F).
 - initial step `s0 = 2 * mean(|v|) / sqrt(Q_P)` (per channel: mean over the other axes).
-
-The precision policy is data: an ordered list of (pattern, TensorQuant) rules; the first
-pattern (fnmatch) that matches a tensor's role decides its width. Roles are strings such as
-`layers.3.attn.q.w` (a weight), `layers.3.attn.x` (the input shared by the q, k and v
-projections; `attn.o.x`, `mlp.x` (gate and up), `mlp.down.x` likewise),
-`layers.3.attn.kv` (the KV cache), `layers.3.attn.qk.q` (the query entering Q K^T),
-`layers.3.attn.probs` (attention probabilities entering P V), `layers.3.mlp.silu` (SiLU input
-and output), `lm_head.w`, `lm_head.x`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -33,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from np_jax.core import int_range
-from np_jax.vector_unit import code_range, quantize
+from np_jax.chip.core import int_range
+from np_jax.chip.vector_unit import code_range, quantize
 
 
 @dataclass(frozen=True)
@@ -63,63 +54,6 @@ class TensorQuant:
 
 
 FLOAT = TensorQuant(None)
-
-
-@dataclass(frozen=True)
-class PrecisionPolicy:
-    """Which tensors get which width: ordered (fnmatch pattern, TensorQuant) rules, first match wins."""
-
-    name: str
-    rules: tuple[tuple[str, TensorQuant], ...]
-    description: str = ""
-
-    def __call__(self, role: str) -> TensorQuant:
-        for pattern, tq in self.rules:
-            if fnmatch.fnmatchcase(role, pattern):
-                return tq
-        raise KeyError(f"precision policy {self.name!r} has no rule for tensor {role!r}")
-
-    @property
-    def is_float(self) -> bool:
-        return all(tq.is_float for _, tq in self.rules)
-
-
-def _w(bits):  # weights: per-output-channel steps
-    return TensorQuant(bits, per_channel=True)
-
-
-POLICIES: dict[str, PrecisionPolicy] = {
-    p.name: p
-    for p in [
-        PrecisionPolicy(
-            "w4a4",
-            (("lm_head.w", _w(8)), ("lm_head.x", TensorQuant(8)), ("*.mlp.silu", TensorQuant(8)),
-             ("*.attn.probs", TensorQuant(4, signed=False)), ("*.w", _w(4)), ("*", TensorQuant(4))),
-            "HPEC24: INT4 weights, linear/matmul inputs and KV cache; INT8 output layer and SiLU",
-        ),
-        PrecisionPolicy(
-            "a8c8w4",
-            (("lm_head.w", _w(8)), ("*.attn.probs", TensorQuant(8)), ("*.w", _w(4)),
-             ("*", TensorQuant(8))),
-            "rack successor: 8-bit activations and KV cache, 4-bit weights (INT8 output layer)",
-        ),
-        PrecisionPolicy(
-            "w8a8",
-            (("*.attn.probs", TensorQuant(8)), ("*.w", _w(8)), ("*", TensorQuant(8))),
-            "INT8 weights, activations and KV cache",
-        ),
-        PrecisionPolicy("float", (("*", FLOAT),), "no quantization (float32 reference)"),
-    ]
-}
-
-
-def get_policy(name: str | PrecisionPolicy) -> PrecisionPolicy:
-    if isinstance(name, PrecisionPolicy):
-        return name
-    try:
-        return POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(POLICIES)}") from None
 
 
 # --- step sizes ---------------------------------------------------------------------------------

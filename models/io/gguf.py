@@ -44,14 +44,16 @@ import numpy as np
 from gguf import quants as _gguf_quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from models.config import ModelConfig
+
 __all__ = [
     "GGUFError",
     "GGUFModel",
     "GGUFTokenizerData",
-    "LlamaHParams",
     "TensorInfo",
     "permute_qk",
     "read_gguf",
+    "read_gguf_config",
     "read_gguf_metadata",
     "read_gguf_tokenizer_data",
     "smollm2_gguf_path",
@@ -119,38 +121,6 @@ class GGUFError(ValueError):
 
 
 @dataclass(frozen=True)
-class LlamaHParams:
-    """Llama-architecture hyper-parameters read from GGUF ``llama.*`` metadata.
-
-    Attributes:
-        n_layers: number of transformer blocks.
-        d_model: residual stream width (embedding length), elements.
-        d_ff: SwiGLU hidden width, elements.
-        n_heads: query heads.
-        n_kv_heads: key/value heads (grouped-query attention; divides n_heads).
-        head_dim: elements per attention head.
-        vocab_size: number of token ids (rows of the embedding).
-        rope_theta: RoPE frequency base (dimensionless).
-        rms_eps: RMSNorm epsilon (added to the mean square).
-        context_length: trained context length, tokens.
-        tied_embeddings: True when the output projection reuses the embedding
-            (the file has no ``output.weight``).
-    """
-
-    n_layers: int
-    d_model: int
-    d_ff: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rope_theta: float
-    rms_eps: float
-    context_length: int
-    tied_embeddings: bool
-
-
-@dataclass(frozen=True)
 class GGUFTokenizerData:
     """Tokenizer description stored in GGUF ``tokenizer.*`` metadata.
 
@@ -206,7 +176,8 @@ class GGUFModel:
     Attributes:
         metadata: every GGUF key/value as plain Python values (str, int, float,
             bool, lists of those).
-        hparams: hyper-parameters, see :class:`LlamaHParams`.
+        config: the model's hyper-parameters as a :class:`models.config.ModelConfig`
+            (named after the file's ``general.name``).
         tensors: float32 numpy arrays under standardised names.  Matrices are
             stored ``(out, in)`` exactly like the file / PyTorch ``nn.Linear``,
             so a projection is ``y = x @ w.T``::
@@ -233,7 +204,7 @@ class GGUFModel:
     """
 
     metadata: dict[str, Any]
-    hparams: LlamaHParams
+    config: ModelConfig
     tensors: dict[str, np.ndarray]
     tokenizer: GGUFTokenizerData
     tensor_info: dict[str, TensorInfo] = field(default_factory=dict)
@@ -502,6 +473,18 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _parse_file(path, with_tensors=False).metadata
 
 
+def read_gguf_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """The model's hyper-parameters from a GGUF file's header (metadata and tensor records, no
+    tensor data): what a command checks before it loads the weights.
+
+    Raises:
+        GGUFError: as :func:`read_gguf`, for the header.
+    """
+    parsed = _parse_file(path, with_tensors=True)
+    tok = _tokenizer_data(parsed.metadata, os.fspath(path))
+    return _hparams(parsed.metadata, os.fspath(path), parsed.tensor_info, len(tok.tokens))
+
+
 def _tokenizer_data(metadata: Mapping[str, Any], name: str) -> GGUFTokenizerData:
     """Extract and validate :class:`GGUFTokenizerData` from parsed metadata."""
 
@@ -563,7 +546,7 @@ def read_gguf_tokenizer_data(path: str | os.PathLike[str]) -> GGUFTokenizerData:
 
 def _hparams(
     metadata: Mapping[str, Any], name: str, infos: Mapping[str, TensorInfo], n_tokens: int
-) -> LlamaHParams:
+) -> ModelConfig:
     """Read and sanity-check Llama hyper-parameters from ``{arch}.*`` metadata."""
     arch = metadata.get("general.architecture")
     if arch != "llama":
@@ -620,7 +603,8 @@ def _hparams(
     vocab_size = get_int("vocab_size", default=infos["token_embd.weight"].shape[0])
     if n_tokens != vocab_size:
         raise GGUFError(f"{name}: tokenizer has {n_tokens} tokens but the model vocabulary is {vocab_size}")
-    return LlamaHParams(
+    return ModelConfig(
+        str(metadata.get("general.name") or pathlib.Path(name).stem),
         n_layers=n_layers,
         d_model=d_model,
         d_ff=d_ff,
@@ -630,12 +614,13 @@ def _hparams(
         vocab_size=vocab_size,
         rope_theta=rope_theta,
         rms_eps=rms_eps,
-        context_length=context_length,
+        max_seq_len=context_length,
         tied_embeddings="output.weight" not in infos,
+        source=f"GGUF: {metadata.get('general.name', pathlib.Path(name).name)}",
     )
 
 
-def _expected_tensors(hp: LlamaHParams) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _expected_tensors(hp: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
     """GGUF name -> (standard name, numpy-order shape) for every tensor we expect."""
     d, f, v = hp.d_model, hp.d_ff, hp.vocab_size
     q_out, kv_out = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
@@ -775,7 +760,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
         mm.close()
         f.close()
     return GGUFModel(
-        metadata=parsed.metadata, hparams=hp, tensors=tensors, tokenizer=tok, tensor_info=dict(infos)
+        metadata=parsed.metadata, config=hp, tensors=tensors, tokenizer=tok, tensor_info=dict(infos)
     )
 
 
@@ -784,7 +769,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
 
 def write_llama_gguf(
     path: str | os.PathLike[str],
-    hparams: LlamaHParams,
+    config: ModelConfig,
     tensors: Mapping[str, np.ndarray],
     tokenizer: GGUFTokenizerData,
     *,
@@ -800,7 +785,7 @@ def write_llama_gguf(
 
     Args:
         path: output file.
-        hparams: hyper-parameters; ``tied_embeddings`` decides whether ``lm_head`` is written.
+        config: hyper-parameters; ``tied_embeddings`` decides whether ``lm_head`` is written.
         tensors: float arrays under standard names.
         tokenizer: tokenizer metadata to embed.
         matrix_type: storage type of the projection matrices (F32, F16, Q8_0, Q4_1, ...).
@@ -809,10 +794,10 @@ def write_llama_gguf(
     """
     import gguf  # local: the writer is only needed here
 
-    hp = hparams
+    hp = config
     w = gguf.GGUFWriter(os.fspath(path), arch="llama")
     w.add_block_count(hp.n_layers)
-    w.add_context_length(hp.context_length)
+    w.add_context_length(hp.max_seq_len)
     w.add_embedding_length(hp.d_model)
     w.add_feed_forward_length(hp.d_ff)
     w.add_head_count(hp.n_heads)

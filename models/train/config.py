@@ -1,0 +1,97 @@
+"""The settings of a training run (`TrainConfig`), saved in every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from models import llama
+from models.io.load import DEFAULT_MODEL
+from models.train.data import DataConfig
+from np_jax.quant import get_policy
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint).
+
+    Units: `lr`, `step_lr` per optimizer step (Adam); `seq_len` tokens; a step consumes
+    `grad_accum * batch_size * seq_len` target tokens.
+    """
+
+    out: str = "runs/train"                 # checkpoint directory (created; resumed if it holds checkpoints)
+    model: str = DEFAULT_MODEL              # smollm2-135m (GGUF) or a named config (random init)
+    gguf: str | None = None                 # a GGUF file instead of the packaged SmolLM2
+    init_from: str | None = None            # start from the newest checkpoint of this run directory
+    precision: str = "float"                # float: float training; w4a4, a8c8w4, w8a8: QAT
+    calibration: str = "mse"                # initial step sizes for QAT: mse or lsq
+    calib_windows: int = 4                  # training windows the activation steps are calibrated on
+    steps: int = 100
+    batch_size: int = 1                     # rows per micro-batch
+    grad_accum: int = 4                     # micro-batches per optimizer step
+    seq_len: int = 256
+    lr: float = 1e-4                        # weights (AdamW) and other float parameters (Adam)
+    step_lr: float | None = None            # step sizes (default: lr)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0                   # linear learning-rate warm-up
+    schedule: str = "cosine"                # cosine (to 10% at `steps`) or constant
+    act_step_lr_mult: float = 200.0         # warm start of the activation steps (HPEC24 sec. V)
+    act_step_warmup_steps: int = 250
+    grad_clip: float | None = 1.0
+    distill: float = 0.0                    # weight of KL(float teacher || model) in the loss
+    seed: int = 0                           # data order (and random init of named configs)
+    data_dirs: tuple[str, ...] = ()         # default: the standard library
+    held_out_fraction: float = 0.05
+    split_seed: int = 0
+    save_every: int = 50                    # steps between checkpoints (and the last step)
+    keep: int = 3                           # checkpoints kept
+    log_every: int = 10                     # plain log lines (when no progress bar is shown)
+    appliance_cards: int = 0                # >0: the forward runs through the card pipeline on this many cards
+
+    # Settings that do not change the trajectory (may differ when resuming).
+    FREE = ("out", "save_every", "keep", "log_every")
+
+    def __post_init__(self):
+        get_policy(self.precision)
+        if self.calibration not in llama.CALIBRATIONS:
+            raise ValueError(f"unknown calibration {self.calibration!r}; choose one of {', '.join(llama.CALIBRATIONS)}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine or constant")
+        if self.appliance_cards < 0:
+            raise ValueError(f"appliance cards must be >= 0, got {self.appliance_cards}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep", "calib_windows", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill must be in [0, 1], got {self.distill}")
+        if self.lr <= 0 or (self.step_lr is not None and self.step_lr <= 0):
+            raise ValueError("learning rates must be > 0")
+        if self.warmup_steps < 0 or self.act_step_warmup_steps < 0:
+            raise ValueError("warm-up steps must be >= 0")
+        DataConfig(self.data_dirs, self.held_out_fraction, self.split_seed)  # validates
+
+    @property
+    def data(self) -> DataConfig:
+        return DataConfig(tuple(self.data_dirs), self.held_out_fraction, self.split_seed)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.grad_accum * self.batch_size * self.seq_len
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["data_dirs"] = list(self.data_dirs)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["data_dirs"] = tuple(d.get("data_dirs", ()))
+        return cls(**d)
+
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """Settings that change the trajectory and differ (`steps` only matters for the cosine schedule)."""
+        free = set(self.FREE) | ({"steps"} if self.schedule == other.schedule == "constant" else set())
+        a, b = self.to_json(), other.to_json()
+        return [f"{k}: {b[k]!r} (saved) vs {a[k]!r} (now)" for k in a if k not in free and a[k] != b[k]]

@@ -1,0 +1,376 @@
+"""The training loop: float fine-tuning and LSQ quantization-aware training (QAT).
+
+One loop serves both: the model's forward is `llama.forward(params, tokens, cfg, policy)`, the
+same integer forward that serves on the emulated chip; for a quantized policy its custom VJPs
+give the LSQ gradients (weights, weight steps and activation steps all learn). The optimizer is
+`np_jax.quant.optim.lsq_optimizer` (AdamW for weights, Adam for step sizes, the 200x warm start of
+the activation steps).
+
+QAT starts from float parameters (SmolLM2-135M from its GGUF file, a named config from random
+init, or the newest checkpoint of a float run, `init_from`), whose step sizes are first
+calibrated on training windows (`calibration`: "mse", much better without QAT and the default
+here, or "lsq", the paper's initialisation). Optionally the loss distils the float model
+(`distill` in [0, 1]: weight of KL(float teacher || student), the rest is next-token CE).
+
+Determinism: there is no dropout; the data order is a pure function of (seed, step)
+(models.train.data.TrainStream) and the CPU computation is deterministic, so a run interrupted at any
+step and resumed from its last checkpoint ends with bit-identical parameters.
+
+Checkpoints (orbax `CheckpointManager`, one directory per step under `out/`): items `params`,
+`opt_state` (standard pytrees) and `meta` (JSON: settings, model config, step, tokens, wall
+time). After orbax finalizes a step, `np_jax_manifest.json` is written into the step
+directory (atomically, last): the size and SHA-256 of every file of the step and a SHA-256 of
+the restored arrays. A step without a manifest is incomplete (interrupted while saving);
+any size or hash mismatch, unreadable file or failing restore marks it corrupt. Loading takes
+the newest step that verifies and reports each rejected one with the reason; when resuming
+training, rejected steps are moved to `out/rejected/` so the run can write those steps again.
+
+Data parallelism (`train(tc, devices=N)`, and always in a multi-process run, see
+`np_jax.appliance.distributed`): the parameters and optimizer state are replicated over a 1-D "data"
+mesh of N devices, each device takes `batch_size / N` sequences of every micro-batch, and the
+jitted step's mean over the global batch becomes XLA's all-reduce of the gradients. Every
+process computes the same data stream (it is a pure function of seed and step) and feeds its
+devices their slice. Only process 0 writes logs, metrics and manifests; every process takes
+part in orbax's saves. The result equals one-device training up to the order of the float
+sums (tests/test_multiprocess.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from models import llama
+from models.config import ModelConfig
+from models.appliance import pipelined_logits, schedule_of
+from models.evaluate.perplexity import token_nll
+from models.io.load import Model, load_model, model_encoder
+from models.train.checkpoint import (FORMAT, CheckpointWriter, NoGoodCheckpoint, RunLock, barrier,
+                                     checkpoint_steps, load_checkpoint, quarantine_unverified)
+from models.train.config import TrainConfig
+from models.train.data import Corpus, TrainStream
+from np_jax.appliance.distributed import to_global, to_host
+from np_jax.appliance.mapping import map_model
+from np_jax.appliance.pipeline import card_mesh
+from np_jax.quant import get_policy, optim
+
+STEP_FLOOR = 1e-8  # step sizes are kept >= this after every update (same floor as quant.init_step)
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_base(model: str, gguf: str | None = None, seed: int = 0, init_from: str | None = None,
+              log: Log = _stderr) -> Model:
+    """The model a run starts from: `init_from`'s newest good checkpoint, else `load_model`."""
+    if init_from:
+        ck = load_checkpoint(init_from, log=log)
+        tc = ck.train_config
+        return Model(ck.cfg, ck.params, model_encoder(tc.model, tc.gguf, ck.cfg),
+                     f"checkpoint {ck.path} (step {ck.step}, {tc.precision})")
+    return load_model(model, gguf, seed=seed, log=log)
+
+
+def make_schedule(lr: float, steps: int, warmup: int, kind: str) -> optax.Schedule:
+    """Learning rate per step: linear warm-up over `warmup` steps, then constant or cosine to 10% at `steps`."""
+    if kind == "constant":
+        main = optax.constant_schedule(lr)
+    else:
+        main = optax.cosine_decay_schedule(lr, max(1, steps - warmup), alpha=0.1)
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(lr / warmup, lr, warmup), main], [warmup])
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    lr = make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule)
+    slr = make_schedule(tc.step_lr if tc.step_lr is not None else tc.lr, tc.steps, tc.warmup_steps, tc.schedule)
+    return optim.lsq_optimizer(lr, weight_decay=tc.weight_decay, act_step_lr_mult=tc.act_step_lr_mult,
+                               act_step_warmup_steps=tc.act_step_warmup_steps, step_learning_rate=slr,
+                               grad_clip=tc.grad_clip)
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _floor_steps(params):
+    def f(path, x):
+        return jnp.maximum(x, STEP_FLOOR) if optim.param_group(path, x) in ("weight_steps", "act_steps") else x
+    return jax.tree_util.tree_map_with_path(f, params)
+
+
+_TRAJECTORY_KEYS = ("precision", "steps", "lr", "step_lr", "weight_decay", "warmup_steps", "schedule",
+                    "act_step_lr_mult", "act_step_warmup_steps", "grad_clip", "distill", "appliance_cards")
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(cfg: ModelConfig, opt_key: tuple, mesh: jax.sharding.Mesh | None = None,
+                pipeline: tuple | None = None) -> Callable:
+    """The jitted optimizer step (cached per model config, optimizer settings and meshes).
+
+    `pipeline`: (cards, micro-batches, sequence length, devices) to run the model's forward
+    through the card pipeline (`appliance_pipeline`).
+    """
+    tc = TrainConfig(**dict(opt_key))
+    policy, distill = tc.precision, tc.distill
+    tx = make_optimizer(tc)
+    if pipeline is None:
+        forward = lambda params, x: llama.forward(params, x, cfg, policy)  # noqa: E731
+    else:
+        mapping, card_mesh_ = appliance_pipeline(cfg, policy, *pipeline)
+        forward = lambda params, x: pipelined_logits(params, x, cfg, policy, mapping, card_mesh_)  # noqa: E731
+
+    def loss_fn(params, teacher, toks_BxL1):
+        x, y = toks_BxL1[:, :-1], toks_BxL1[:, 1:]
+        logits = forward(params, x)
+        ce = token_nll(logits, y).mean()
+        if not distill:
+            return ce, ce
+        t_lp = jax.nn.log_softmax(jax.lax.stop_gradient(llama.forward(teacher, x, cfg, "float")), axis=-1)
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        kl = jnp.sum(jnp.exp(t_lp) * (t_lp - lp), axis=-1).mean()
+        return (1.0 - distill) * ce + distill * kl, ce
+
+    def step(params, opt_state, teacher, toks_AxBxL1):
+        def micro(carry, toks):
+            g_acc, l_acc, ce_acc = carry
+            (l, ce), g = jax.value_and_grad(loss_fn, has_aux=True)(params, teacher, toks)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, ce_acc + ce), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (g, l, ce), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), toks_AxBxL1)
+        n = toks_AxBxL1.shape[0]
+        g = jax.tree.map(lambda a: a / n, g)
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = _floor_steps(optax.apply_updates(params, updates))
+        return params, opt_state, {"loss": l / n, "ce": ce / n, "grad_norm": _global_norm(g)}
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    # data parallel: everything but the batch is replicated, so is everything that comes out
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=jax.sharding.NamedSharding(mesh, P()))
+
+
+def train_step_fn(cfg: ModelConfig, tc: TrainConfig, mesh: jax.sharding.Mesh | None = None,
+                  devices: int | None = None) -> Callable:
+    """`step(params, opt_state, teacher, tokens [A, B, L+1]) -> (params, opt_state, metrics)`.
+
+    `params` and `opt_state` are donated; `teacher` (float parameters) is used only when
+    `tc.distill > 0` (pass None otherwise). With a data `mesh`, pass replicated parameters and
+    tokens sharded over B (see `train`). With `tc.appliance_cards`, the forward runs through
+    the card pipeline over `devices` devices (see `appliance_pipeline`).
+    """
+    pipeline = (tc.appliance_cards, tc.batch_size, tc.seq_len, devices) if tc.appliance_cards else None
+    return _train_step(cfg, tuple((k, getattr(tc, k)) for k in _TRAJECTORY_KEYS), mesh, pipeline)
+
+
+def appliance_pipeline(cfg: ModelConfig, policy, cards: int, micro_batches: int, seq_len: int,
+                       devices: int | None = None) -> tuple:
+    """(Mapping, card mesh) for training through the appliance pipeline.
+
+    `cards` cards mapped by `map_model`: near-equal layer blocks, the output layer split over two
+    cards (as in the paper), one sequence per micro-batch. The active cards are spread over
+    `devices` devices (default: one per card if there are enough, else one device).
+    """
+    mapping = map_model(cfg, policy, users=micro_batches, context=seq_len, cards=cards, micro_batches=micro_batches,
+                        output_cards=2, strict=False)
+    n_cards = schedule_of(mapping).n_cards
+    n = devices or (n_cards if len(jax.devices()) >= n_cards else 1)
+    if n_cards % n:
+        raise ValueError(f"{n_cards} appliance cards cannot be split evenly over {n} devices")
+    return mapping, card_mesh(n)
+
+
+def data_mesh(devices: int | None = None) -> jax.sharding.Mesh | None:
+    """The 1-D "data" mesh of a data-parallel run; None for one device.
+
+    One process: the first `devices` local devices (default 1). Several processes: every
+    device of every process (`devices`, if given, must say so).
+    """
+    devs = jax.devices()
+    if jax.process_count() > 1:
+        if devices not in (None, len(devs)):
+            raise ValueError(f"a multi-process run trains on all {len(devs)} devices of its "
+                             f"{jax.process_count()} processes, not {devices}")
+        n = len(devs)
+    else:
+        n = devices or 1
+        if not 1 <= n <= len(devs):
+            raise ValueError(f"--devices {n}: this process has {len(devs)} {devs[0].platform} device(s) "
+                             "(on CPU, ask for more virtual devices before JAX starts)")
+    return None if n == 1 else jax.sharding.Mesh(np.array(devs[:n]), ("data",))
+
+
+@dataclass
+class TrainResult:
+    params: llama.Params
+    step: int
+    cfg: ModelConfig
+    metrics: list[dict] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    tokens: int = 0
+    resumed_from: int | None = None
+    checkpoint: Path | None = None
+
+
+def read_metrics(path: Path, upto: int) -> list[dict]:
+    """The rows of a run's metrics.jsonl for steps <= `upto` (a line cut by an interruption is skipped)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # a line cut by an interruption
+            if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= upto:
+                rows.append(r)
+    return rows
+
+
+def train(tc: TrainConfig, *, stop_after: int | None = None, progress: bool | None = None,
+          log: Log = _stderr, devices: int | None = None) -> TrainResult:
+    """Run (or resume) the training run `tc`; returns the parameters after the last step run.
+
+    Resumes from the newest verified checkpoint under `tc.out` (its settings must match, see
+    `TrainConfig.differences`). `stop_after=k` returns right after step k without saving, as a
+    process killed at that point would (for tests). `progress`: tqdm bar (None: only on a terminal).
+    `devices`: data-parallel over this many local devices (a multi-process run uses all devices);
+    with `tc.appliance_cards`, the devices the cards are spread over instead.
+    """
+    if jax.process_index() != 0:  # orbax saves collectively; process 0 holds the run's lock
+        return _train(tc, stop_after=stop_after, progress=progress, log=log, devices=devices)
+    with RunLock(tc.out, log):
+        return _train(tc, stop_after=stop_after, progress=progress, log=log, devices=devices)
+
+
+def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, log: Log,
+           devices: int | None) -> TrainResult:
+    from tqdm import tqdm
+
+    mesh = None if tc.appliance_cards else data_mesh(devices)
+    if tc.appliance_cards and jax.process_count() > 1:
+        raise ValueError("training through the appliance pipeline runs in one process")
+    if mesh is not None and tc.batch_size % mesh.size:
+        raise ValueError(f"--batch-size {tc.batch_size} must be a multiple of the {mesh.size} data-parallel devices")
+    lead = jax.process_index() == 0
+    if not lead:
+        log = lambda msg: None  # noqa: E731 - one voice per run
+        progress = False
+    out = Path(tc.out)
+    base = load_base(tc.model, tc.gguf, tc.seed, tc.init_from, log=log)
+    cfg, policy = base.cfg, get_policy(tc.precision)
+    if tc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq-len {tc.seq_len} exceeds the context of {cfg.name} ({cfg.max_seq_len})")
+    corpus = Corpus(tc.data, base.encoder)
+    stream = TrainStream(corpus, tc.seq_len, tc.batch_size, tc.grad_accum, tc.seed)
+    tx = make_optimizer(tc)
+    teacher = base.params if tc.distill else None
+
+    start, resumed_from, elapsed0, metrics = 0, None, 0.0, []
+    ck = None
+    if checkpoint_steps(out):
+        if jax.process_count() > 1:  # process 0 sets rejected steps aside, then all restore the same step
+            if lead:
+                quarantine_unverified(out, log)
+            barrier("checkpoints verified")
+        try:
+            ck = load_checkpoint(out, opt_target_fn=lambda p: jax.eval_shape(tx.init, p), quarantine=lead, log=log)
+        except NoGoodCheckpoint as e:
+            log(f"{e}; starting from step 0")
+    if ck is not None:
+        diff = tc.differences(ck.train_config)
+        if diff:
+            raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}); "
+                             "use another output directory or remove it")
+        if ck.cfg != cfg:
+            raise ValueError(f"{out} holds a checkpoint of another model ({ck.cfg.name})")
+        params, opt_state, start, resumed_from = ck.params, ck.opt_state, ck.step, ck.step
+        elapsed0 = float(ck.meta.get("elapsed_s", 0.0))
+        metrics = read_metrics(out / "metrics.jsonl", start)
+        log(f"resuming {out} from step {start} ({ck.path})")
+    else:
+        params = base.params
+        if not policy.is_float:
+            t0 = time.perf_counter()
+            params = llama.calibrate(params, jnp.asarray(stream.calibration(tc.calib_windows)), cfg, policy,
+                                     tc.calibration)
+            log(f"calibrated {policy.name} step sizes ({tc.calibration}) on {tc.calib_windows} windows "
+                f"in {time.perf_counter() - t0:.1f} s")
+        params = jax.tree.map(jnp.array, params)  # own copies: the step donates them (the teacher keeps the base)
+        opt_state = tx.init(params)
+    if mesh is not None:
+        repl, batch_sharding = (jax.sharding.NamedSharding(mesh, spec) for spec in (P(), P(None, "data", None)))
+        params, opt_state, teacher = (None if t is None else jax.tree.map(lambda x: to_global(to_host(x), repl), t)
+                                      for t in (params, opt_state, teacher))
+    if start >= tc.steps:
+        log(f"{out} is already at step {start} (of {tc.steps})")
+        return TrainResult(params, start, cfg, metrics, elapsed0, start * tc.tokens_per_step, resumed_from,
+                           ck.path if ck else None)
+
+    out.mkdir(parents=True, exist_ok=True)
+    mpath = out / "metrics.jsonl"
+    if lead:
+        mpath.write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    writer = CheckpointWriter(out, tc.keep)
+    step_fn = train_step_fn(cfg, tc, mesh, devices if tc.appliance_cards else None)
+    lr_at = make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule)
+    log(f"training {cfg.name} ({base.source}) at {policy.name}: steps {start + 1}-{tc.steps}, "
+        f"{tc.grad_accum} x {tc.batch_size} x {tc.seq_len} = {tc.tokens_per_step} tokens/step; "
+        f"data {corpus.describe()}" + (f"; data parallel over {mesh.size} devices" if mesh is not None else "")
+        + (f"; through the {tc.appliance_cards}-card appliance pipeline" if tc.appliance_cards else ""))
+    bar = tqdm(total=tc.steps, initial=start, desc=f"train {policy.name}", unit="step", file=sys.stderr,
+               disable=(None if progress is None else not progress), dynamic_ncols=True)
+    elapsed, last_ckpt = elapsed0, None
+    try:
+        with open(mpath if lead else os.devnull, "a") as mfile:
+            for step in range(start, tc.steps):
+                toks = stream.batch(step)
+                toks = jnp.asarray(toks) if mesh is None else to_global(toks, batch_sharding)
+                t0 = time.perf_counter()
+                params, opt_state, m = step_fn(params, opt_state, teacher, toks)
+                m = {k: float(to_host(v)) for k, v in m.items()}  # waits for the step
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                done = step + 1
+                row = {"step": done, **m, "lr": float(lr_at(step)), "tokens": done * tc.tokens_per_step,
+                       "step_s": dt, "elapsed_s": elapsed, "tokens_per_s": tc.tokens_per_step / dt}
+                metrics.append(row)
+                mfile.write(json.dumps(row) + "\n")
+                mfile.flush()
+                if not math.isfinite(m["loss"]):
+                    raise ValueError(f"loss is {m['loss']} at step {done}; lower the learning rate")
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+                if bar.disable and (done % tc.log_every == 0 or done == tc.steps or done == start + 1):
+                    log(f"step {done}/{tc.steps} loss {m['loss']:.4f} ce {m['ce']:.4f} "
+                        f"{row['tokens_per_s']:.0f} tokens/s, {elapsed / 60:.1f} min")
+                if stop_after is not None and done >= stop_after:
+                    break
+                if done % tc.save_every == 0 or done == tc.steps:
+                    meta = {"format": FORMAT, "step": done, "train_config": tc.to_json(),
+                            "model_config": dataclasses.asdict(cfg), "source": base.source,
+                            "precision": policy.name, "elapsed_s": elapsed, "tokens": done * tc.tokens_per_step,
+                            "data": corpus.describe(), "loss": m["loss"]}
+                    last_ckpt = writer.save(done, params, opt_state, meta)
+    finally:
+        bar.close()
+        writer.close()
+    return TrainResult(params, done, cfg, metrics, elapsed, done * tc.tokens_per_step, resumed_from, last_ckpt)

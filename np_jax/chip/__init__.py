@@ -1,0 +1,64 @@
+"""The NorthPole chip (one card): a core's integer VMM, the 16 x 16 core array, per-core SRAM,
+the FP16 vector unit and the activation-function unit.
+
+- `core`: `core_vmm` (int32 accumulation, static overflow check), the saturating partial-sum
+  network, sub-byte packing, the per-core work formula `block_work`.
+- `array`: `Tiling` (which core holds which block; the one formula `tile_blocks`),
+  `TiledWeights`, `tile_weights`, `array_vmm`.
+- `memory`: `CoreMemory`, the byte ledger of one card's cores, and `CoreMemoryError`.
+- `vector_unit`: FP16 elementwise math, fixed-order reductions, `quantize` (the one definition).
+- `activation_unit`: lookup-table activations (`build_lut`, `apply_lut`).
+"""
+
+from np_jax.chip.activation_unit import apply_lut, build_lut, silu
+from np_jax.chip.array import (TiledWeights, Tiling, array_vmm, array_vmm_cost, core_mesh, shard_weights, tile_blocks,
+                               tile_weights)
+from np_jax.chip.core import (INT32_MAX, INT32_MIN, PSUM_BYTES, SUPPORTED_BITS, AccumulatorOverflowError, VmmCost,
+                              block_work, check_bits, core_vmm, core_vmm_cost, int_range, pack_bits, saturating_add,
+                              saturating_sum, stored_bytes, unpack_bits, vmm_cycles)
+from np_jax.chip.memory import Allocation, CoreMemory, CoreMemoryError
+from np_jax.chip.vector_unit import (FP16_BYTES, VECTOR_DTYPE, code_range, dequantize, quantize, rmsnorm,
+                                     scale_accumulator, softmax, tree_sum)
+
+__all__ = [
+    "AccumulatorOverflowError",
+    "Allocation",
+    "CoreMemory",
+    "CoreMemoryError",
+    "FP16_BYTES",
+    "INT32_MAX",
+    "INT32_MIN",
+    "PSUM_BYTES",
+    "SUPPORTED_BITS",
+    "TiledWeights",
+    "Tiling",
+    "VECTOR_DTYPE",
+    "VmmCost",
+    "apply_lut",
+    "array_vmm",
+    "array_vmm_cost",
+    "block_work",
+    "build_lut",
+    "check_bits",
+    "code_range",
+    "core_mesh",
+    "core_vmm",
+    "core_vmm_cost",
+    "dequantize",
+    "int_range",
+    "pack_bits",
+    "quantize",
+    "rmsnorm",
+    "saturating_add",
+    "saturating_sum",
+    "scale_accumulator",
+    "shard_weights",
+    "silu",
+    "softmax",
+    "stored_bytes",
+    "tile_blocks",
+    "tile_weights",
+    "tree_sum",
+    "unpack_bits",
+    "vmm_cycles",
+]
