@@ -90,8 +90,9 @@ def add_mapping_arguments(parser, *, users: int | None, cards: int = 16) -> None
     parser.add_argument("--output-cards", "--head-cards", dest="output_cards", type=int, default=None,
                         help="cards for the output layer (default: the count with the best predicted throughput, "
                              "at least the fewest that fit)")
-    parser.add_argument("--max-latency-ms", type=float, default=None,
-                        help="choose the mapping with the best predicted throughput within this latency (ms/token)")
+    parser.add_argument("--layer-cards", type=int, default=None,
+                        help="cards for the layers (default: the count with the best predicted throughput; the "
+                             "cards left over stay idle)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,13 +42,13 @@ def mapping_from_args(shape, policy, args, *, context: int, prompt_tokens: int |
         positive("micro-batches", args.micro_batches, upper=args.users, why="at least one user per micro-batch")
     if args.output_cards is not None:
         positive("output-cards", args.output_cards, upper=args.cards - 1, why="one card at least holds layers")
-    if args.max_latency_ms is not None and not args.max_latency_ms > 0:
-        raise ValueError(f"--max-latency-ms must be > 0, got {args.max_latency_ms}")
+    if args.layer_cards is not None:
+        positive("layer-cards", args.layer_cards, upper=args.cards - 1, why="one card at least holds the output layer")
     prompt = prompt_tokens or max(1, context // 2)
     gen = gen_tokens or max(1, context - prompt)
     return cost.plan_mapping(shape, policy, users=args.users, context=context, cards=args.cards,
-                             micro_batches=args.micro_batches, output_cards=args.output_cards, prompt_tokens=prompt,
-                             gen_tokens=gen, latency_bound_ms=args.max_latency_ms)
+                             micro_batches=args.micro_batches, output_cards=args.output_cards,
+                             layer_cards=args.layer_cards, prompt_tokens=prompt, gen_tokens=gen)
 
 
 def print_mapping(m, shape) -> None:

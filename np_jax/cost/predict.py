@@ -33,6 +33,11 @@ MAX_OUTPUT_CARDS = 64
 N_PHASES = len(LAYER_PHASES)
 
 
+def _bucket(n: int, least: int = 16) -> int:
+    """Padded size: a power of two, at least `least` (so calls of other sizes reuse one compilation)."""
+    return max(least, 1 << max(0, (n - 1).bit_length()))
+
+
 # --- from a mapping --------------------------------------------------------------------------------
 
 def mapping_structure(mapping: Mapping) -> dict:
@@ -109,8 +114,9 @@ def evaluate_mapping(mapping: Mapping, shape, w: Workload | None = None, d: Desi
     1 when the logits return to the first server over Ethernet.
     """
     s, st, bits, d, w = _inputs(mapping, shape, w, d)
+    pad = lambda a: jnp.asarray(np.pad(a, ((0, _bucket(a.shape[0]) - a.shape[0]), (0, 0))))  # noqa: E731 - one compile per size bucket
     return _jit_metrics(d, w, bits, s, *(jnp.float32(st[k]) for k in ("n_stages", "output_cards", "out_cols", "free")),
-                        jnp.asarray(st["card_work"]), jnp.asarray(st["card_latency"]), jnp.float32(n_ethernet_hops),
+                        pad(st["card_work"]), pad(st["card_latency"]), jnp.float32(n_ethernet_hops),
                         jnp.float32(ethernet_return))
 
 
@@ -248,62 +254,69 @@ def _jit_many(d, w, bits, s, n_stages, output_cards, out_cols, free, card_work, 
 
 
 def evaluate_structures(structs: list[dict], shape, policy, w: Workload, d: Design) -> dict:
-    """The metrics of many structures (`mapping_structure` dicts, equal card counts) at once."""
+    """The metrics of many structures (`mapping_structure` dicts) at once, in one vmapped call.
+
+    The batch and the card axis are padded to powers of two (repeating the first structure, zero
+    cards), so that searches of other sizes reuse the compiled call.
+    """
     s = ModelShape.from_decoder(shape)
     bits = Bits.from_policy(policy)
-    stack = lambda k: jnp.asarray(np.array([st[k] for st in structs], np.float32))  # noqa: E731
-    ws = jax.tree.map(lambda x: jnp.full((len(structs),), x, jnp.float32), w.replace(cards=float(structs[0]["cards"])))
-    ws = ws.replace(micro_batches=stack("micro_batches"))
-    return floats(_jit_many(d, ws, bits, s, stack("n_stages"), stack("output_cards"), stack("out_cols"), stack("free"),
-                            jnp.asarray(np.stack([st["card_work"] for st in structs])),
-                            jnp.asarray(np.stack([st["card_latency"] for st in structs]))))
+    n = len(structs)
+    rows = structs + [structs[0]] * (_bucket(n, 512) - n)
+    cards = _bucket(max(st["card_work"].shape[0] for st in rows))
+    pad = lambda a: np.pad(a, ((0, cards - a.shape[0]), (0, 0)))  # noqa: E731
+    stack = lambda k: jnp.asarray(np.array([st[k] for st in rows], np.float32))  # noqa: E731
+    ws = jax.tree.map(lambda x: jnp.full((len(rows),), x, jnp.float32), w)
+    ws = ws.replace(micro_batches=stack("micro_batches"), cards=stack("cards"))
+    out = _jit_many(d, ws, bits, s, stack("n_stages"), stack("output_cards"), stack("out_cols"), stack("free"),
+                    jnp.asarray(np.stack([pad(st["card_work"]) for st in rows])),
+                    jnp.asarray(np.stack([pad(st["card_latency"]) for st in rows])))
+    return floats({k: np.asarray(v)[:n] for k, v in out.items()})
 
 
 def plan_mapping(shape, policy: str | PrecisionPolicy = "w4a4", *, users: int = PUBLISHED_RUN.users,
                  context: int | None = None, cards: int | None = None, micro_batches: int | None = None,
-                 output_cards: int | None = None, prompt_tokens: int = PUBLISHED_RUN.prompt_tokens,
-                 gen_tokens: int = PUBLISHED_RUN.generated_tokens, latency_bound_ms: float | None = None,
+                 output_cards: int | None = None, layer_cards: int | None = None,
+                 prompt_tokens: int = PUBLISHED_RUN.prompt_tokens, gen_tokens: int = PUBLISHED_RUN.generated_tokens,
                  appliance: ApplianceSpec = APPLIANCE, design: Design | None = None) -> Mapping:
-    """The mapping with the best predicted system throughput among `candidate_structures`: the
-    fitting ones within `latency_bound_ms` when given (the lowest latency if none meets it); when
-    none fits, the best of those that do not (so the report can say why, and more cards are still
-    never predicted slower). Ties go to fewer cards in use, then to the documented default
-    micro-batch count. Built (and its bytes placed) by `map_model`."""
+    """The mapping with the best predicted system throughput (for the fixed users, also the lowest
+    latency, N / T_sys) among `candidate_structures` (restricted to the given counts): the best of
+    the fitting ones; when none fits, the best of those that do not (so the report can say why, and
+    more cards are still never predicted slower). Ties go to fewer cards in use, then to the
+    documented default micro-batch count. Built, and its bytes placed, by `map_model`."""
     policy = get_policy(policy)
     cards = appliance.cards if cards is None else cards
     ctx = int(context or (prompt_tokens + gen_tokens))
     kw = dict(users=users, context=ctx, cards=cards, appliance=appliance, strict=False)
     if policy.is_float:
-        return map_model(shape, policy, micro_batches=micro_batches, output_cards=output_cards, **kw)
-    structs = candidate_structures(shape, policy, users=users, context=ctx, cards=cards, micro_batches=micro_batches,
-                                   output_cards=output_cards, appliance=appliance)
+        return map_model(shape, policy, micro_batches=micro_batches, output_cards=output_cards, layer_cards=layer_cards,
+                         **kw)
+    structs = [st for st in candidate_structures(shape, policy, users=users, context=ctx, cards=cards,
+                                                 micro_batches=micro_batches, output_cards=output_cards,
+                                                 appliance=appliance)
+               if layer_cards is None or st["layer_cards"] == layer_cards]
     if not structs:
-        return map_model(shape, policy, micro_batches=micro_batches, output_cards=output_cards, **kw)
+        return map_model(shape, policy, micro_batches=micro_batches, output_cards=output_cards, layer_cards=layer_cards,
+                         **kw)
     w = Workload(float(users), 1.0, float(prompt_tokens), float(gen_tokens), float(cards), float(ctx))
-    res = evaluate_structures(structs, shape, policy, w, design or Design.from_appliance(appliance))
-    t, lat = np.asarray(res["system_throughput_tok_s"]), np.asarray(res["latency_ms"])
+    t = np.asarray(evaluate_structures(structs, shape, policy, w, design or Design.from_appliance(appliance))
+                   ["system_throughput_tok_s"])
     fits = np.array([st["fits"] for st in structs])
-    pool = fits if fits.any() else np.ones(len(structs), bool)
-    if latency_bound_ms is not None and not (pool & (lat <= latency_bound_ms)).any():
-        best = int(np.flatnonzero(pool)[np.argmin(lat[pool])])
-    else:
-        ok = pool if latency_bound_ms is None else pool & (lat <= latency_bound_ms)
 
-        def rank(i):
-            st = structs[i]
-            rule = st["micro_batches"] != default_micro_batches(users, st["layer_cards"])
-            return -round(float(t[i]), 3), st["layer_cards"] + st["output_cards"], rule
+    def rank(i):
+        st = structs[i]
+        rule = st["micro_batches"] != default_micro_batches(users, st["layer_cards"])
+        return -round(float(t[i]), 3), st["layer_cards"] + st["output_cards"], rule
 
-        best = min(np.flatnonzero(ok), key=rank)
-    st = structs[best]
-    return map_model(shape, policy, micro_batches=st["micro_batches"], output_cards=st["output_cards"],
-                     layer_cards=st["layer_cards"], **kw)
+    best = structs[min(np.flatnonzero(fits if fits.any() else ~fits), key=rank)]
+    return map_model(shape, policy, micro_batches=best["micro_batches"], output_cards=best["output_cards"],
+                     layer_cards=best["layer_cards"], **kw)
 
 
 def predict(shape, policy: str | PrecisionPolicy = "w4a4", *, users: int = PUBLISHED_RUN.users,
             micro_batches: int | None = None, prompt_tokens: int = PUBLISHED_RUN.prompt_tokens,
             gen_tokens: int = PUBLISHED_RUN.generated_tokens, cards: int | None = None, context: int | None = None,
-            prefill_chunk: int | None = None, output_cards: int | None = None, latency_bound_ms: float | None = None,
+            prefill_chunk: int | None = None, output_cards: int | None = None, layer_cards: int | None = None,
             mapping: Mapping | None = None, appliance: ApplianceSpec = APPLIANCE, design: Design | None = None) -> dict:
     """Predicted NorthPole appliance figures for a run, as plain floats: the HPEC24 metrics
     (`system_throughput_tok_s`, `throughput_tok_s_card`, `latency_ms`, `energy_tok_s_W`,
@@ -315,8 +328,8 @@ def predict(shape, policy: str | PrecisionPolicy = "w4a4", *, users: int = PUBLI
     policy = get_policy(policy)
     Bits.from_policy(policy)  # a float policy: the chip computes in integers
     m = mapping or plan_mapping(shape, policy, users=users, context=ctx, cards=cards, micro_batches=micro_batches,
-                                output_cards=output_cards, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                                latency_bound_ms=latency_bound_ms, appliance=appliance, design=design)
+                                output_cards=output_cards, layer_cards=layer_cards, prompt_tokens=prompt_tokens,
+                                gen_tokens=gen_tokens, appliance=appliance, design=design)
     s = ModelShape.from_decoder(shape)
     w = Workload(float(users), float(m.micro_batches), float(prompt_tokens), float(gen_tokens), float(len(m.cards)),
                  float(ctx), float(prefill_chunk or 0))
