@@ -13,6 +13,7 @@ G query heads per KV head, Kv KV heads, E head dim, V vocabulary, N layers; a ma
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -32,9 +33,18 @@ class ModelConfig:
     tied_embeddings: bool = True
     attn_bias: bool = False
     mlp_bias: bool = False
+    # Transforms the chip executes (models.recipe; all off for a model as published):
+    qk_rotation: bool = False  # online Hadamard (order head_dim) on q and k after RoPE
+    down_rotation: tuple[int, ...] = ()  # Kronecker factors of the online Hadamard before the down projection
+    sink_positions: int = 0  # leading positions (the attention sink) with their own INT8 steps and KV cache
     source: str = field(default="", compare=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "down_rotation", tuple(int(f) for f in self.down_rotation))
+        if self.down_rotation and math.prod(self.down_rotation) != self.d_ff:
+            raise ValueError(f"{self.name}: down-rotation factors {self.down_rotation} do not multiply to d_ff {self.d_ff}")
+        if self.sink_positions < 0:
+            raise ValueError(f"{self.name}: sink_positions must be >= 0, got {self.sink_positions}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"{self.name}: {self.n_heads} heads are not a multiple of {self.n_kv_heads} KV heads")
         if self.head_dim % 2:
@@ -53,6 +63,21 @@ class ModelConfig:
         d, f = self.d_model, self.d_ff
         return {"attn.q": (d, self.q_dim), "attn.k": (d, self.kv_dim), "attn.v": (d, self.kv_dim),
                 "attn.o": (self.q_dim, d), "mlp.gate": (d, f), "mlp.up": (d, f), "mlp.down": (f, d)}
+
+    def online_matrices(self) -> dict[str, tuple[int, int, int]]:
+        """The ±1 matrices of the online rotations, each applied per token to `rows` vectors:
+        {name: (K, N, rows)} ("attn.rot" for q and k, "mlp.rot.i" for the i-th down-rotation factor,
+        applied last factor first)."""
+        out = {}
+        if self.qk_rotation:
+            out["attn.rot"] = (self.head_dim, self.head_dim, self.n_heads + self.n_kv_heads)
+        for i, f in enumerate(self.down_rotation):
+            out[f"mlp.rot.{i}"] = (f, f, self.d_ff // f)
+        return out
+
+    @property
+    def transformed(self) -> bool:
+        return bool(self.qk_rotation or self.down_rotation or self.sink_positions)
 
     def layer_params(self) -> int:
         return sum(k * n for k, n in self.layer_matrices().values())

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from np_jax.quant import hadamard
 from np_jax.quant import products as qlayers
 from np_jax.chip.array import tile_weights
 from np_jax import quant
@@ -49,6 +50,19 @@ ACT_STEPS = {
     ("mlp", "s_x"): "mlp.x", ("mlp", "s_in"): "mlp.silu", ("mlp", "s_out"): "mlp.silu",
     ("mlp", "down", "s_x"): "mlp.down.x",
 }
+
+
+def act_steps(cfg: ModelConfig) -> dict[tuple, str]:
+    """Every activation step of one layer: parameter path -> policy role. Besides `ACT_STEPS`: the
+    online rotations' input steps, and with a sink every step's sink twin ("<key>0", INT8)."""
+    out = dict(ACT_STEPS)
+    if cfg.qk_rotation:
+        out[("attn", "qrot", "s_x")] = out[("attn", "krot", "s_x")] = "attn.rot.x"
+    for i in range(len(cfg.down_rotation)):
+        out[("mlp", f"rot{i}", "s_x")] = "mlp.rot.x"
+    if cfg.sink_positions:
+        out |= {path[:-1] + (path[-1] + "0",): "sink" for path in list(out)}
+    return out
 
 
 class ModelInputError(ValueError):
@@ -100,7 +114,7 @@ def resolve(policy: str | PrecisionPolicy | Precision, cfg: ModelConfig | None =
         return policy
     p = get_policy(policy)
     if cfg is not None:
-        p.check_uniform(cfg.n_layers, LAYER_ROLES + tuple(sorted(set(ACT_STEPS.values()))))
+        p.check_uniform(cfg.n_layers, LAYER_ROLES + tuple(sorted(set(act_steps(cfg).values()) - {"sink"})))
     t = tilings if tilings is not None else (model_tilings(cfg) if cfg is not None else {})
     return Precision(p, tilings=tuple(sorted(t.items())))
 
@@ -116,7 +130,18 @@ def _get(tree, path):
 def _set(tree, path, value):
     if len(path) == 1:
         return {**tree, path[0]: value}
-    return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+    return {**tree, path[0]: _set(tree.get(path[0], {}), path[1:], value)}
+
+
+def with_act_steps(layers: Params, cfg: ModelConfig) -> Params:
+    """`layers` with every activation step of `act_steps(cfg)` present (new ones 1, until calibrated)."""
+    one = jnp.ones((cfg.n_layers,), jnp.float32)
+    for path in act_steps(cfg):
+        try:
+            _get(layers, path)
+        except KeyError:
+            layers = _set(layers, path, one)
+    return layers
 
 
 def init_params(cfg: ModelConfig | str, key: jax.Array, dtype=jnp.float32) -> Params:
@@ -144,7 +169,7 @@ def init_params(cfg: ModelConfig | str, key: jax.Array, dtype=jnp.float32) -> Pa
         "mlp": {"s_x": one, "gate": lin(d, f, cfg.mlp_bias), "up": lin(d, f, cfg.mlp_bias),
                 "down": lin(f, d, cfg.mlp_bias, True), "s_in": one, "s_out": one},
     }
-    params = {"embed": normal((cfg.vocab_size, d)), "layers": layers, "final_norm": jnp.ones((d,), dtype),
+    params = {"embed": normal((cfg.vocab_size, d)), "layers": with_act_steps(layers, cfg), "final_norm": jnp.ones((d,), dtype),
               "lm_head": {"s_w": jnp.ones((cfg.vocab_size,), jnp.float32), "s_x": jnp.float32(1.0)}}
     if not cfg.tied_embeddings:
         params["lm_head"]["w"] = normal((d, cfg.vocab_size))
@@ -190,65 +215,159 @@ def rope(x_BxLxHxE: jax.Array, pos_BxL: jax.Array, theta: float) -> jax.Array:
 
 
 CALIBRATIONS = {"lsq": quant.init_step, "mse": quant.init_step_mse}
+SINK = TensorQuant(8)  # the attention-sink rows' width (models.config.ModelConfig.sink_positions)
 
 
 class _Calib:
-    """Collects initial steps (from a float forward) for the activation quantization points."""
+    """Collects initial steps (from a float forward) for the activation quantization points.
+
+    With a sink (`see(..., sink=mask)`), the step of the path is set from the other rows and the
+    path's sink step ("<key>0") from the sink rows, at INT8: the first position's huge values
+    (the attention sink) would otherwise set one static step for every token.
+    """
 
     def __init__(self, method: str = "lsq"):
         self.steps: dict[tuple, jax.Array] = {}
         self.init = CALIBRATIONS[method]
 
-    def see(self, path: tuple, v: jax.Array, tq: TensorQuant) -> None:
-        if not tq.is_float:
-            self.steps[path] = self.init(v, TensorQuant(tq.bits, tq.signed))
+    MAX_VALUES = 1 << 20  # a larger tensor is searched on an evenly strided sample of its values
+
+    def _sample(self, v: jax.Array) -> jax.Array:
+        d = v.shape[-1]
+        v = v.reshape(-1)
+        stride = -(-v.size // self.MAX_VALUES)
+        while stride > 1 and math.gcd(stride, d) != 1:  # coprime with the feature axis: every feature sampled
+            stride += 1
+        return v[::stride] if stride > 1 else v
+
+    def see(self, path: tuple, v: jax.Array, tq: TensorQuant, sink: jax.Array | None = None) -> None:
+        if tq.is_float or path is None:
+            return
+        v = v.astype(jnp.float32)
+        if sink is None:
+            self.steps[path] = self.init(self._sample(v), TensorQuant(tq.bits, tq.signed))
+            return
+        m = jnp.broadcast_to(sink[..., None], v.shape)
+        # excluded rows are zeroed: a zero quantizes exactly under any step (no error, no new max)
+        self.steps[path] = self.init(self._sample(jnp.where(m, 0.0, v)), TensorQuant(tq.bits, tq.signed))
+        self.steps[path[:-1] + (path[-1] + "0",)] = self.init(self._sample(jnp.where(m, v, 0.0)), SINK)
 
 
-def _lin(x, p, sx, x_tq, w_tq, dtype, calib, path, tiling=None):
+def _lin(x, p, sx, x_tq, w_tq, dtype, calib, path, tiling=None, sink=None, sx0=None):
     if calib is not None:
-        calib.see(path, x, x_tq)
+        calib.see(path, x, x_tq, sink)
         x_tq = w_tq = quant.FLOAT
-    return qlayers.linear(x, {**p, "s_x": sx}, x_tq, w_tq, dtype=dtype, tiling=tiling)
+    q = {**p, "s_x": sx} | ({"s_x0": sx0} if sink is not None else {})
+    return qlayers.linear(x, q, x_tq, w_tq, dtype=dtype, tiling=tiling, sink=sink,
+                          sink_tq=SINK if sink is not None and not x_tq.is_float else None)
+
+
+def rotation_matrix(n: int) -> np.ndarray:
+    """The online rotation's weights: the Hadamard matrix of order n over sqrt(n) (float32; its
+    codes at the step 1 / sqrt(n) are exactly the ±1 entries, an INT2 weight matrix)."""
+    return (hadamard.hadamard(n) / math.sqrt(n)).astype(np.float32)
+
+
+def online_rotation(x: jax.Array, factors: tuple[int, ...], steps: list[dict], prec: Precision, names: list[str],
+                    dtype, calib: _Calib | None, paths: list[tuple], sink=None) -> jax.Array:
+    """`x @ kron(H_f1 / sqrt(f1), H_f2 / sqrt(f2), ...)` over the last axis, as the chip runs it:
+    one integer VMM per factor (INT8 input codes x the factor's ±1 codes, int32 accumulation, the
+    vector unit's scale by step / sqrt(f)), the last factor first, each result requantized."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    r = prec.layer
+    y = x.reshape(*lead, *factors)
+    nf = len(factors)
+    for i in reversed(range(nf)):
+        f = factors[i]
+        y = jnp.moveaxis(y, len(lead) + i, -1)  # factor i's axis last
+        sk = None if sink is None else jnp.broadcast_to(sink.reshape(*sink.shape, *([1] * (y.ndim - 1 - sink.ndim))),
+                                                        y.shape[:-1])
+        w = {"w": jnp.asarray(rotation_matrix(f)), "s_w": jnp.full((f,), 1.0 / math.sqrt(f), jnp.float32)}
+        y = _lin(y, w, steps[i]["s_x"], r(f"{names[i]}.rot.x"), r(f"{names[i]}.rot.w"), dtype, calib, paths[i],
+                 prec.tiling(f"{names[i]}.rot.{i}" if names[i] == "mlp" else f"{names[i]}.rot"), sk,
+                 steps[i].get("s_x0"))
+        y = jnp.moveaxis(y, -1, len(lead) + i)
+    return y.reshape(*lead, n)
+
+
+def _split_prefix(t, p: int, axis: int):
+    return jax.lax.slice_in_dim(t, 0, p, axis=axis), jax.lax.slice_in_dim(t, p, t.shape[axis], axis=axis)
 
 
 def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, calib: _Calib | None = None):
     """One transformer layer (one layer's slice of the stacked parameters). `kv` is None (attend
-    within the chunk) or (k_BxSxKvxE, v_BxSxKvxE) cache codes; returns (x, new kv or None)."""
+    within the chunk, which starts at position 0) or (k_BxSxKvxE, v_BxSxKvxE) cache codes; returns
+    (x, new kv or None).
+
+    With `cfg.sink_positions` = P > 0, tokens at positions < P (the attention sink) are quantized
+    with their own INT8 steps (`s_*0`) at every activation point, and the first P cache slots hold
+    their keys and values at INT8: the QK^T and PV products then run as a P-key prefix product
+    and a product over the other keys, each at its own steps. `cfg.qk_rotation` applies an online
+    Hadamard to q and k after RoPE (the cache holds rotated keys); `cfg.down_rotation` one before
+    the down projection (folded into its weights offline by models.recipe).
+    """
     dtype = prec.dtype
     B, L, _ = x_BxLxD.shape
-    H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    G = H // K
+    H, Kv, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    G = H // Kv
+    P = cfg.sink_positions
     at, ml = lp["attn"], lp["mlp"]
     r, tl = prec.layer, prec.tiling
     quantized = calib is None and not any(r(x).is_float for x in ("attn.qk.q", "attn.kv", "attn.probs"))
+    sink = (pos_BxL < P) if P else None  # [B, L]
+    s0 = (lambda d: d.get("s_x0")) if P else (lambda d: None)  # noqa: E731
 
     h = vu.rmsnorm(x_BxLxD, lp["attn_norm"], cfg.rms_eps, dtype)
-    q = _lin(h, at["q"], at["s_x"], r("attn.x"), r("attn.q.w"), dtype, calib, ("attn", "s_x"), tl("attn.q"))
-    k = _lin(h, at["k"], at["s_x"], r("attn.x"), r("attn.k.w"), dtype, calib, ("attn", "s_x"), tl("attn.k"))
-    v = _lin(h, at["v"], at["s_x"], r("attn.x"), r("attn.v.w"), dtype, calib, ("attn", "s_x"), tl("attn.v"))
+    q = _lin(h, at["q"], at["s_x"], r("attn.x"), r("attn.q.w"), dtype, calib, ("attn", "s_x"), tl("attn.q"), sink,
+             s0(at))
+    k = _lin(h, at["k"], at["s_x"], r("attn.x"), r("attn.k.w"), dtype, calib, None, tl("attn.k"), sink, s0(at))
+    v = _lin(h, at["v"], at["s_x"], r("attn.x"), r("attn.v.w"), dtype, calib, None, tl("attn.v"), sink, s0(at))
     q = rope(q.reshape(B, L, H, E), pos_BxL, cfg.rope_theta)
-    k = rope(k.reshape(B, L, K, E), pos_BxL, cfg.rope_theta)
-    v = v.reshape(B, L, K, E)
+    k = rope(k.reshape(B, L, Kv, E), pos_BxL, cfg.rope_theta)
+    if cfg.qk_rotation:  # q and k rotated by H_E / sqrt(E): Q K^T is unchanged, outliers spread
+        sh = None if sink is None else sink[:, :, None]
+        q = online_rotation(q, (E,), [at["qrot"]], prec, ["attn"], dtype, calib, [("attn", "qrot", "s_x")], sh)
+        k = online_rotation(k, (E,), [at["krot"]], prec, ["attn"], dtype, calib, [("attn", "krot", "s_x")], sh)
+    v = v.reshape(B, L, Kv, E)
     q = (q * jnp.asarray(1.0 / math.sqrt(E), dtype)).astype(dtype)
-    # [B, K, G*L, E]: the G query heads sharing a KV head are rows of one core VMM.
-    q_BxKxGLxE = q.reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * L, E)
-    kv_tq, p_tq = r("attn.kv"), r("attn.probs")
+    # [B, Kv, G*L, E]: the G query heads sharing a KV head are rows of one core VMM.
+    q_BxKvxGLxE = q.reshape(B, L, Kv, G, E).transpose(0, 2, 3, 1, 4).reshape(B, Kv, G * L, E)
+    q_sink = None if sink is None else jnp.tile(sink, (1, G))[:, None, :]  # [B, 1, G*L]: sink query rows
+    kv_tq, p_tq, q_tq = r("attn.kv"), r("attn.probs"), r("attn.qk.q")
     if calib is not None:
-        calib.see(("attn", "s_q"), q, r("attn.qk.q"))
-        calib.see(("attn", "s_k"), k, kv_tq)
-        calib.see(("attn", "s_v"), v, kv_tq)
+        calib.see(("attn", "s_q"), q_BxKvxGLxE, q_tq, q_sink)
+        calib.see(("attn", "s_k"), k, kv_tq, None if sink is None else sink[:, :, None])
+        calib.see(("attn", "s_v"), v, kv_tq, None if sink is None else sink[:, :, None])
+    qk_a0 = SINK if P else None
+
+    def qk_specs():
+        return (qlayers.ProductSpec("qk", q_tq, SINK, dtype, a0=qk_a0),
+                qlayers.ProductSpec("qk", q_tq, kv_tq, dtype, a0=qk_a0))
+
+    def pv_specs():
+        return qlayers.ProductSpec("pv", SINK, SINK, dtype), qlayers.ProductSpec("pv", p_tq, kv_tq, dtype)
 
     if kv is None:  # keys are this chunk's own positions
         k_new = v_new = None
-        keys, vals, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos_BxL  # [B, K, T, E]
+        keys, vals, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos_BxL  # [B, Kv, T, E]
         if quantized:
-            qk_spec = qlayers.ProductSpec("qk", r("attn.qk.q"), kv_tq, dtype)
-            scores = qlayers.quantized_product(q_BxKxGLxE, keys, at["s_q"], at["s_k"], qk_spec)
+            if P:
+                (kp, kr), sp = _split_prefix(keys, P, 2), qk_specs()
+                scores = jnp.concatenate(
+                    [qlayers.quantized_product(q_BxKvxGLxE, kp, at["s_q"], at["s_k0"], sp[0], at["s_q0"], q_sink),
+                     qlayers.quantized_product(q_BxKvxGLxE, kr, at["s_q"], at["s_k"], sp[1], at["s_q0"], q_sink)], -1)
+            else:
+                qk_spec = qlayers.ProductSpec("qk", q_tq, kv_tq, dtype)
+                scores = qlayers.quantized_product(q_BxKvxGLxE, keys, at["s_q"], at["s_k"], qk_spec)
     else:  # write this chunk into the cache, attend over the cache
         k_cache, v_cache = kv
         if quantized:
             k_w = vu.quantize(k, at["s_k"], kv_tq.bits, kv_tq.signed)
             v_w = vu.quantize(v, at["s_v"], kv_tq.bits, kv_tq.signed)
+            if P:  # the sink's keys and values at INT8, with their own steps
+                m = sink[:, :, None, None]
+                k_w = jnp.where(m, vu.quantize(k, at["s_k0"], SINK.bits), k_w)
+                v_w = jnp.where(m, vu.quantize(v, at["s_v0"], SINK.bits), v_w)
         else:
             k_w, v_w = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
         bidx = jnp.arange(B)[:, None]
@@ -257,47 +376,77 @@ def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, c
         keys, vals = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)
         key_pos = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (B, k_cache.shape[1]))
         if quantized:
-            qk_spec = qlayers.ProductSpec("qk", r("attn.qk.q"), kv_tq, dtype)
-            q_codes = vu.quantize(q_BxKxGLxE, at["s_q"], qk_spec.a.bits, qk_spec.a.signed)
-            scores = qlayers.scaled_int_product(q_codes, keys, at["s_q"], at["s_k"], qk_spec)
+            if P:
+                sp = qk_specs()
+                q_codes, s_rows = qlayers.act_codes(q_BxKvxGLxE, at["s_q"], sp[1], at["s_q0"], q_sink)
+                kp, kr = _split_prefix(keys, P, 2)
+                scores = jnp.concatenate([qlayers.scaled_int_product(q_codes, kp, s_rows, at["s_k0"], sp[0]),
+                                          qlayers.scaled_int_product(q_codes, kr, s_rows, at["s_k"], sp[1])], -1)
+            else:
+                qk_spec = qlayers.ProductSpec("qk", q_tq, kv_tq, dtype)
+                q_codes = vu.quantize(q_BxKvxGLxE, at["s_q"], qk_spec.a.bits, qk_spec.a.signed)
+                scores = qlayers.scaled_int_product(q_codes, keys, at["s_q"], at["s_k"], qk_spec)
 
     if not quantized:
-        scores = jnp.einsum("bkle,bkte->bklt", q_BxKxGLxE.astype(jnp.float32), keys.astype(jnp.float32))
+        scores = jnp.einsum("bkle,bkte->bklt", q_BxKvxGLxE.astype(jnp.float32), keys.astype(jnp.float32))
     # causal mask by absolute position: query at p sees keys at positions <= p
     qpos = jnp.tile(pos_BxL, (1, G))  # [B, G*L] matching the G*L rows
     mask = key_pos[:, None, None, :] <= qpos[:, None, :, None]
     probs = vu.softmax(scores, mask, dtype)
     if calib is not None:
-        calib.see(("attn", "s_p"), probs, p_tq)
-    if quantized:
-        pv_spec = qlayers.ProductSpec("pv", p_tq, kv_tq, dtype)
-        if kv is None:
-            o = qlayers.quantized_product(probs, vals, at["s_p"], at["s_v"], pv_spec)
+        if P:  # the sink column and the others: their own steps (probabilities on the sink are large)
+            pp, pr = _split_prefix(probs, P, 3)
+            calib.see(("attn", "s_p"), pr, p_tq)
+            calib.see(("attn", "s_p0"), pp, SINK)
         else:
-            p_codes = vu.quantize(probs, at["s_p"], p_tq.bits, p_tq.signed)
-            o = qlayers.scaled_int_product(p_codes, vals, at["s_p"], at["s_v"], pv_spec)
+            calib.see(("attn", "s_p"), probs, p_tq)
+    if quantized:
+        if P:
+            (pp, pr), (vp, vr), sp = _split_prefix(probs, P, 3), _split_prefix(vals, P, 2), pv_specs()
+            if kv is None:
+                o = (qlayers.quantized_product(pp, vp, at["s_p0"], at["s_v0"], sp[0])
+                     + qlayers.quantized_product(pr, vr, at["s_p"], at["s_v"], sp[1]))
+            else:
+                o = (qlayers.scaled_int_product(vu.quantize(pp, at["s_p0"], SINK.bits), vp, at["s_p0"], at["s_v0"], sp[0])
+                     + qlayers.scaled_int_product(vu.quantize(pr, at["s_p"], p_tq.bits, p_tq.signed), vr, at["s_p"],
+                                                  at["s_v"], sp[1]))
+            o = o.astype(dtype)
+        else:
+            pv_spec = qlayers.ProductSpec("pv", p_tq, kv_tq, dtype)
+            if kv is None:
+                o = qlayers.quantized_product(probs, vals, at["s_p"], at["s_v"], pv_spec)
+            else:
+                p_codes = vu.quantize(probs, at["s_p"], p_tq.bits, p_tq.signed)
+                o = qlayers.scaled_int_product(p_codes, vals, at["s_p"], at["s_v"], pv_spec)
     else:
         o = jnp.einsum("bklt,bkte->bkle", probs.astype(jnp.float32), vals.astype(jnp.float32)).astype(dtype)
-    o = o.reshape(B, K, G, L, E).transpose(0, 3, 1, 2, 4).reshape(B, L, H * E)
+    o = o.reshape(B, Kv, G, L, E).transpose(0, 3, 1, 2, 4).reshape(B, L, H * E)
     o = _lin(o, at["o"], at["o"]["s_x"], r("attn.o.x"), r("attn.o.w"), dtype, calib, ("attn", "o", "s_x"),
-             tl("attn.o"))
+             tl("attn.o"), sink, s0(at["o"]))
     x = (x_BxLxD + o).astype(dtype)
 
     h = vu.rmsnorm(x, lp["mlp_norm"], cfg.rms_eps, dtype)
-    g = _lin(h, ml["gate"], ml["s_x"], r("mlp.x"), r("mlp.gate.w"), dtype, calib, ("mlp", "s_x"), tl("mlp.gate"))
-    u = _lin(h, ml["up"], ml["s_x"], r("mlp.x"), r("mlp.up.w"), dtype, calib, ("mlp", "s_x"), tl("mlp.up"))
+    g = _lin(h, ml["gate"], ml["s_x"], r("mlp.x"), r("mlp.gate.w"), dtype, calib, ("mlp", "s_x"), tl("mlp.gate"), sink,
+             s0(ml))
+    u = _lin(h, ml["up"], ml["s_x"], r("mlp.x"), r("mlp.up.w"), dtype, calib, None, tl("mlp.up"), sink, s0(ml))
     silu_tq = r("mlp.silu")
     if calib is not None:
-        calib.see(("mlp", "s_in"), g, silu_tq)
+        calib.see(("mlp", "s_in"), g, silu_tq, sink)
     if silu_tq.is_float or calib is not None:
         a = (g.astype(jnp.float32) * jax.nn.sigmoid(g.astype(jnp.float32)))
     else:
         a = qlayers.silu_lut(g, ml["s_in"], ml["s_out"], silu_tq)
+        if P:  # the sink's own table
+            a = jnp.where(sink[..., None], qlayers.silu_lut(g, ml["s_in0"], ml["s_out0"], SINK), a)
     if calib is not None:
-        calib.see(("mlp", "s_out"), a, silu_tq)
+        calib.see(("mlp", "s_out"), a, silu_tq, sink)
     m = (a.astype(dtype) * u.astype(dtype)).astype(dtype)
+    if cfg.down_rotation:
+        nf = len(cfg.down_rotation)
+        m = online_rotation(m, cfg.down_rotation, [ml[f"rot{i}"] for i in range(nf)], prec, ["mlp"] * nf, dtype,
+                            calib, [("mlp", f"rot{i}", "s_x") for i in range(nf)], sink)
     m = _lin(m, ml["down"], ml["down"]["s_x"], r("mlp.down.x"), r("mlp.down.w"), dtype, calib, ("mlp", "down", "s_x"),
-             tl("mlp.down"))
+             tl("mlp.down"), sink, s0(ml["down"]))
     x = (x + m).astype(dtype)
     return x, (None if kv is None else (k_new, v_new))
 
@@ -366,8 +515,10 @@ def forward(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy="flo
     return head(params, x, cfg, prec)
 
 
-def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, method: str = "lsq") -> Params:
-    """Initialise every step size: weights from the weights, activations from one batch.
+def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, method: str = "lsq",
+              weights: bool = True) -> Params:
+    """Initialise every step size: weights from the weights (unless `weights=False`, e.g. after
+    GPTQ set them), activations from one batch.
 
     Runs the float forward over `tokens_BxL` and sets each activation step from the tensor it
     quantizes (per layer): method "lsq" is the paper's `2 mean|v| / sqrt(Q_P)`; "mse"
@@ -376,7 +527,8 @@ def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, m
     if method not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {method!r}; choose one of {', '.join(CALIBRATIONS)}")
     prec = resolve(policy, cfg)
-    params = init_weight_steps(params, cfg, prec.policy, method)
+    if weights:
+        params = init_weight_steps(params, cfg, prec.policy, method)
     if prec.policy.is_float:
         return params
     check_tokens(tokens_BxL, cfg)
@@ -399,7 +551,7 @@ def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, m
         head(params, x, cfg, prec, calib)
         return steps, calib.steps
 
-    layer_steps, head_steps = collect(params, jnp.asarray(tokens_BxL))
+    layer_steps, head_steps = jax.block_until_ready(collect(params, jnp.asarray(tokens_BxL)))
     lay = params["layers"]
     for path, s in layer_steps.items():
         lay = _set(lay, path, s.astype(jnp.float32))
@@ -428,7 +580,7 @@ def prepare_serving(params: Params, cfg: ModelConfig, policy, tilings: dict[str,
         served = jax.vmap(lambda p: qlayers.prepare_linear({**p, "s_x": jnp.float32(1.0)}, tq, tiling=t))(p)
         served = {k: v for k, v in served.items() if k != "s_x"} | ({"s_x": p["s_x"]} if "s_x" in p else {})
         lay = _set(lay, (blk, lin), served)
-    for path in ACT_STEPS:
+    for path in act_steps(cfg):
         quant.check_step(_get(lay, path))
     lh = {**params["lm_head"], "w": lm_head_weight(params)}
     out = {**params, "layers": lay,
@@ -489,7 +641,7 @@ def init_serving_random(cfg: ModelConfig | str, key: jax.Array, policy="w4a4") -
         k_in, k_out = cfg.layer_matrices()[name]
         t = prec.tiling(name)
         per_layer = jax.jit(lambda k: tile_weights(codes(k, (k_in, k_out), tq), bits=tq.bits, signed=tq.signed,
-                                                   tiling=t))
+                                                   tiling=t, form="int8"))  # billions of codes: compact
         tws = [per_layer(kk) for kk in jax.random.split(k, n)]
         tw = jax.tree.map(lambda *xs: jnp.stack(xs), *tws)
         p = {"tw": tw, "s_w": jnp.full((n, k_out), 1.0 / (tq.q_p * math.sqrt(k_in)), jnp.float32)}
@@ -508,9 +660,10 @@ def init_serving_random(cfg: ModelConfig | str, key: jax.Array, policy="w4a4") -
         lay[blk][lin] = served(next(keys), name, prec.layer(f"{name}.w"), cfg.attn_bias if blk == "attn" else cfg.mlp_bias)
     lay["attn"]["o"]["s_x"] = act("attn.o.x")
     lay["mlp"]["down"]["s_x"] = act("mlp.down.x")
+    lay = with_act_steps(lay, cfg)
     htq = prec.head("w")
     head_codes = jax.jit(lambda k: tile_weights(codes(k, (d, cfg.vocab_size), htq), bits=htq.bits, signed=htq.signed,
-                                                tiling=prec.tiling("lm_head")))
+                                                tiling=prec.tiling("lm_head"), form="int8"))
     lm_head = {"tw": head_codes(next(keys)), "s_w": jnp.full((cfg.vocab_size,), 1.0 / (htq.q_p * math.sqrt(d)), jnp.float32),
                "s_x": jnp.float32(4.0 / prec.head("x").q_p)}
     embed_ = (0.02 * jax.random.normal(next(keys), (cfg.vocab_size, d))).astype(jnp.float16)

@@ -130,7 +130,7 @@ def test_sharded_core_rows_equal_unsharded():
     tw = na.tile_weights(jnp.asarray(w), bits=4)
     mesh = na.core_mesh()
     sw = na.shard_weights(tw, mesh)
-    assert len(sw.w_RxKbxCxNb_i8.sharding.device_set) == 16
+    assert len(sw.w_RxKbxCxNb.sharding.device_set) == 16
     f = jax.jit(lambda x, t: na.array_vmm(x, t, x_bits=4))
     np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), sw)), np.asarray(f(jnp.asarray(x), tw)))
     np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), tw), np.int64), x.astype(np.int64) @ w.astype(np.int64))

@@ -9,6 +9,7 @@ the cache. `--dry-run` stops there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -18,6 +19,7 @@ from np_jax.cli import Formatter, add_mapping_arguments, add_process_arguments, 
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_CACHE = 512
+DEFAULT_PRECISION = "w4a4"
 
 
 def register(sub) -> None:
@@ -40,8 +42,12 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="serve the newest good checkpoint of an `np-jax train` run (its model, QAT-trained "
                         "weights and step sizes) instead of the post-training-quantized base model")
+    p.add_argument("--recipe", default=None,
+                   help="quantization recipe from the float model (docs/quantization.md): rotate-gptq (rotations, the "
+                        "attention-sink prefix, GPTQ; the default), rotate, or plain (the earlier path); prepared "
+                        "once per model file and cached")
     p.add_argument("--calibration", default="mse", choices=["mse", "lsq"],
-                   help="step-size initialisation without QAT: MSE-optimal or the LSQ paper's 2*mean|v|/sqrt(Q_P)")
+                   help="activation steps without QAT: MSE-optimal or the LSQ paper's 2*mean|v|/sqrt(Q_P)")
     p.add_argument("--cache-len", type=int, default=None,
                    help=f"KV-cache positions per user (default: {DEFAULT_CACHE}, or the model's context if shorter)")
     add_mapping_arguments(p, users=None)
@@ -58,13 +64,6 @@ def register(sub) -> None:
                    help="check the flags, map the model and predict its figures, without loading the weights")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run_command)
-
-
-def _calibration_tokens(encode, n: int = 256) -> list[int]:
-    """Calibration batch: the start of a standard-library source file (present on every machine)."""
-    import json.decoder as src_module
-
-    return encode(Path(src_module.__file__).read_text())[:n]
 
 
 def _shape_and_source(args, ck):
@@ -91,6 +90,8 @@ def plan_run(args, log=lambda m: None):
     """Everything `run` decides before loading weights: (checkpoint, config, policy, mapping or None,
     prompts text, cache length). Raises a one-line error for any flag or mapping that cannot work."""
     from models.train.checkpoint import load_checkpoint
+    from models.io.load import is_gguf
+    from models.recipe import DEFAULT_RECIPE, get_recipe, transformed_config
     from np_jax.appliance.mapping import check_capacity
     from np_jax.chip.memory import CoreMemoryError
     from np_jax.commands.map import mapping_from_args
@@ -116,8 +117,12 @@ def plan_run(args, log=lambda m: None):
         args.precision = tc.precision
         if (args.model, args.gguf) == ("smollm2-135m", None):  # the checkpoint says which model it is
             args.model, args.gguf = tc.model, tc.gguf
-    policy = get_policy(args.precision or "w4a4")
+    policy = get_policy(args.precision or DEFAULT_PRECISION)
     cfg = _shape_and_source(args, ck)
+    args.recipe_ = None
+    if ck is None and not policy.is_float and is_gguf(args.model, args.gguf):  # the model the recipe makes
+        args.recipe_ = dataclasses.replace(get_recipe(args.recipe or DEFAULT_RECIPE), activations=args.calibration)
+        cfg = transformed_config(cfg, args.recipe_, policy)
     cache_len = args.cache_len or min(DEFAULT_CACHE, cfg.max_seq_len)
     positive("cache-len", cache_len, upper=cfg.max_seq_len, why=f"the context of {cfg.name}")
     if args.new_tokens >= cache_len:
@@ -152,7 +157,6 @@ def run_command(args) -> int:
     initialize(args.coordinator, args.num_processes, args.process_id)
 
     import jax
-    import jax.numpy as jnp
     from tqdm import tqdm
 
     from models import llama
@@ -176,13 +180,16 @@ def run_command(args) -> int:
         raise ValueError(f"the longest prompt ({longest} tokens) + {args.new_tokens} new tokens needs "
                          f"{longest + args.new_tokens - 1} cache positions; the cache holds {cache_len} (--cache-len)")
     tilings = None if mapping is None else mapping.tilings | {"lm_head": llama.model_tilings(cfg)["lm_head"]}
+    prepared = None
     if ck is not None:
         params, how = ck.params, f"trained step sizes from {ck.path}"
-    elif model.params is not None and not policy.is_float:
-        log(f"calibrating {policy.name} step sizes ({args.calibration}) ...")
-        params = llama.calibrate(model.params, jnp.asarray([_calibration_tokens(enc.encode)]), cfg, policy,
-                                 args.calibration)
-        how = f"calibrated ({args.calibration})"
+    elif args.recipe_ is not None:
+        from models.prepared import prepare
+
+        got_cfg, params, prepared = prepare(model, args.recipe_, policy.name, log=log)
+        if got_cfg != cfg:
+            raise ValueError(f"the prepared model's config differs from the planned one ({got_cfg} vs {cfg})")
+        how = (f"recipe {args.recipe_.name} " + ("(from the cache)" if prepared["cached"] else "(prepared and cached)"))
     else:
         params, how = model.params, "random serving weights" if model.serving is not None else "float weights"
     serving = model.serving if params is None else llama.prepare_serving(params, cfg, policy, tilings)
@@ -232,6 +239,8 @@ def run_command(args) -> int:
         "prefill_s": res.prefill_s, "decode_s": res.decode_s, "compile_s": res.compile_s, "load_s": load_s,
         "backend": jax.default_backend(), "temperature": args.temperature,
         "calibration": None if policy.is_float or ck else args.calibration,
+        "recipe": None if prepared is None else {"name": prepared["recipe"], "steps": prepared["steps"],
+                                                 "cached": prepared["cached"]},
         "kv_cache_bytes": llama.cache_bytes(cfg, args.users, cache_len, policy),
     }
     if mapping is not None:

@@ -37,6 +37,7 @@ def params_from_gguf(m: GGUFModel, cfg: ModelConfig) -> llama.Params:
     lay["mlp"]["down"]["s_x"] = one
     lay["attn"].update(s_x=one, s_q=one, s_k=one, s_v=one, s_p=one)
     lay["mlp"].update(s_x=one, s_in=one, s_out=one)
+    lay = llama.with_act_steps(lay, cfg)
     params = {"embed": jnp.asarray(t["embed"]), "layers": lay, "final_norm": jnp.asarray(t["final_norm"]),
               "lm_head": {"s_w": jnp.ones((cfg.vocab_size,), jnp.float32), "s_x": jnp.float32(1.0)}}
     if not cfg.tied_embeddings:

@@ -55,11 +55,15 @@ LAYER_MATRICES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", 
 
 # What one transformer layer holds, phase by phase in execution order (the performance model's
 # phases, np_jax.cost): a split layer is packed over cards in this order.
+# The online rotations (models.recipe) are phases of their own (each a dependent VMM); they are
+# inactive (no work, no latency) in a model without them.
 LAYER_PHASES = (
-    ("attn_norm", ("attn_norm",)), ("qkv", ("attn.q", "attn.k", "attn.v")), ("rope_kv", ()), ("qk", ("kv_cache.k",)),
-    ("softmax", ()), ("pv", ("kv_cache.v",)), ("o_residual", ("attn.o",)), ("mlp_norm", ("mlp_norm",)),
-    ("gate_up", ("mlp.gate", "mlp.up")), ("silu_mul", ()), ("down", ("mlp.down",)), ("residual", ()),
+    ("attn_norm", ("attn_norm",)), ("qkv", ("attn.q", "attn.k", "attn.v")), ("rope_kv", ()),
+    ("qk_rot", ("attn.rot",)), ("qk", ("kv_cache.k",)), ("softmax", ()), ("pv", ("kv_cache.v",)),
+    ("o_residual", ("attn.o",)), ("mlp_norm", ("mlp_norm",)), ("gate_up", ("mlp.gate", "mlp.up")), ("silu_mul", ()),
+    ("down_rot.1", ("mlp.rot.1",)), ("down_rot.0", ("mlp.rot.0",)), ("down", ("mlp.down",)), ("residual", ()),
 )
+ROTATION_PHASES = {"qk_rot": "attn.rot", "down_rot.1": "mlp.rot.1", "down_rot.0": "mlp.rot.0"}
 OUTPUT_PHASES = ("final_norm", "lm_head")
 
 
@@ -76,6 +80,21 @@ class DecoderShape(Protocol):
     mlp_bias: bool
 
     def layer_matrices(self) -> dict[str, tuple[int, int]]: ...
+
+
+def online_matrices(shape) -> dict[str, tuple[int, int, int]]:
+    """The shape's online rotation matrices {name: (K, N, vectors per token)} (none if it has no
+    `online_matrices`); at most two down-rotation factors (LAYER_PHASES)."""
+    out = dict(getattr(shape, "online_matrices", dict)())
+    if sum(n.startswith("mlp.rot.") for n in out) > 2:
+        raise ValueError(f"{shape.name}: at most two Kronecker factors in the down rotation")
+    return out
+
+
+def phase_active(shape) -> tuple[bool, ...]:
+    """Which LAYER_PHASES a layer of `shape` runs (the rotation phases only with the rotations)."""
+    online = online_matrices(shape)
+    return tuple(name not in ROTATION_PHASES or ROTATION_PHASES[name] in online for name, _ in LAYER_PHASES)
 
 
 # --- the placement rules (plain arithmetic: concrete or relaxed) ---------------------------------
@@ -140,8 +159,10 @@ def default_micro_batches(users: int, stages: int) -> int:
 
 
 def matrix_tilings(shape: DecoderShape, chip: ChipSpec = APPLIANCE.chip) -> dict[str, Tiling]:
-    """The tiling of every layer matrix (the full core grid), by name ("attn.q", ..., "mlp.down")."""
-    return {name: Tiling(k, n, chip.grid_rows, chip.grid_cols) for name, (k, n) in shape.layer_matrices().items()}
+    """The tiling of every layer matrix (the full core grid), by name ("attn.q", ..., "mlp.down",
+    and the online rotations' "attn.rot", "mlp.rot.i")."""
+    mats = dict(shape.layer_matrices()) | {n: (k, m) for n, (k, m, _) in online_matrices(shape).items()}
+    return {name: Tiling(k, n, chip.grid_rows, chip.grid_cols) for name, (k, n) in mats.items()}
 
 
 def output_tiling(shape: DecoderShape, h: int = 1, chip: ChipSpec = APPLIANCE.chip) -> Tiling:
@@ -312,6 +333,7 @@ class _Widths:
         if self.float:
             return
         self.w = {name: policy.layer(f"{name}.w").bits for name in shape.layer_matrices()}
+        self.w |= {name: policy.layer(f"{name.split('.')[0]}.rot.w").bits for name in online_matrices(shape)}
         self.act = max(policy.layer("attn.x").bits, policy.layer("mlp.down.x").bits)
         self.kv = policy.layer("attn.kv").bits
         self.out_w, self.out_x = policy.output("w").bits, policy.output("x").bits
@@ -324,9 +346,10 @@ def _layer_items(shape: DecoderShape, wd: _Widths, tilings: dict[str, Tiling], u
     items: dict[str, tuple[np.ndarray, str, Tiling | None]] = {}
     for norm in ("attn_norm", "mlp_norm"):
         items[norm] = (_spread_bytes(shape.d_model * FP16_BYTES, grid), "weights", None)
+    matrices = shape.layer_matrices()
     for name, t in tilings.items():
         b = t.bytes_on_chip(wd.w[name], chip)
-        if shape.attn_bias if name.startswith("attn") else shape.mlp_bias:
+        if name in matrices and (shape.attn_bias if name.startswith("attn") else shape.mlp_bias):
             b = b.copy()
             b[0, :] += t.nb * FP16_BYTES  # biases live with the first core row of each column
         items[name] = (b, "weights", t)
@@ -378,7 +401,7 @@ def _split_room(shape: DecoderShape, wd: _Widths, tilings: dict[str, Tiling], sc
 
 
 def _phase_bytes(items) -> list[int]:
-    return [sum(int(items[it][0].max()) for it in its) for _, its in LAYER_PHASES]
+    return [sum(int(items[it][0].max()) for it in its if it in items) for _, its in LAYER_PHASES]
 
 
 def scratch_core_bytes(shape: DecoderShape, policy: str | PrecisionPolicy, mb: int,
@@ -536,7 +559,7 @@ def map_model(shape: DecoderShape, policy: str | PrecisionPolicy = "w4a4", *, us
                 plan.frame_buffer_bytes = frame_bytes(mb, shape.d_model, shape.d_model)
                 plan.memory = mem = CoreMemory(chip, card=c)
                 for ph, frac in parts:
-                    for it in LAYER_PHASES[ph][1]:
+                    for it in (it for it in LAYER_PHASES[ph][1] if it in items):
                         b, kind, t = items[it]
                         if t is not None and frac < 1:  # a matrix split by columns: its own tiling
                             t = Tiling(t.k, max(1, math.ceil(t.n * frac)), t.rows, t.cols)

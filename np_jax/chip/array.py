@@ -114,20 +114,29 @@ class Tiling:
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class TiledWeights:
-    """A weight matrix resident in the core array. `w_RxKbxCxNb_i8[r, :, c, :]` is core (r, c)'s block."""
+    """A weight matrix resident in the core array. `w_RxKbxCxNb[r, :, c, :]` is core (r, c)'s block.
 
-    w_RxKbxCxNb_i8: jax.Array
+    The codes are held in the form the emulator's dot consumes (`tile_weights(form=...)`):
+    float32 where a float32 dot of them is exact for any input up to INT8 (then no conversion
+    runs per call), else int8. The chip holds them packed at `bits`; memory is accounted so.
+    """
+
+    w_RxKbxCxNb: jax.Array
     tiling: Tiling = field(metadata=dict(static=True))
     bits: int = field(metadata=dict(static=True))
     signed: bool = field(default=True, metadata=dict(static=True))
 
+    @property
+    def w_RxKbxCxNb_i8(self) -> jax.Array:
+        return self.w_RxKbxCxNb.astype(jnp.int8)
+
     def core_block(self, r: int, c: int) -> jax.Array:
-        """The [Kb, Nb] block held by tiling core (r, c), padding included."""
-        return self.w_RxKbxCxNb_i8[r, :, c, :]
+        """The [Kb, Nb] block held by tiling core (r, c), padding included (int8 codes)."""
+        return self.w_RxKbxCxNb[r, :, c, :].astype(jnp.int8)
 
     def to_matrix(self) -> jax.Array:
         t = self.tiling
-        return self.w_RxKbxCxNb_i8.reshape(t.rows * t.kb, t.cols * t.nb)[: t.k, : t.n]
+        return self.w_RxKbxCxNb.reshape(t.rows * t.kb, t.cols * t.nb)[: t.k, : t.n].astype(jnp.int8)
 
     def packed_core_image(self, r: int, c: int) -> jax.Array:
         """The bytes core (r, c) stores: its unpadded block packed at `bits` (row-major)."""
@@ -137,12 +146,16 @@ class TiledWeights:
 
 
 def tile_weights(w_KxN_i8: jax.Array, *, bits: int, tiling: Tiling | None = None, signed: bool = True,
-                 memory: CoreMemory | None = None, name: str = "weights", chip: ChipSpec = NORTHPOLE) -> TiledWeights:
+                 memory: CoreMemory | None = None, name: str = "weights", chip: ChipSpec = NORTHPOLE,
+                 form: str = "auto") -> TiledWeights:
     """Place an integer matrix (values of width `bits`, held in int8) on the core array.
 
     If `memory` is given, its per-core bytes (packed at `bits`) are allocated there, raising
     `CoreMemoryError` (card, core, bytes over) if they do not fit. Values outside the range
-    of `bits` raise ValueError (checked when `w_KxN_i8` is concrete).
+    of `bits` raise ValueError (checked when `w_KxN_i8` is concrete). `form`: how the emulator
+    holds the codes: "float32" (the fastest exact dot), "int8" (a quarter of the host memory,
+    for shapes too large to hold otherwise), or "auto" (float32 where that dot is exact for INT8
+    inputs, else int8).
     """
     bits = check_bits(bits)
     if w_KxN_i8.ndim != 2:
@@ -159,7 +172,10 @@ def tile_weights(w_KxN_i8: jax.Array, *, bits: int, tiling: Tiling | None = None
             raise ValueError(f"weights of {name!r} lie in [{w_np.min()}, {w_np.max()}], outside INT{bits} [{lo}, {hi}]")
     if memory is not None:
         memory.allocate(name, tiling.bytes_on_chip(bits, chip), kind="weights")
-    w = jnp.asarray(w_KxN_i8, jnp.int8)
+    if form not in ("auto", "float32", "int8"):
+        raise ValueError(f"form must be auto, float32 or int8, got {form!r}")
+    f32 = form == "float32" or (form == "auto" and core.exact_in_float32(tiling.kb, 8, bits, True, signed))
+    w = jnp.asarray(w_KxN_i8, jnp.int8).astype(jnp.float32 if f32 else jnp.int8)
     w = jnp.pad(w, ((0, tiling.rows * tiling.kb - k), (0, tiling.cols * tiling.nb - n)))
     return TiledWeights(w.reshape(tiling.rows, tiling.kb, tiling.cols, tiling.nb), tiling, bits, signed)
 
@@ -173,16 +189,15 @@ def array_vmm(x_BxK_i8: jax.Array, tw: TiledWeights, *, x_bits: int = 8, x_signe
     if x_BxK_i8.shape[-1] != t.k:
         raise ValueError(f"input has {x_BxK_i8.shape[-1]} features, the mapped matrix expects K={t.k}")
     lead = x_BxK_i8.shape[:-1]
-    x = x_BxK_i8.reshape(-1, t.k).astype(jnp.int8)
+    x = x_BxK_i8.reshape(-1, t.k)
     x = jnp.pad(x, ((0, 0), (0, t.rows * t.kb - t.k))).reshape(-1, t.rows, t.kb)
-
-    def one_core(x_BxKb, w_KbxNb):
-        return core.core_vmm(x_BxKb, w_KbxNb, x_bits=x_bits, w_bits=tw.bits, x_signed=x_signed, w_signed=tw.signed)
-
-    # Inner vmap: the cores of one grid row share that row's input block. Outer vmap: grid rows.
-    per_core_RxBxCxNb = jax.vmap(
-        jax.vmap(one_core, in_axes=(None, 1), out_axes=1), in_axes=(1, 0), out_axes=0
-    )(x, tw.w_RxKbxCxNb_i8)
+    core.check_bits(x_bits)
+    core.check_accumulator(t.kb, x_bits, tw.bits, x_signed, tw.signed)
+    # Core (r, c) multiplies grid row r's input block [B, Kb] by its block [Kb, Nb]: one batched
+    # dot over the grid rows (batch r; the cores of a row share its input block).
+    per_core_RxBxCxNb = core.int_dot(
+        x, tw.w_RxKbxCxNb, (((2,), (1,)), ((1,), (0,))), k=t.kb, x_bits=x_bits, w_bits=tw.bits, x_signed=x_signed,
+        w_signed=tw.signed)  # [R, B, C, Nb]
     acc_BxCxNb = core.saturating_sum(per_core_RxBxCxNb, axis=0)
     return acc_BxCxNb.reshape(-1, t.cols * t.nb)[:, : t.n].reshape(*lead, t.n)
 
@@ -221,4 +236,4 @@ def shard_weights(tw: TiledWeights, mesh: Mesh, axis: str = "cores") -> TiledWei
     if tw.tiling.rows % n_dev:
         raise ValueError(f"{tw.tiling.rows} core rows cannot be split evenly over {n_dev} devices")
     sharding = NamedSharding(mesh, P(axis, None, None, None))
-    return TiledWeights(jax.device_put(tw.w_RxKbxCxNb_i8, sharding), tw.tiling, tw.bits, tw.signed)
+    return TiledWeights(jax.device_put(tw.w_RxKbxCxNb, sharding), tw.tiling, tw.bits, tw.signed)

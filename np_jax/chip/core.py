@@ -72,20 +72,47 @@ def check_accumulator(k: int, x_bits: int, w_bits: int, x_signed: bool = True, w
         )
 
 
+F32_EXACT = 1 << 24  # every integer below 2^24 is a float32, so are sums of such integers below it
+
+
+def exact_in_float32(k: int, x_bits: int, w_bits: int, x_signed: bool = True, w_signed: bool = True) -> bool:
+    """Whether a float32 dot of these integer operands is exact: every partial sum, in any order,
+    is an integer below 2^24 (INT8 x INT8 up to K = 1023, INT4 x INT4 up to K = 262,143)."""
+    return accumulator_bound(k, x_bits, w_bits, x_signed, w_signed) < F32_EXACT
+
+
+CODE_DTYPES = (jnp.int8, jnp.float32)  # integer codes are held in int8, or in float32 (the dot's form)
+
+
+def int_dot(x_codes: jax.Array, w_codes: jax.Array, dims, *, k: int, x_bits: int, w_bits: int,
+            x_signed: bool = True, w_signed: bool = True) -> jax.Array:
+    """`lax.dot_general` of integer codes to an int32 accumulator, with the fastest exact dot:
+    float32 (at HIGHEST precision, so no TF32 on GPUs) where `exact_in_float32`, else int8 x int8
+    accumulated in int32. Both give the int64 result while `check_accumulator` holds."""
+    if exact_in_float32(k, x_bits, w_bits, x_signed, w_signed):
+        acc = jax.lax.dot_general(x_codes.astype(jnp.float32), w_codes.astype(jnp.float32), dims,
+                                  precision=jax.lax.Precision.HIGHEST)
+        return acc.astype(jnp.int32)
+    return jax.lax.dot_general(x_codes.astype(jnp.int8), w_codes.astype(jnp.int8), dims,
+                               preferred_element_type=jnp.int32)
+
+
 def core_vmm(x_BxK_i8: jax.Array, w_KxN_i8: jax.Array, *, x_bits: int = 8, w_bits: int = 8,
              x_signed: bool = True, w_signed: bool = True) -> jax.Array:
-    """One core's VMM: int32 accumulator of `x @ w` over integer operands held in int8.
+    """One core's VMM: int32 accumulator of `x @ w` over integer operands (codes held in int8 or
+    float32).
 
     Exact (equal to an int64 computation) whenever `check_accumulator` passes, which this
     function enforces from the static shapes and bit widths.
     """
     check_bits(x_bits), check_bits(w_bits)
-    if x_BxK_i8.dtype != jnp.int8 or w_KxN_i8.dtype != jnp.int8:
-        raise TypeError(f"core_vmm takes int8-held operands, got {x_BxK_i8.dtype} and {w_KxN_i8.dtype}")
-    check_accumulator(x_BxK_i8.shape[-1], x_bits, w_bits, x_signed, w_signed)
-    return jax.lax.dot_general(
-        x_BxK_i8, w_KxN_i8, (((x_BxK_i8.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32
-    )
+    if x_BxK_i8.dtype not in CODE_DTYPES or w_KxN_i8.dtype not in CODE_DTYPES:
+        raise TypeError(f"core_vmm takes integer codes held in int8 or float32, got {x_BxK_i8.dtype} and "
+                        f"{w_KxN_i8.dtype}")
+    k = x_BxK_i8.shape[-1]
+    check_accumulator(k, x_bits, w_bits, x_signed, w_signed)
+    return int_dot(x_BxK_i8, w_KxN_i8, (((x_BxK_i8.ndim - 1,), (0,)), ((), ())), k=k, x_bits=x_bits,
+                   w_bits=w_bits, x_signed=x_signed, w_signed=w_signed)
 
 
 def saturating_add(a_i32: jax.Array, b_i32: jax.Array) -> jax.Array:

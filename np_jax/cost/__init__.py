@@ -18,13 +18,14 @@ equations.
 
 from np_jax.cost.calibration import calibrate, gpu_table, parameters, published_comparison
 from np_jax.cost.params import CALIBRATED_PHASE_LATENCY_CYCLES, Bits, Design, ModelShape, Workload, ceil_ste, floor_ste
-from np_jax.cost.phases import Phases, layer_phases, output_phases, scratch_bytes_per_token
+from np_jax.cost.phases import PHASE_NAMES, Phases, layer_phases, output_phases, scratch_bytes_per_token
 from np_jax.cost.planner import plan_instance
 from np_jax.cost.predict import (candidate_structures, pack_layer, evaluate, evaluate_mapping, evaluate_structures, mapping_structure,
                                  output_cards_relaxed, plan_mapping, predict, relaxed_structure)
 from np_jax.cost.schedule import Stages, metrics, schedule
 
 __all__ = [
+    "PHASE_NAMES",
     "Bits",
     "CALIBRATED_PHASE_LATENCY_CYCLES",
     "Design",

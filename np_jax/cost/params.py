@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from np_jax.appliance.mapping import online_matrices
 from np_jax.quant.policy import PrecisionPolicy, get_policy
 from np_jax.spec import APPLIANCE, PUBLISHED_RUN, RACK, ApplianceSpec, sourced
 
@@ -172,6 +173,8 @@ class Bits:
     attn: float = 4.0
     out_w: float = 8.0  # the output layer's weights
     out_a: float = 8.0  # and input
+    rot_w: float = 2.0  # the online rotations' ±1 matrices
+    rot_a: float = 8.0  # and their inputs
 
     def replace(self, **kw) -> "Bits":
         return dataclasses.replace(self, **kw)
@@ -186,7 +189,8 @@ class Bits:
         a = max(r(x) for x in ("attn.x", "attn.o.x", "mlp.x", "mlp.down.x"))
         kv = r("attn.kv")
         attn = max(kv, r("attn.qk.q"), r("attn.probs"))
-        return cls(float(w), float(a), float(kv), float(attn), float(p.output("w").bits), float(p.output("x").bits))
+        return cls(float(w), float(a), float(kv), float(attn), float(p.output("w").bits), float(p.output("x").bits),
+                   float(p.layer("attn.rot.w").bits), float(p.layer("attn.rot.x").bits))
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,7 @@ class ModelShape:
     matrices: tuple[tuple[str, int, int], ...]
     attn_bias: bool = False
     mlp_bias: bool = False
+    online: tuple[tuple[str, int, int, int], ...] = ()  # online rotations: (name, K, N, vectors per token)
 
     @classmethod
     def from_decoder(cls, shape) -> "ModelShape":
@@ -218,11 +223,15 @@ class ModelShape:
         n_heads = getattr(shape, "n_heads", None) or q_dim // getattr(shape, "head_dim", 128)
         return cls(shape.name, int(shape.n_layers), int(shape.d_model), int(shape.d_ff), int(shape.vocab_size),
                    int(q_dim), int(shape.kv_dim), int(n_heads), tuple((m, *map(int, mats[m])) for m in need),
-                   bool(getattr(shape, "attn_bias", False)), bool(getattr(shape, "mlp_bias", False)))
+                   bool(getattr(shape, "attn_bias", False)), bool(getattr(shape, "mlp_bias", False)),
+                   tuple((m, *map(int, v)) for m, v in online_matrices(shape).items()))
 
     def layer_matrices(self) -> dict[str, tuple[int, int]]:
         """[K, N] of every layer matrix (the `DecoderShape` protocol of np_jax.appliance.mapping)."""
         return {m: (k, n) for m, k, n in self.matrices}
+
+    def online_matrices(self) -> dict[str, tuple[int, int, int]]:
+        return {m: (k, n, r) for m, k, n, r in self.online}
 
     def matrix(self, name: str) -> tuple[int, int]:
         for m, k, n in self.matrices:

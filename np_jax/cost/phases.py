@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from np_jax.appliance.mapping import LAYER_PHASES, kv_cache_bytes, largest_block, scratch_bytes
+from np_jax.appliance.mapping import LAYER_PHASES, kv_cache_bytes, largest_block, phase_active, scratch_bytes
 from np_jax.chip.array import tile_blocks
 from np_jax.chip.core import block_work
 from np_jax.chip.vector_unit import FP16_BYTES
@@ -28,8 +28,9 @@ PHASE_NAMES = tuple(name for name, _ in LAYER_PHASES)
 # Vector-unit (FP16) operations per element, from the emulator's own implementations
 # (np_jax.chip.vector_unit): RMSNorm squares, accumulates, scales and multiplies by the gain; a VMM
 # result is scaled and requantized; RoPE is two multiplies and an add per element; softmax is
-# max, subtract, exp, accumulate and scale; SiLU x up is one activation-unit lookup and one multiply.
-VECTOR_OPS_PER_ELEMENT = {"rmsnorm": 4, "residual": 1, "requant": 2, "rope": 3, "softmax": 5, "mul": 1}
+# max, subtract, exp, accumulate and scale; SiLU x up is one activation-unit lookup and one multiply;
+# an online rotation's input takes a max-reduce per vector for its dynamic INT8 step.
+VECTOR_OPS_PER_ELEMENT = {"rmsnorm": 4, "residual": 1, "requant": 2, "rope": 3, "softmax": 5, "mul": 1, "max": 1}
 
 
 def _exact(x):  # the relaxed model counts fractional bytes (no packing ceil)
@@ -52,6 +53,7 @@ class Phases:
     noc_cycles: jax.Array
     resident_bytes: jax.Array
     useful_ops: jax.Array  # total (not per core) VMM ops, for the utilisation diagnostic
+    active: jax.Array  # 1 for a phase the layer runs, 0 for one it lacks (no work, no latency)
 
     @property
     def work_cycles(self):
@@ -59,7 +61,7 @@ class Phases:
                                   self.activation_cycles, self.noc_cycles]), axis=0)
 
     def cycles(self, d: Design):
-        return self.work_cycles + d.phase_latency_cycles
+        return self.work_cycles + d.phase_latency_cycles * self.active
 
     def seconds(self, d: Design):
         return jnp.sum(self.cycles(d)) / d.clock_hz
@@ -86,7 +88,8 @@ def _vmm_counts(d: Design, b, k: int, n: int, x_bits, w_bits, *, bias: bool):
 
 
 def layer_phases(shape: ModelShape, bits: Bits, d: Design, *, b, mb, users, context, t) -> Phases:
-    """The 12 phases of one transformer layer for one micro-batch of `b` tokens from `mb` users.
+    """The phases of one transformer layer (LAYER_PHASES) for one micro-batch of `b` tokens from
+    `mb` users.
 
     `users` x `context` positions of KV cache are resident; each token attends to `t` positions
     (a mean over the run). Decode: b = mb. Prefill: b = mb x chunk.
@@ -97,6 +100,10 @@ def layer_phases(shape: ModelShape, bits: Bits, d: Design, *, b, mb, users, cont
     norm_bytes = s.d_model * FP16_BYTES / cores
     mat = {m: _vmm_counts(d, b, k, n, bits.a, bits.w, bias=s.attn_bias if m.startswith("attn") else s.mlp_bias)
            for m, k, n in s.matrices}
+    # the online rotations: `rows` vectors per token through a ±1 matrix, INT8 inputs x INT2 weights
+    mat |= {m: _vmm_counts(d, b * rows, k, n, bits.rot_a, bits.rot_w, bias=False) for m, k, n, rows in s.online}
+    for m, k, n, rows in s.online:  # the dynamic step: a max over each input vector
+        mat[m]["vector"] = mat[m]["vector"] + v["max"] * b * rows * k / cores
 
     def total(names, key):
         return sum(mat[m][key] for m in names)
@@ -106,6 +113,13 @@ def layer_phases(shape: ModelShape, bits: Bits, d: Design, *, b, mb, users, cont
     attn_vmm = 2 * b * s.q_dim * t / vmm_ops_per_cycle(d.vmm_ops_per_cycle_int8, bits.attn) / cores
     attn_useful = 2.0 * b * s.q_dim * t
     zero = jnp.zeros(())
+
+    def rot(m):  # an online rotation's phase (all zero when the layer has none)
+        if m not in mat:
+            return (zero,) * 7
+        r = mat[m]
+        return r["vmm"], r["weights"], r["vector"], zero, r["noc"], r["weights"], r["useful"]
+
     # per phase: (vmm cycles, SRAM bytes read, vector ops, activation ops, NoC bytes, resident bytes, useful ops)
     rows = [
         (zero, norm_bytes, v["rmsnorm"] * b * s.d_model / cores, zero, zero, norm_bytes, zero),
@@ -114,6 +128,7 @@ def layer_phases(shape: ModelShape, bits: Bits, d: Design, *, b, mb, users, cont
          total(("attn.q", "attn.k", "attn.v"), "weights"), total(("attn.q", "attn.k", "attn.v"), "useful")),
         (zero, b * 2 * s.kv_dim * bits.kv / 8 / cores, v["rope"] * b * (s.q_dim + s.kv_dim) / cores, zero, zero,
          zero, zero),
+        rot("attn.rot"),
         (attn_vmm, kv_half_read, zero, zero, zero, kv_half_resident, attn_useful),
         (zero, zero, v["softmax"] * b * s.n_heads * t / cores, zero, zero, zero, zero),
         (attn_vmm, kv_half_read, zero, zero, zero, kv_half_resident, attn_useful),
@@ -124,11 +139,12 @@ def layer_phases(shape: ModelShape, bits: Bits, d: Design, *, b, mb, users, cont
          total(("mlp.gate", "mlp.up"), "vector"), zero, total(("mlp.gate", "mlp.up"), "noc"),
          total(("mlp.gate", "mlp.up"), "weights"), total(("mlp.gate", "mlp.up"), "useful")),
         (zero, zero, (v["mul"] + v["requant"]) * b * s.d_ff / cores, b * s.d_ff / cores, zero, zero, zero),
+        rot("mlp.rot.1"), rot("mlp.rot.0"),
         (mat["mlp.down"]["vmm"], mat["mlp.down"]["weights"], mat["mlp.down"]["vector"], zero, mat["mlp.down"]["noc"],
          mat["mlp.down"]["weights"], mat["mlp.down"]["useful"]),
         (zero, zero, v["residual"] * b * s.d_model / cores, zero, zero, zero, zero),
     ]
-    return _phases(rows, d)
+    return _phases(rows, d, phase_active(s))
 
 
 def output_phases(shape: ModelShape, bits: Bits, d: Design, *, b, cols_per_card) -> Phases:
@@ -145,11 +161,12 @@ def output_phases(shape: ModelShape, bits: Bits, d: Design, *, b, cols_per_card)
     return _phases(rows, d)
 
 
-def _phases(rows, d: Design) -> Phases:
+def _phases(rows, d: Design, active=None) -> Phases:
     cols = [jnp.stack([jnp.asarray(r[i], jnp.float32) for r in rows]) for i in range(7)]
     vmm, read, vec, af, noc, resident, useful = cols
+    act = jnp.ones(len(rows), jnp.float32) if active is None else jnp.asarray(active, jnp.float32)
     return Phases(vmm, read / d.sram_bytes_per_cycle_per_core, vec / d.vector_ops_per_cycle_per_core,
-                  af / d.activation_ops_per_cycle_per_core, noc / d.noc_bytes_per_cycle, resident, useful)
+                  af / d.activation_ops_per_cycle_per_core, noc / d.noc_bytes_per_cycle, resident, useful, act)
 
 
 def scratch_bytes_per_token(shape: ModelShape, bits: Bits, d: Design):

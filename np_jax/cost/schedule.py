@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from np_jax.appliance.mapping import frame_bytes
 from np_jax.chip.vector_unit import FP16_BYTES
 from np_jax.cost.params import Bits, Design, ModelShape, Workload, ceil_ste, floor_ste
-from np_jax.cost.phases import PHASE_NAMES, layer_phases, output_phases, scratch_bytes_per_token
+from np_jax.cost.phases import layer_phases, output_phases, scratch_bytes_per_token
 from np_jax.spec import vmm_ops_per_cycle
 
 
@@ -112,7 +112,7 @@ def schedule(d: Design, w: Workload, *, n_stages, output_cards, dec: Stages, pre
 def _stage_times(ph, d: Design, card_work, card_latency):
     """(sum, max) over layer cards of each card's seconds: per card, its multiple of every phase's
     work plus its count of phase latencies (`card_work`, `card_latency`: [cards, phases])."""
-    cyc = card_work @ ph.work_cycles + card_latency @ jnp.full(len(PHASE_NAMES), d.phase_latency_cycles)
+    cyc = card_work @ ph.work_cycles + card_latency @ (ph.active * d.phase_latency_cycles)
     return jnp.sum(cyc) / d.clock_hz, jnp.max(cyc) / d.clock_hz
 
 
@@ -145,7 +145,7 @@ def metrics(d: Design, w: Workload, bits: Bits, s: ModelShape, *, n_stages, outp
         "stage_max_ms_decode": 1e3 * dec_st.max_s,
         "vmm_utilisation_decode": jnp.sum(dec.useful_ops) / td / peak,
         "layer_work_cycles_decode": jnp.sum(dec.work_cycles),
-        "layer_latency_cycles": d.phase_latency_cycles * len(PHASE_NAMES),
+        "layer_latency_cycles": d.phase_latency_cycles * jnp.sum(dec.active),
     }
 
 

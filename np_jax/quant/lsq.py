@@ -30,11 +30,14 @@ from np_jax.chip.vector_unit import code_range, quantize
 
 @dataclass(frozen=True)
 class TensorQuant:
-    """How one tensor is quantized: width (None = float), signedness, per-channel step."""
+    """How one tensor is quantized: width (None = float), signedness, per-channel step, and for
+    an activation whether its step is dynamic (per token, computed by the vector unit as
+    max|x| / Q_P) instead of a learned static LSQ step."""
 
     bits: int | None
     signed: bool = True
     per_channel: bool = False  # one step per output channel (last axis of a [K, N] weight)
+    dynamic: bool = False
 
     def __post_init__(self):
         if self.bits is not None:
@@ -165,6 +168,15 @@ def _lsq_bwd(tq, g, res, g_out):
 
 
 lsq_fake_quant.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def dynamic_step(v: jax.Array, tq: TensorQuant) -> jax.Array:
+    """The per-token step of a dynamic quantizer: max|v| / Q_P over the last axis ([..., 1]).
+
+    The vector unit's max-reduce (exact in any order), in float32; floored like `init_step`.
+    """
+    amax = jnp.max(jnp.abs(v.astype(jnp.float32)), axis=-1, keepdims=True)
+    return jax.lax.stop_gradient(jnp.maximum(amax / tq.q_p, jnp.float32(1e-8)))
 
 
 def fake_quant(v: jax.Array, s: jax.Array, tq: TensorQuant, *, weight: bool = False) -> jax.Array:

@@ -57,25 +57,59 @@ def _w(bits):  # weights: per-output-channel steps
     return TensorQuant(bits, per_channel=True)
 
 
+# Roles every integer policy shares: the online rotations' ±1 matrices are exact INT2 weights and
+# their inputs are INT8 (models.recipe).
+TRANSFORM_RULES = (("*.rot.w", _w(2)), ("*.rot.x", TensorQuant(8, dynamic=True)))
+
+
 POLICIES: dict[str, PrecisionPolicy] = {
     p.name: p
     for p in [
         PrecisionPolicy(
             "w4a4",
-            (("lm_head.w", _w(8)), ("lm_head.x", TensorQuant(8)), ("*.mlp.silu", TensorQuant(8)),
-             ("*.attn.probs", TensorQuant(4, signed=False)), ("*.w", _w(4)), ("*", TensorQuant(4))),
+            TRANSFORM_RULES + (("lm_head.w", _w(8)), ("lm_head.x", TensorQuant(8)), ("*.mlp.silu", TensorQuant(8)),
+                               ("*.attn.probs", TensorQuant(4, signed=False)), ("*.w", _w(4)), ("*", TensorQuant(4))),
             "HPEC24: INT4 weights, linear/matmul inputs and KV cache; INT8 output layer and SiLU",
         ),
         PrecisionPolicy(
             "a8c8w4",
-            (("lm_head.w", _w(8)), ("*.attn.probs", TensorQuant(8)), ("*.w", _w(4)),
-             ("*", TensorQuant(8))),
+            TRANSFORM_RULES + (("lm_head.w", _w(8)), ("*.attn.probs", TensorQuant(8)), ("*.w", _w(4)),
+                               ("*", TensorQuant(8))),
             "rack successor: 8-bit activations and KV cache, 4-bit weights (INT8 output layer)",
         ),
         PrecisionPolicy(
             "w8a8",
-            (("*.attn.probs", TensorQuant(8)), ("*.w", _w(8)), ("*", TensorQuant(8))),
+            TRANSFORM_RULES + (("*.attn.probs", TensorQuant(8)), ("*.w", _w(8)), ("*", TensorQuant(8))),
             "INT8 weights, activations and KV cache",
+        ),
+        # Variants the measurements justify (docs/quantization.md): each differs from its base in a
+        # few roles, and every results table names the policy it used.
+        PrecisionPolicy(
+            "w4a4-p8",
+            TRANSFORM_RULES + (("lm_head.w", _w(8)), ("lm_head.x", TensorQuant(8)), ("*.mlp.silu", TensorQuant(8)),
+                               ("*.attn.probs", TensorQuant(8)), ("*.w", _w(4)), ("*", TensorQuant(4))),
+            "w4a4 with 8-bit attention probabilities (codes 0..127)",
+        ),
+        PrecisionPolicy(
+            "w4a4-p8d8",
+            TRANSFORM_RULES + (("lm_head.w", _w(8)), ("lm_head.x", TensorQuant(8)), ("*.mlp.silu", TensorQuant(8)),
+                               ("*.attn.probs", TensorQuant(8)), ("*.mlp.down.x", TensorQuant(8)), ("*.w", _w(4)),
+                               ("*", TensorQuant(4))),
+            "w4a4 with 8-bit attention probabilities and an 8-bit down-projection input",
+        ),
+        PrecisionPolicy(
+            "a8c8w4-dyn",
+            TRANSFORM_RULES + (("lm_head.w", _w(8)), ("*.attn.probs", TensorQuant(8)), ("*.attn.kv", TensorQuant(8)),
+                               ("*.mlp.silu", TensorQuant(8)), ("*.attn.qk.q", TensorQuant(8)), ("*.w", _w(4)),
+                               ("*", TensorQuant(8, dynamic=True))),
+            "a8c8w4 with dynamic per-token steps (vector-unit max-reduce) for the linear layers' inputs",
+        ),
+        PrecisionPolicy(
+            "w8a8-dyn",
+            TRANSFORM_RULES + (("*.attn.probs", TensorQuant(8)), ("*.attn.kv", TensorQuant(8)),
+                               ("*.mlp.silu", TensorQuant(8)), ("*.attn.qk.q", TensorQuant(8)), ("*.w", _w(8)),
+                               ("*", TensorQuant(8, dynamic=True))),
+            "w8a8 with dynamic per-token steps (vector-unit max-reduce) for the linear layers' inputs",
         ),
         PrecisionPolicy("float", (("*", FLOAT),), "no quantization (float32 reference)"),
     ]

@@ -23,10 +23,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from np_jax.chip import activation_unit, core
 from np_jax.chip.array import TiledWeights, Tiling, array_vmm, tile_weights
-from np_jax.quant.lsq import TensorQuant, act_grad_scale, check_step, fake_quant, lsq_fake_quant, weight_grad_scale
+from np_jax.quant.lsq import (TensorQuant, act_grad_scale, check_step, dynamic_step, fake_quant, lsq_fake_quant,
+                              weight_grad_scale)
 from np_jax.chip.vector_unit import VECTOR_DTYPE, quantize, scale_accumulator
 
 _EINSUM = {"linear": "...k,kn->...n", "qk": "...lk,...tk->...lt", "pv": "...lt,...tk->...lk"}
@@ -43,12 +45,45 @@ class ProductSpec:
     b: TensorQuant
     out_dtype: object = VECTOR_DTYPE
     tiling: Tiling | None = None
+    a0: TensorQuant | None = None  # the width of the rows flagged `sink` (their own steps), if any
 
     def __post_init__(self):
         if self.kind not in _EINSUM:
             raise ValueError(f"unknown product kind {self.kind!r}")
         if self.a.is_float or self.b.is_float:
             raise ValueError("ProductSpec is for integer products; use float math for float tensors")
+        if self.a0 is not None and (self.a0.is_float or self.a0.signed != self.a.signed):
+            raise ValueError("sink rows need an integer width of the same signedness as the other rows")
+
+    @property
+    def a_bits(self) -> int:
+        """The widest code of operand a (the VMM's accumulator bound and rate)."""
+        return max(self.a.bits, self.a0.bits) if self.a0 is not None else self.a.bits
+
+
+def act_codes(a: jax.Array, s_a, spec: ProductSpec, s_a0=None, sink=None) -> tuple[jax.Array, jax.Array]:
+    """The vector unit's quantization of an activation: (int8-held codes, each row's step [..., 1]).
+
+    Rows use the static step `s_a` (or, for a dynamic quantizer, max|row| / Q_P); rows where
+    `sink` ([...] bool, the rows' leading axes) is set use `s_a0` at width `spec.a0`.
+    """
+    tq = spec.a
+    s_rows = dynamic_step(a, tq) if tq.dynamic else jnp.asarray(s_a, jnp.float32)
+    codes = quantize(a, s_rows, tq.bits, tq.signed)
+    if spec.a0 is not None and sink is not None:
+        m = sink[..., None]
+        codes = jnp.where(m, quantize(a, s_a0, spec.a0.bits, spec.a0.signed), codes)
+        s_rows = jnp.where(m, jnp.asarray(s_a0, jnp.float32), s_rows)
+    return codes, s_rows
+
+
+def _fake_act(a, s_a, s_a0, sink, spec: ProductSpec):
+    tq = spec.a
+    s = dynamic_step(a, tq) if tq.dynamic else s_a
+    a_hat = lsq_fake_quant(a, s, tq, act_grad_scale(a.shape, tq))
+    if spec.a0 is not None:
+        a_hat = jnp.where(sink[..., None], lsq_fake_quant(a, s_a0, spec.a0, act_grad_scale(a.shape, spec.a0)), a_hat)
+    return a_hat
 
 
 def _batched_core_vmm(a_q, bT_q, spec: ProductSpec):
@@ -56,7 +91,7 @@ def _batched_core_vmm(a_q, bT_q, spec: ProductSpec):
     lead = a_q.shape[:-2]
     a2 = a_q.reshape(-1, *a_q.shape[-2:])
     b2 = jnp.broadcast_to(bT_q, (*lead, *bT_q.shape[-2:])).reshape(-1, *bT_q.shape[-2:])
-    f = partial(core.core_vmm, x_bits=spec.a.bits, w_bits=spec.b.bits, x_signed=spec.a.signed, w_signed=spec.b.signed)
+    f = partial(core.core_vmm, x_bits=spec.a_bits, w_bits=spec.b.bits, x_signed=spec.a.signed, w_signed=spec.b.signed)
     return jax.vmap(f)(a2, b2).reshape(*lead, a_q.shape[-2], bT_q.shape[-1])
 
 
@@ -69,7 +104,7 @@ def scaled_int_product(a_q: jax.Array, b_q: jax.Array | TiledWeights, s_a: jax.A
     pv:     a_q [..., L, T], b_q [..., T, D]                              -> [..., L, D]
     """
     if spec.kind == "linear":
-        acc = array_vmm(a_q, b_q, x_bits=spec.a.bits, x_signed=spec.a.signed)
+        acc = array_vmm(a_q, b_q, x_bits=spec.a_bits, x_signed=spec.a.signed)
     elif spec.kind == "qk":
         acc = _batched_core_vmm(a_q, jnp.swapaxes(b_q, -1, -2), spec)
     else:
@@ -84,55 +119,70 @@ def _quantize_b(b, s_b, spec: ProductSpec):
     return tile_weights(b_q, bits=spec.b.bits, signed=spec.b.signed, tiling=spec.tiling)
 
 
-def _fake_product(a, b, s_a, s_b, spec: ProductSpec):
-    a_hat = lsq_fake_quant(a, s_a, spec.a, act_grad_scale(a.shape, spec.a))
+def _fake_product(a, b, s_a, s_b, spec: ProductSpec, s_a0=None, sink=None):
+    """The LSQ fake-quant product whose gradients the integer product uses."""
+    a_hat = _fake_act(a, s_a, s_a0, sink, spec)
     g_b = weight_grad_scale(b.shape, spec.b) if spec.kind == "linear" else act_grad_scale(b.shape, spec.b)
     b_hat = lsq_fake_quant(b, s_b, spec.b, g_b)
     return jnp.einsum(_EINSUM[spec.kind], a_hat, b_hat, preferred_element_type=jnp.float32)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def quantized_product(a, b, s_a, s_b, spec: ProductSpec):
-    """Integer forward (`scaled_int_product` of the LSQ codes) with LSQ fake-quant gradients."""
-    return scaled_int_product(quantize(a, s_a, spec.a.bits, spec.a.signed), _quantize_b(b, s_b, spec), s_a, s_b, spec)
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _quantized_product(a, b, s_a, s_a0, s_b, sink, spec: ProductSpec):
+    a_q, s_rows = act_codes(a, s_a, spec, s_a0, sink)
+    return scaled_int_product(a_q, _quantize_b(b, s_b, spec), s_rows, s_b, spec)
 
 
-def _qp_fwd(a, b, s_a, s_b, spec):
-    return quantized_product(a, b, s_a, s_b, spec), (a, b, s_a, s_b)
+def _qp_fwd(a, b, s_a, s_a0, s_b, sink, spec):
+    return _quantized_product(a, b, s_a, s_a0, s_b, sink, spec), (a, b, s_a, s_a0, s_b, sink)
 
 
 def _qp_bwd(spec, res, g):
-    a, b, s_a, s_b = res
-    _, vjp = jax.vjp(lambda *args: _fake_product(*args, spec), a, b, s_a, s_b)
+    a, b, s_a, s_a0, s_b, sink = res
+    _, vjp = jax.vjp(lambda a, b, s_a, s_a0, s_b: _fake_product(a, b, s_a, s_b, spec, s_a0, sink), a, b, s_a, s_a0, s_b)
     grads = vjp(g.astype(jnp.float32))
-    return tuple(gr.astype(jnp.asarray(p).dtype) for gr, p in zip(grads, res))
+    grads = tuple(gr.astype(jnp.asarray(p).dtype) for gr, p in zip(grads, res[:5]))
+    return grads + (np.zeros(np.shape(sink), jax.dtypes.float0),)
 
 
-quantized_product.defvjp(_qp_fwd, _qp_bwd)
+_quantized_product.defvjp(_qp_fwd, _qp_bwd)
+
+
+def quantized_product(a, b, s_a, s_b, spec: ProductSpec, s_a0=None, sink=None):
+    """Integer forward (`scaled_int_product` of the LSQ codes) with LSQ fake-quant gradients.
+
+    With `spec.a0`, the rows flagged in `sink` ([...] bool) are quantized at `spec.a0` with
+    their own step `s_a0` (e.g. the attention sink at the first position, at INT8).
+    """
+    if spec.a0 is None:
+        s_a0, sink = s_a, jnp.zeros((), bool)
+    return _quantized_product(a, b, s_a, s_a0, s_b, sink, spec)
 
 
 # --- linear layers -------------------------------------------------------------------------------
 
 def linear(x: jax.Array, p: dict, x_tq: TensorQuant, w_tq: TensorQuant, *, dtype=VECTOR_DTYPE,
-           tiling: Tiling | None = None) -> jax.Array:
+           tiling: Tiling | None = None, sink: jax.Array | None = None, sink_tq: TensorQuant | None = None) -> jax.Array:
     """A linear layer `x @ W + b` under its precision.
 
     `p` is either a training layer {"w": [K, N] float, "s_w", "s_x", ("b")}, whose weights are
     tiled with `tiling` (the mapping's), or a serving layer from `prepare_linear`
     {"tw": TiledWeights, "s_w", "s_x", ("b")}, which carries its tiling; both run the same
-    integer forward. Float precision computes `x @ w` in float32 and returns `dtype`.
+    integer forward. Float precision computes `x @ w` in float32 and returns `dtype`. With
+    `sink_tq`, the rows flagged in `sink` ([...] bool) use width `sink_tq` and the step `p["s_x0"]`.
     """
     if w_tq.is_float or x_tq.is_float:
         if "w" not in p:
             raise ValueError("a float layer needs float weights 'w'")
         y = jnp.einsum("...k,kn->...n", x.astype(jnp.float32), p["w"].astype(jnp.float32))
     else:
-        spec = ProductSpec("linear", x_tq, w_tq, dtype, tiling)
+        spec = ProductSpec("linear", x_tq, w_tq, dtype, tiling, sink_tq)
+        s_x0 = p.get("s_x0") if sink_tq is not None else None
         if "tw" in p:
-            x_q = quantize(x, p["s_x"], x_tq.bits, x_tq.signed)
-            y = scaled_int_product(x_q, p["tw"], p["s_x"], p["s_w"], spec)
+            x_q, s_rows = act_codes(x, p["s_x"], spec, s_x0, sink)
+            y = scaled_int_product(x_q, p["tw"], s_rows, p["s_w"], spec)
         else:
-            y = quantized_product(x, p["w"], p["s_x"], p["s_w"], spec)
+            y = quantized_product(x, p["w"], p["s_x"], p["s_w"], spec, s_x0, sink)
     if "b" in p:
         y = y.astype(dtype) + p["b"].astype(dtype)
     return y.astype(dtype)
@@ -142,7 +192,7 @@ def prepare_linear(p: dict, w_tq: TensorQuant, tiling: Tiling | None = None, mem
     """Quantize a training layer's weights once and place them on the core array (serving form)."""
     if w_tq.is_float:
         return dict(p)
-    for key in ("s_w", "s_x"):
+    for key in [k for k in ("s_w", "s_x", "s_x0") if k in p]:
         try:
             check_step(p[key])
         except ValueError as e:

@@ -1,0 +1,312 @@
+"""Quantization recipes: named pipelines from a float model to the integer model the chip executes.
+
+A recipe is a list of switchable transforms, each exact in float or run by the chip itself:
+
+- `fold_norms`: the RMSNorm gains go into the following linear layers (q, k, v; gate, up; the
+  output layer, which is untied from the embedding for it); the norms then have unit gain.
+- `rotate_residual`: the residual stream is rotated by a random-sign Hadamard matrix Q (order
+  d_model, e.g. 576 = Paley-II H36 (x) Sylvester H16), folded offline: embed Q, Q^T W_in, W_out Q.
+  RMSNorm commutes with Q (it has unit gain after folding), so the float model is unchanged;
+  the outlier channels of the residual stream are spread over all channels.
+- `rotate_vo`: a Hadamard of order head_dim on each head's values, folded into W_v and W_o.
+- `qk_rotation`: an online Hadamard on q and k after RoPE (`ModelConfig.qk_rotation`): the chip
+  runs it as an INT8 x INT2 VMM; the KV cache holds rotated keys.
+- `down_rotation`: an online Hadamard (order d_ff, as Kronecker factors, e.g. 1536 = H12 (x)
+  H128) before the down projection (`ModelConfig.down_rotation`), its transpose and random signs
+  folded into W_down and W_up offline.
+- `sink`: the first position (the attention sink: residual values ~25,700 from the middle
+  layers on in SmolLM2) gets its own INT8 steps at every activation point and INT8 keys and
+  values in a prefix of the cache (`ModelConfig.sink_positions`, PrefixQuant-style).
+- `weights`: "gptq" (GPTQ with per-output-channel MSE steps and the Hessian of each layer's
+  calibration inputs; np_jax.quant.gptq) or "rtn" (round to nearest at MSE steps).
+- `activations`: static steps calibrated ("mse" or the paper's "lsq") on training windows,
+  the sink rows excluded from the other rows' steps.
+
+The result is a (config, parameters) pair in training form, whose forward is the chip's integer
+forward; `llama.prepare_serving` makes the serving form. `prepare` caches it on disk
+(models.recipe_cache) per GGUF file, recipe and precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import llama
+from models.config import ModelConfig
+from np_jax.quant import get_policy, gptq, hadamard
+from np_jax.quant.lsq import init_step_mse
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named quantization pipeline (every step switchable, see the module docstring)."""
+
+    name: str
+    fold_norms: bool = True
+    rotate_residual: bool = True
+    rotate_vo: bool = True
+    qk_rotation: bool | None = None  # None: when the KV cache is narrower than 8 bits (its INT8 input costs ~5 %)
+    down_rotation: bool = True
+    sink: int = 1
+    weights: str = "gptq"  # "gptq" or "rtn"
+    activations: str = "mse"  # "mse" or "lsq"
+    calib_windows: int = 32  # training windows of 256 tokens for the Hessians and the steps
+    seed: int = 0  # the random signs of the rotations
+    description: str = ""
+
+    def __post_init__(self):
+        if self.weights not in ("gptq", "rtn"):
+            raise ValueError(f"recipe weights must be gptq or rtn, got {self.weights!r}")
+        if self.activations not in llama.CALIBRATIONS:
+            raise ValueError(f"recipe activations must be one of {', '.join(llama.CALIBRATIONS)}")
+        if (self.rotate_residual or self.rotate_vo) and not self.fold_norms:
+            raise ValueError("rotations need folded norms (RMSNorm commutes with a rotation only at unit gain)")
+
+    def qk_rotation_for(self, policy) -> bool:
+        if self.qk_rotation is not None:
+            return self.qk_rotation
+        kv = get_policy(policy).layer("attn.kv")
+        return not kv.is_float and kv.bits < 8
+
+    def steps(self, policy=None) -> list[str]:
+        """The transforms applied, in order (for reports)."""
+        qk = self.qk_rotation_for(policy) if policy is not None else bool(self.qk_rotation)
+        on = [k for k in ("fold_norms", "rotate_residual", "rotate_vo", "qk_rotation", "down_rotation")
+              if (qk if k == "qk_rotation" else getattr(self, k))]
+        return on + ([f"sink{self.sink}"] if self.sink else []) + [f"weights:{self.weights}",
+                                                                  f"activations:{self.activations}"]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("plain", fold_norms=False, rotate_residual=False, rotate_vo=False, qk_rotation=False, down_rotation=False,
+           sink=0, weights="rtn", calib_windows=1,
+           description="the earlier path: MSE steps on one calibration window, no transforms"),
+    Recipe("rotate", weights="rtn", description="rotations and the sink prefix; weights rounded to nearest"),
+    Recipe("rotate-gptq", description="rotations, the sink prefix and GPTQ weights (the default)"),
+]}
+DEFAULT_RECIPE = "rotate-gptq"
+
+
+def get_recipe(name: str | Recipe) -> Recipe:
+    if isinstance(name, Recipe):
+        return name
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
+
+
+# --- offline transforms (exact in float) --------------------------------------------------------------
+
+def _linear(lay, name):
+    blk, lin = name.split(".")
+    return lay[blk][lin]
+
+
+def fold_norms(params: llama.Params, cfg: ModelConfig) -> tuple[ModelConfig, llama.Params]:
+    """RMSNorm gains into the following linears; the output layer untied from the embedding."""
+    lay = params["layers"]
+    ga, gm = lay["attn_norm"].astype(jnp.float32), lay["mlp_norm"].astype(jnp.float32)
+    for name, g in (("attn.q", ga), ("attn.k", ga), ("attn.v", ga), ("mlp.gate", gm), ("mlp.up", gm)):
+        p = _linear(lay, name)
+        lay = llama._set(lay, tuple(name.split(".")) + ("w",), p["w"] * g[:, :, None])
+    lay = {**lay, "attn_norm": jnp.ones_like(lay["attn_norm"]), "mlp_norm": jnp.ones_like(lay["mlp_norm"])}
+    w_out = llama.lm_head_weight(params) * params["final_norm"].astype(jnp.float32)[:, None]
+    out = {**params, "layers": lay, "final_norm": jnp.ones_like(params["final_norm"]),
+           "lm_head": {**params["lm_head"], "w": w_out}}
+    return cfg.replace(tied_embeddings=False), out
+
+
+def rotate_residual(params: llama.Params, cfg: ModelConfig, seed: int) -> llama.Params:
+    """The residual stream rotated by Q (random-sign Hadamard, order d_model), folded offline."""
+    q = jnp.asarray(hadamard.orthogonal(cfg.d_model, seed), jnp.float32)
+    lay = params["layers"]
+    for name in ("attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up"):  # inputs: x Q -> W_in' = Q^T W_in
+        lay = llama._set(lay, tuple(name.split(".")) + ("w",), jnp.einsum("dk,ndm->nkm", q, _linear(lay, name)["w"]))
+    for name in ("attn.o", "mlp.down"):  # outputs: W_out' = W_out Q (and its bias)
+        p = _linear(lay, name)
+        lay = llama._set(lay, tuple(name.split(".")) + ("w",), p["w"] @ q)
+        if "b" in p:
+            lay = llama._set(lay, tuple(name.split(".")) + ("b",), p["b"] @ q)
+    return {**params, "layers": lay, "embed": params["embed"].astype(jnp.float32) @ q,
+            "lm_head": {**params["lm_head"], "w": q.T @ params["lm_head"]["w"]}}
+
+
+def rotate_vo(params: llama.Params, cfg: ModelConfig) -> llama.Params:
+    """Every head's values rotated by H_E / sqrt(E), folded into W_v (columns) and W_o (rows)."""
+    h = jnp.asarray(hadamard.orthogonal(cfg.head_dim), jnp.float32)
+    lay = params["layers"]
+    n, kv, e, hq = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
+    v = _linear(lay, "attn.v")
+    lay = llama._set(lay, ("attn", "v", "w"), (v["w"].reshape(n, -1, kv, e) @ h).reshape(v["w"].shape))
+    if "b" in v:
+        lay = llama._set(lay, ("attn", "v", "b"), (v["b"].reshape(n, kv, e) @ h).reshape(v["b"].shape))
+    o = _linear(lay, "attn.o")
+    lay = llama._set(lay, ("attn", "o", "w"), jnp.einsum("fe,nhfd->nhed", h, o["w"].reshape(n, hq, e, -1))
+                     .reshape(o["w"].shape))
+    return {**params, "layers": lay}
+
+
+def fold_down_rotation(params: llama.Params, cfg: ModelConfig, seed: int) -> tuple[ModelConfig, llama.Params]:
+    """The online Hadamard before the down projection: random signs D into W_up's columns, and
+    (D H)^T into W_down, so that (silu(g) * u D) H W_down' = silu(g) * u W_down."""
+    factors = hadamard.factors(cfg.d_ff)
+    hm = np.ones((1, 1))
+    for f in factors:
+        hm = np.kron(hm, llama.rotation_matrix(f).astype(np.float64))
+    d = hadamard.random_signs(cfg.d_ff, seed + 1).astype(np.float32)
+    lay = params["layers"]
+    up = _linear(lay, "mlp.up")
+    lay = llama._set(lay, ("mlp", "up", "w"), up["w"] * d)
+    if "b" in up:
+        lay = llama._set(lay, ("mlp", "up", "b"), up["b"] * d)
+    dh_t = jnp.asarray((d[:, None] * hm).T, jnp.float32)  # (D H)^T
+    lay = llama._set(lay, ("mlp", "down", "w"), jnp.einsum("fg,ngd->nfd", dh_t, _linear(lay, "mlp.down")["w"]))
+    return cfg.replace(down_rotation=factors), {**params, "layers": lay}
+
+
+# --- weights ----------------------------------------------------------------------------------------
+
+class _Hessians(llama._Calib):
+    """Collects 2 X^T X / T of the inputs of every linear layer (the sink rows left out)."""
+
+    PATHS = {("attn", "s_x"): ("attn.q", "attn.k", "attn.v"), ("attn", "o", "s_x"): ("attn.o",),
+             ("mlp", "s_x"): ("mlp.gate", "mlp.up"), ("mlp", "down", "s_x"): ("mlp.down",)}
+
+    def __init__(self):
+        super().__init__("mse")
+        self.xtx: dict[tuple, jax.Array] = {}
+
+    def see(self, path, v, tq, sink=None):
+        if path not in self.PATHS:
+            return
+        x = v.astype(jnp.float32)
+        if sink is not None:
+            x = jnp.where(sink[..., None], 0.0, x)
+        x = x.reshape(-1, x.shape[-1])
+        self.xtx[path] = x.T @ x
+
+
+def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, batch: int = 4) -> dict:
+    """Per layer, X^T X of each linear's inputs over the calibration windows ([N, K, K] per input)."""
+    prec = llama.Precision(get_policy("float"), jnp.float32, llama.resolve("float", cfg).tilings)
+
+    @jax.jit
+    def collect(params, tokens):
+        B, L = tokens.shape
+        pos = jnp.broadcast_to(jnp.arange(L), (B, L))
+
+        def body(x, lp):
+            calib = _Hessians()
+            x_new, _ = llama.layer(lp, x, pos, None, cfg, prec, calib)
+            return x_new.astype(jnp.float32), calib.xtx
+
+        return jax.lax.scan(body, llama.embed(params, tokens, prec), params["layers"])[1]
+
+    total = None
+    for i in range(0, len(windows), batch):
+        part = collect(params, jnp.asarray(windows[i:i + batch]))
+        total = part if total is None else jax.tree.map(jnp.add, total, part)
+    return {path: np.asarray(h, np.float64) for path, h in total.items()}
+
+
+def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str, hessians: dict | None,
+                     log: Log) -> llama.Params:
+    """Every layer matrix on its integer grid (codes x per-channel MSE steps): GPTQ with the
+    layers' input Hessians, or round to nearest; the output layer at its width, round to nearest.
+    The weights become `codes * step` (float, exactly on the grid), so the serving form (and
+    training's integer forward) reproduces the codes."""
+    prec = llama.resolve(policy, cfg)
+    lay = params["layers"]
+    t0 = time.perf_counter()
+    for hpath, names in _Hessians.PATHS.items():
+        for name in names:
+            tq = prec.layer(f"{name}.w")
+            w = np.asarray(_linear(lay, name)["w"], np.float32)
+            steps, out = [], []
+            for i in range(cfg.n_layers):
+                s = np.asarray(init_step_mse(w[i], tq), np.float32)
+                if method == "gptq":
+                    codes = np.asarray(gptq.gptq(w[i], hessians[hpath][i], s, tq.bits))
+                else:
+                    codes = np.asarray(gptq.rtn(w[i], s, tq.bits))
+                steps.append(s)
+                out.append(codes.astype(np.float32) * s)
+            lay = llama._set(lay, tuple(name.split(".")) + ("w",), jnp.asarray(np.stack(out)))
+            lay = llama._set(lay, tuple(name.split(".")) + ("s_w",), jnp.asarray(np.stack(steps)))
+    log(f"weights: {method} for {cfg.n_layers} layers x 7 matrices in {time.perf_counter() - t0:.1f} s")
+    out = {**params, "layers": lay}
+    tq = prec.head("w")
+    if not tq.is_float:
+        w = llama.lm_head_weight(out)
+        s = init_step_mse(w, tq)
+        codes = gptq.rtn(w, s, tq.bits)
+        out = {**out, "lm_head": {**out["lm_head"], "w": codes.astype(jnp.float32) * s, "s_w": s}}
+    return out
+
+
+# --- the pipeline --------------------------------------------------------------------------------------
+
+def transformed_config(cfg: ModelConfig, recipe: str | Recipe, policy) -> ModelConfig:
+    """The config a recipe makes of `cfg` at `policy` (to map a model before its weights are loaded)."""
+    recipe = get_recipe(recipe)
+    return cfg.replace(tied_embeddings=cfg.tied_embeddings and not recipe.fold_norms,
+                       qk_rotation=recipe.qk_rotation_for(policy),
+                       down_rotation=hadamard.factors(cfg.d_ff) if recipe.down_rotation else (),
+                       sink_positions=recipe.sink)
+
+
+def transform(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy) -> tuple[ModelConfig, llama.Params]:
+    """The recipe's transforms alone (folds, rotations, the sink and online flags): in float, the
+    transformed model computes the same function (tests/test_recipe.py)."""
+    recipe = get_recipe(recipe)
+    if recipe.fold_norms:
+        cfg, params = fold_norms(params, cfg)
+    if recipe.rotate_residual:
+        params = rotate_residual(params, cfg, recipe.seed)
+    if recipe.rotate_vo:
+        params = rotate_vo(params, cfg)
+    if recipe.down_rotation:
+        cfg, params = fold_down_rotation(params, cfg, recipe.seed)
+    cfg = cfg.replace(qk_rotation=recipe.qk_rotation_for(policy), sink_positions=recipe.sink)
+    return cfg, {**params, "layers": llama.with_act_steps(params["layers"], cfg)}
+
+
+def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, windows: np.ndarray,
+          log: Log = lambda m: None) -> tuple[ModelConfig, llama.Params]:
+    """Run `recipe` on float `params`: (transformed config, parameters with every step set).
+
+    `windows`: calibration token windows [n, L] from the training split (the first
+    `recipe.calib_windows` are used).
+    """
+    recipe = get_recipe(recipe)
+    policy = get_policy(policy)
+    if policy.is_float:
+        return cfg, params
+    windows = np.asarray(windows)[: recipe.calib_windows]
+    t0 = time.perf_counter()
+    cfg, params = transform(params, cfg, recipe, policy)
+    log(f"recipe {recipe.name}: transforms {', '.join(recipe.steps(policy)[:-2]) or 'none'} in {time.perf_counter() - t0:.1f} s")
+    hess = None
+    if recipe.weights == "gptq":
+        t0 = time.perf_counter()
+        hess = layer_hessians(params, cfg, windows)
+        log(f"recipe {recipe.name}: input Hessians of every layer on {len(windows)} windows in "
+            f"{time.perf_counter() - t0:.1f} s")
+    params = quantize_weights(params, cfg, policy, recipe.weights, hess, log)
+    t0 = time.perf_counter()
+    params = llama.calibrate(params, jnp.asarray(windows), cfg, policy, recipe.activations, weights=False)
+    log(f"recipe {recipe.name}: activation steps ({recipe.activations}) in {time.perf_counter() - t0:.1f} s")
+    return cfg, params
