@@ -42,10 +42,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "np_jax" / "prepared"
 
 
+def calib_seq_len(cfg: ModelConfig) -> int:
+    """Tokens per calibration window: 256, or the model's context if shorter."""
+    return min(CALIB_SEQ_LEN, cfg.max_seq_len)
+
+
 def calibration_windows(model: Model, n: int, data: DataConfig = DataConfig(), seed: int = 0) -> np.ndarray:
-    """The first `n` windows of the training split's shuffled order, [n, 256] (as `np-jax train`
-    calibrates: the held-out files are never used)."""
-    return TrainStream(Corpus(data, model.encoder), CALIB_SEQ_LEN, 1, 1, seed).calibration(n)
+    """The first `n` windows of the training split's shuffled order, [n, calib_seq_len] (as
+    `np-jax train` calibrates: the held-out files are never used)."""
+    return TrainStream(Corpus(data, model.encoder), calib_seq_len(model.cfg), 1, 1, seed).calibration(n)
 
 
 def _flatten(params) -> dict[str, np.ndarray]:
@@ -72,10 +77,12 @@ def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def cache_key(model: Model, recipe: recipes.Recipe, policy: str) -> tuple[str, dict]:
+def cache_key(model: Model, recipe: recipes.Recipe, policy: str, data: DataConfig = DataConfig(),
+              seed: int = 0) -> tuple[str, dict]:
     inputs = {"format": FORMAT, "model": model.cfg.name, "gguf_sha256": model.sha256, "source": model.source,
               "recipe": recipe.to_json(), "precision": policy,
-              "calibration": {"windows": recipe.calib_windows, "seq_len": CALIB_SEQ_LEN, "data": DataConfig().describe()}}
+              "calibration": {"windows": recipe.calib_windows, "seq_len": calib_seq_len(model.cfg),
+                              "data": data.describe(), "seed": seed}}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32], inputs
 
 
@@ -89,14 +96,16 @@ def _load(d: Path) -> tuple[ModelConfig, llama.Params]:
     return cfg, jax.tree.map(jax.numpy.asarray, _unflatten(arrays))
 
 
-def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, log: Log = lambda m: None,
-            use_cache: bool = True) -> tuple[ModelConfig, llama.Params, dict]:
-    """(config, parameters, info) of `model` prepared by `recipe` at `policy`, from the cache when
-    a verified entry exists (info["cached"]), else made and stored."""
+def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: DataConfig = DataConfig(),
+            seed: int = 0, log: Log = lambda m: None, use_cache: bool = True) -> tuple[ModelConfig, llama.Params, dict]:
+    """(config, parameters, info) of `model` prepared by `recipe` at `policy`, calibrated on the
+    first windows of `data`'s training split in the order of `seed`; from the cache when a verified
+    entry exists (info["cached"]), else made and stored. Models without a file hash (random init,
+    checkpoints) are prepared and not cached."""
     recipe = recipes.get_recipe(recipe)
-    key, inputs = cache_key(model, recipe, policy)
+    key, inputs = cache_key(model, recipe, policy, data, seed)
     d = cache_root() / key
-    info = {"recipe": recipe.name, "steps": recipe.steps(policy), "cache": str(d), "cached": False}
+    info = {"recipe": recipe.name, "calibration": inputs["calibration"], "steps": recipe.steps(policy), "cache": str(d), "cached": False}
     if use_cache and model.sha256 is not None and d.is_dir():
         try:
             t0 = time.perf_counter()
@@ -109,7 +118,7 @@ def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, log: Log
     t0 = time.perf_counter()
     log(f"preparing {model.cfg.name} for {policy} with recipe {recipe.name} ({', '.join(recipe.steps(policy))}); "
         "this runs once and is cached")
-    windows = calibration_windows(model, recipe.calib_windows)
+    windows = calibration_windows(model, recipe.calib_windows, data, seed)
     cfg, params = recipes.apply(model.params, model.cfg, recipe, policy, windows, log)
     info["prepare_s"] = time.perf_counter() - t0
     if use_cache and model.sha256 is not None:

@@ -40,7 +40,7 @@ import numpy as np
 
 from models import llama
 from models.config import ModelConfig
-from np_jax.quant import get_policy, gptq, hadamard
+from np_jax.quant import get_policy, gptq, hadamard, wants_qk_rotation
 from np_jax.quant.lsq import init_step_mse
 
 Log = Callable[[str], None]
@@ -72,10 +72,7 @@ class Recipe:
             raise ValueError("rotations need folded norms (RMSNorm commutes with a rotation only at unit gain)")
 
     def qk_rotation_for(self, policy) -> bool:
-        if self.qk_rotation is not None:
-            return self.qk_rotation
-        kv = get_policy(policy).layer("attn.kv")
-        return not kv.is_float and kv.bits < 8
+        return self.qk_rotation if self.qk_rotation is not None else wants_qk_rotation(policy)
 
     def steps(self, policy=None) -> list[str]:
         """The transforms applied, in order (for reports)."""

@@ -71,11 +71,45 @@ def positive(name: str, value, *, upper: int | None = None, why: str = "") -> in
     return int(value)
 
 
+def count(text: str) -> int:
+    """argparse type of a count flag: a whole number >= 1 (zero is never silently a default)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_rotation_argument(parser) -> None:
+    """`--rotations` of `map` and `perf`: map and charge the online Hadamards a recipe adds."""
+    parser.add_argument("--rotations", choices=("none", "recipe"), default="none",
+                        help="none: the model as published; recipe: with the online Hadamards of the default "
+                             "quantization recipe (an INT2 +-1 matrix on q and k when the KV cache is below 8 bits, "
+                             "the down-projection input's Kronecker factors), placed in core memory and charged "
+                             "as INT8 x INT2 VMMs (what `np-jax run` executes; docs/quantization.md)")
+
+
+def shape_with_rotations(shape, policy, rotations: str):
+    """`shape` with the online rotations `--rotations` names (np_jax.quant's rules)."""
+    if rotations == "none":
+        return shape
+    import dataclasses
+
+    from np_jax.quant import hadamard, wants_qk_rotation
+
+    try:
+        return dataclasses.replace(shape, qk_rotation=wants_qk_rotation(policy), down_rotation=hadamard.factors(shape.d_ff))
+    except TypeError:
+        raise ValueError(f"model {shape.name} has no online-rotation settings (qk_rotation, down_rotation)") from None
+
+
 def add_process_arguments(parser) -> None:
     """The multi-process flags shared by the CLI commands (`np-jax run`, `np-jax train`)."""
     parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                         help="multi-process run: the coordinator address (or JAX_COORDINATOR_ADDRESS)")
-    parser.add_argument("--num-processes", type=int, default=None,
+    parser.add_argument("--num-processes", type=count, default=None,
                         help="multi-process run: number of processes (or JAX_NUM_PROCESSES)")
     parser.add_argument("--process-id", type=int, default=None,
                         help="multi-process run: this process's index (or JAX_PROCESS_ID)")
@@ -83,20 +117,27 @@ def add_process_arguments(parser) -> None:
 
 def add_mapping_arguments(parser, *, users: int | None, cards: int = 16) -> None:
     """The flags that choose a mapping, shared by `map`, `perf` and `run`."""
-    parser.add_argument("--users", type=int, default=users, help="users N (the mini-batch)")
-    parser.add_argument("--cards", type=int, default=cards, help="cards in the appliance")
-    parser.add_argument("--micro-batches", type=int, default=None,
+    parser.add_argument("--users", type=count, default=users, help="users N (the mini-batch)")
+    parser.add_argument("--cards", type=count, default=cards, help="cards in the appliance")
+    parser.add_argument("--micro-batches", type=count, default=None,
                         help="micro-batches M (default: the count with the best predicted throughput)")
-    parser.add_argument("--output-cards", "--head-cards", dest="output_cards", type=int, default=None,
+    parser.add_argument("--output-cards", "--head-cards", dest="output_cards", type=count, default=None,
                         help="cards for the output layer (default: the count with the best predicted throughput, "
                              "at least the fewest that fit)")
-    parser.add_argument("--layer-cards", type=int, default=None,
+    parser.add_argument("--layer-cards", type=count, default=None,
                         help="cards for the layers (default: the count with the best predicted throughput; the "
                              "cards left over stay idle)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`np-jax run: error: argument --users: must be >= 1, got 0`)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="np-jax", description=DESCRIPTION, epilog=EPILOG, formatter_class=Formatter)
+    parser = Parser(prog="np-jax", description=DESCRIPTION, epilog=EPILOG, formatter_class=Formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in sorted(entry_points(group="np_jax.commands"), key=lambda e: e.name):
         ep.load()(sub)
@@ -115,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     # compiled executables only: results are unchanged). An explicit JAX setting wins.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (argparse printed one line) or --help
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

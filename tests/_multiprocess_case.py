@@ -11,8 +11,10 @@ from __future__ import annotations
 import sys
 
 
-def compute() -> dict:
-    """Tiny model on the 16-card appliance over every JAX device: generated tokens and prefill logits."""
+def compute(devices: int = 16) -> dict:
+    """Tiny model on the 16-card appliance over `devices` JAX devices (16: every device of the
+    two-process mesh; 1: the cards in order on one device, bit-identical as tests/test_appliance.py
+    checks): generated tokens and prefill logits."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -30,13 +32,13 @@ def compute() -> dict:
     serving = llama.prepare_serving(params, cfg, "w4a4")
     mapping = map_model(cfg, "w4a4", users=4, context=32, cards=16, micro_batches=2, output_cards=2, strict=False)
     prompts = [[5, 9, 11], [7] * 9, [3, 1, 4, 1, 5, 9, 2, 6], [100, 200]]
-    gen = Generator(backend=Appliance(serving, cfg, "w4a4", mapping, cache_len=32, devices=16))
+    gen = Generator(backend=Appliance(serving, cfg, "w4a4", mapping, cache_len=32, devices=devices))
     tokens = gen.generate(prompts, 6).tokens
 
     layer_fn, head_fn = card_programs(cfg, "w4a4", mapping, result="logits")
     state = {k: np.zeros((16, 1, 4, 16, cfg.n_kv_heads, cfg.head_dim), np.int8) for k in ("k", "v")}
     rt = ApplianceRuntime(mapping.schedule, layer_fn, head_fn, build_cards(serving, cfg, "w4a4", mapping), state,
-                          devices=16, user_axis=1)
+                          devices=devices, user_axis=1)
     toks = np.arange(32).reshape(4, 8) * 7 % cfg.vocab_size
     x = llama.embed(serving, jnp.asarray(toks), llama.resolve("w4a4")).reshape(2, 2, 8, -1)
     logits = rt.run(x, {"pos": jnp.broadcast_to(jnp.arange(8), (2, 2, 8))})
@@ -69,7 +71,7 @@ def train_case(out: str) -> dict:
             "losses": np.array([m["loss"] for m in res.metrics]), **{"param:" + k: v for k, v in leaves.items()}}
 
 
-def main(port: str, process_id: str, out: str, train_dir: str) -> None:
+def main(port: str, process_id: str, out: str, train_dir: str, cases: str = "appliance,train") -> None:
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
@@ -78,11 +80,12 @@ def main(port: str, process_id: str, out: str, train_dir: str) -> None:
     from np_jax.appliance.distributed import initialize
 
     initialize(f"127.0.0.1:{port}", 2, int(process_id), timeout_s=60, heartbeat_s=20)
-    res = compute()
-    res.update({"train:" + k: v for k, v in train_case(train_dir).items()})
+    res = compute() if "appliance" in cases.split(",") else {}
+    if "train" in cases.split(","):
+        res.update({"train:" + k: v for k, v in train_case(train_dir).items()})
     if jax.process_index() == 0:
         np.savez(out, **res)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

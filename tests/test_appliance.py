@@ -9,12 +9,15 @@ from models import llama
 from models.appliance import Appliance, build_cards, card_programs, combine_greedy
 from models.config import get_config
 from models.generate import Generator
-from np_jax.appliance.mapping import CardPlan, Mapping, map_model, output_tiling
+from np_jax.appliance.mapping import map_model
 from np_jax.appliance.pipeline import Schedule, card_mesh, run_pipeline
 from np_jax.chip.memory import CoreMemoryError
 from np_jax.plots import plot_card
 
-CFG = get_config("tiny")
+# The tiny model with the recipe's online transforms (a QK Hadamard, a two-factor down-projection
+# Hadamard as INT8 x INT2 VMMs, the INT8 attention-sink prefix), so that every equivalence below
+# covers them too.
+CFG = get_config("tiny").replace(qk_rotation=True, down_rotation=(4, 32), sink_positions=1)
 
 
 def layout(cards, micro_batches, output_cards, users=4, context=16):
@@ -115,7 +118,8 @@ def test_pipelined_prefill_and_decode_equal_sequential_bits(model, devices):
                                   np.asarray(ref_cache["k"]))
 
 
-@pytest.mark.parametrize("cards,head_cards,devices", [(16, 2, 16), (16, 2, 2), (4, 1, 4)])
+@pytest.mark.parametrize("cards,head_cards,devices", [pytest.param(16, 2, 16, marks=pytest.mark.slow), (16, 2, 2),
+                                                      pytest.param(4, 1, 4, marks=pytest.mark.slow)])
 def test_appliance_generation_equals_single_device_generation(model, cards, head_cards, devices):
     params, serving = model
     rng = np.random.default_rng(0)
@@ -129,21 +133,25 @@ def test_appliance_generation_equals_single_device_generation(model, cards, head
     assert frames["runs"] == 5 and frames["bytes_in"][0] > 0
 
 
-def test_gradients_through_the_pipeline_match_sequential(model):
+@pytest.mark.parametrize("devices", [2, pytest.param(16, marks=pytest.mark.slow)])
+def test_gradients_through_the_pipeline_match_sequential(model, devices):
+    """16 cards over `devices` devices (2: the same shard_map pipeline, 8 cards per device, and
+    far fewer device threads to synchronise on 2 cores)."""
     params, _ = model
-    mapping = layout(16, 2, 2)
+    cards = 16
+    mapping = layout(cards, 2, 2)
     layer_fn, head_fn = card_programs(CFG, "w4a4", mapping, with_cache=False, result="logits")
     toks = jax.random.randint(jax.random.key(9), (4, 9), 0, CFG.vocab_size)
-    mesh = card_mesh(16)
-    dummy = {"d": jnp.zeros((16, 4, 1))}
+    mesh = card_mesh(devices)
+    dummy = {"d": jnp.zeros((cards, 4, 1))}
 
     def nll(logits):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, 1:, None], -1))
 
     def pipelined_loss(p):
-        cards = build_cards(p, CFG, "w4a4", mapping)
+        card_params = build_cards(p, CFG, "w4a4", mapping)
         x = llama.embed(p, toks[:, :-1], llama.resolve("w4a4")).reshape(2, 2, 8, -1)
-        res, _ = run_pipeline(mapping.schedule, mesh, layer_fn, head_fn, cards, x,
+        res, _ = run_pipeline(mapping.schedule, mesh, layer_fn, head_fn, card_params, x,
                               {"pos": jnp.broadcast_to(jnp.arange(8), (2, 2, 8))}, dummy)
         return nll(jnp.concatenate([res[c] for c in mapping.schedule.output_cards], -1).reshape(4, 8, -1))
 
@@ -154,10 +162,23 @@ def test_gradients_through_the_pipeline_match_sequential(model):
     # Gradients agree to the fp16 resolution of the activations they flow through: the
     # tensor-parallel output cards return two fp16-rounded partial input cotangents (one per
     # vocabulary half) where the sequential model rounds one; the forward is bit-identical.
+    errs = {}
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree.leaves(gs)):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
-        assert err < 5e-3, jax.tree_util.keystr(path)
+        errs[jax.tree_util.keystr(path)] = np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+    # The sink prefix's steps (`*0`) see one position per sequence: their gradient is a short sum
+    # with cancellation, so the same fp16 roundings weigh more (measured 0.8 %).
+    bound = lambda k: 2e-2 if k.endswith("0']") else 5e-3  # noqa: E731
+    assert all(e < bound(k) for k, e in errs.items()), {k: e for k, e in errs.items() if e >= bound(k)}
+    assert sum(k.endswith("0']") for k in errs) >= 2  # the sink steps are there
+    # QAT trains every static step of the transformed model: all get a gradient but the dynamic
+    # ones (the online rotations' INT8 inputs: per-row steps from the vector unit, the `*.rot.x`
+    # rule) and the sink's query step (position 0 attends to itself alone: its softmax is 1)
+    zero = {jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(gs)
+            if "'s_" in jax.tree_util.keystr(k) and not np.any(np.asarray(v))}
+    assert zero == {"['layers']['attn']['krot']['s_x']", "['layers']['attn']['qrot']['s_x']",
+                    "['layers']['attn']['qrot']['s_x0']", "['layers']['attn']['s_q0']",
+                    "['layers']['mlp']['rot0']['s_x']", "['layers']['mlp']['rot1']['s_x']"}, zero
 
 
 def test_combine_greedy_breaks_ties_to_lower_vocabulary():

@@ -1,6 +1,5 @@
 """A core's VMM, saturation, compact storage: against a numpy int64 oracle."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

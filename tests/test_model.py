@@ -126,7 +126,7 @@ def test_kv_cache_byte_accounting_matches_spec():
     assert cfg.layer_params() == 218_103_808  # 218.1 M parameters per layer (spec sec. 3)
 
 
-@settings(max_examples=3)  # each example compiles a prefill and a decode
+@settings(max_examples=2)  # each example compiles a prefill and a decode
 @given(n=st.integers(1, 20), split=st.integers(1, 19), seed=st.integers(0, 1000))
 def test_prefill_split_point_does_not_change_bits(params, n, split, seed):
     split = min(split, n)

@@ -35,7 +35,7 @@ def _env():
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
     for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):  # the suite's compilation cache (conftest)
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "XLA_FLAGS"):  # the suite's compilation settings (conftest)
         if k in os.environ:
             env[k] = os.environ[k]
     return env
@@ -67,32 +67,43 @@ def _case():
     return _multiprocess_case
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    """One run of the two workers (both cases), shared by the tests below."""
+def _two_process(tmp_path_factory, cases: str):
     tmp = tmp_path_factory.mktemp("mp")
     port, out, train_dir = _free_port(), tmp / "mp.npz", tmp / "train"
-    results = _run_workers([(str(port), str(i), str(out), str(train_dir)) for i in (0, 1)], timeout=400)
+    results = _run_workers([(str(port), str(i), str(out), str(train_dir), cases) for i in (0, 1)], timeout=400)
     for rc, text in results:
         assert rc == 0, text[-3000:]
     return dict(np.load(out)), train_dir
 
 
-@pytest.mark.slow
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """The appliance case on the two workers."""
+    return _two_process(tmp_path_factory, "appliance")[0]
+
+
+@pytest.fixture(scope="module")
+def two_process_training(tmp_path_factory):
+    """The data-parallel training case on the two workers (a second launch: only the slow test needs it)."""
+    return _two_process(tmp_path_factory, "train")
+
+
 def test_two_process_mesh_equals_single_process(two_process_run):
-    got, _ = two_process_run
+    got = two_process_run
     assert int(got["processes"]) == 2 and int(got["devices"]) == 16
-    ref = _case().compute()
-    assert ref["processes"] == 1 and ref["devices"] == 16
+    # the reference: one process, the 16 cards in order on one device (bit-identical to 16 devices,
+    # tests/test_appliance.py), so the comparison costs one cheap run
+    ref = _case().compute(devices=1)
+    assert ref["processes"] == 1
     np.testing.assert_array_equal(got["tokens"], ref["tokens"])
     np.testing.assert_array_equal(got["logits"], ref["logits"])
 
 
 @pytest.mark.slow
-def test_two_process_data_parallel_training_equals_one_device(two_process_run, tmp_path):
+def test_two_process_data_parallel_training_equals_one_device(two_process_training, tmp_path):
     from models import train
 
-    got, train_dir = two_process_run
+    got, train_dir = two_process_training
     assert int(got["train:resumed_from"]) == 1  # the second call resumed the multi-process checkpoint
     # one device, one process, no interruption: the reference
     ref = train.train(_case().train_config(str(tmp_path / "ref")), progress=False, log=lambda s: None)
@@ -156,3 +167,6 @@ def test_settings_validation(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
     monkeypatch.setenv("JAX_PROCESS_ID", "3")
     assert settings_from_env() == ("127.0.0.5:1234", 4, 3)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "abc")
+    with pytest.raises(DistributedError, match="JAX_NUM_PROCESSES='abc' is not a whole number"):
+        settings_from_env()

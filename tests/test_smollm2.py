@@ -15,7 +15,10 @@ from models.generate import Generator
 from models.io.gguf import smollm2_gguf_path
 from models.io.tokenizer import Tokenizer
 
-pytestmark = pytest.mark.slow
+# The default suite (`make test`) keeps the first test: the real model, loaded from its GGUF file,
+# writes sensible Python. The others are slow (`make test-all`); their properties have fast paths
+# on the tiny model (tests/test_model.py, tests/test_recipe.py: prefill + decode bit-exact, float
+# stable; tests/test_mapping.py: the 3B shapes' memory).
 PROMPT = "def fibonacci(n):"
 
 
@@ -36,6 +39,19 @@ def test_float_generation_is_sensible_python(smollm2):
     assert isinstance(tree.body[0], ast.FunctionDef) and "return" in function and "fibonacci" in function[10:]
 
 
+def test_run_plans_the_model_it_loads(smollm2):
+    """`np-jax run` maps the model from the GGUF header before loading it, then checks that the
+    loaded model is the planned one: the two must agree (float32 metadata read as the same decimal)."""
+    import argparse
+
+    from models.commands.run import _shape_and_source
+
+    cfg = smollm2[0]
+    planned = _shape_and_source(argparse.Namespace(model="smollm2-135m", gguf=None), None)
+    assert planned == cfg and planned.rms_eps == 1e-5
+
+
+@pytest.mark.slow
 def test_float_logits_stable_across_prefill_and_decode(smollm2):
     cfg, params, tok = smollm2
     ids = jnp.asarray([tok.encode("import os\nfor name in os.listdir('.'):\n    print(name)")])
@@ -52,6 +68,7 @@ def test_float_logits_stable_across_prefill_and_decode(smollm2):
     assert (np.asarray(inc).argmax(-1) == np.asarray(full).argmax(-1)).all()
 
 
+@pytest.mark.slow
 def test_w4a4_prefill_decode_bit_exact_on_the_real_model(smollm2):
     cfg, params, tok = smollm2
     ids = jnp.asarray([tok.encode("class Stack:\n    def push(self, x):")])
@@ -69,6 +86,7 @@ def test_w4a4_prefill_decode_bit_exact_on_the_real_model(smollm2):
     np.testing.assert_array_equal(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full))
 
 
+@pytest.mark.slow
 def test_granite_3b_shape_builds_and_steps_within_memory():
     cfg = get_config("granite-3b-northpole")
     sp = llama.init_serving_random(cfg, jax.random.key(0), "w4a4")

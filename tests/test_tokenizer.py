@@ -207,6 +207,12 @@ def test_build_tokenizer_rejects_bad_inputs():
         build_tokenizer(data.tokens, ["Ġthe"])
     with pytest.raises(ValueError, match="token types"):
         build_tokenizer(data.tokens, data.merges, [1])
+    # merges naming tokens the vocabulary lacks: a ValueError naming the merge, never the library's
+    # bare Exception or its Rust panic (a BaseException)
+    with pytest.raises(ValueError, match="'ab' is not in the vocabulary"):
+        build_tokenizer(["a", "b", "c"], ["a b"])
+    with pytest.raises(ValueError, match="token 'x' is not in the vocabulary"):
+        build_tokenizer(["a", "b", "ab"], ["a x"])
     with pytest.raises(ValueError, match="pre-tokenizer"):
         build_tokenizer(data.tokens, data.merges, pre="llama-bpe")
     with pytest.raises(ValueError, match="tokenizer model"):

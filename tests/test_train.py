@@ -1,6 +1,7 @@
 """Training (models.train, models.train.data, np-jax train/eval) on the tiny config: learning, QAT,
 exact resumption after an interruption (in-process and a real killed process), corrupt checkpoints."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -144,7 +145,7 @@ def test_qat_recovers_most_of_the_ptq_loss(float_run, held, tmp_path):
                                         steps=steps, lr=1e-3, **COMMON), **QUIET)
     ctl_nll = evaluate(ctl.params, cfg, "float", held)["nll"]
     qtc = train.TrainConfig(out=str(tmp_path / "qat"), init_from=tc.out, precision="w4a4", calibration="lsq",
-                            steps=steps, lr=3e-3, act_step_lr_mult=10, act_step_warmup_steps=20, **COMMON)
+                            recipe="plain", calib_windows=4, steps=steps, lr=3e-3, act_step_lr_mult=10, act_step_warmup_steps=20, **COMMON)
     q = train.train(qtc, **QUIET)
     q_nll = evaluate(q.params, cfg, "w4a4", held)["nll"]
     assert ptq_nll > f_nll + 0.2, (f_nll, ptq_nll)  # w4a4 PTQ hurts
@@ -157,7 +158,7 @@ def test_qat_recovers_most_of_the_ptq_loss(float_run, held, tmp_path):
 
 # --- interruption and resumption ---------------------------------------------------------------------
 
-RESUME = dict(model="tiny", precision="w4a4", steps=8, batch_size=4, grad_accum=2, seq_len=32, lr=3e-3,
+RESUME = dict(model="tiny", precision="w4a4", recipe="plain", steps=8, batch_size=4, grad_accum=2, seq_len=32, lr=3e-3,
               save_every=2, keep=3, distill=0.5, act_step_warmup_steps=4, act_step_lr_mult=20)
 
 
@@ -220,8 +221,8 @@ def test_killed_process_resumes_bit_identical(reference, tmp_path):
     p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert train.checkpoint_steps(out) == [2, 4]
-    args = ["train", "--out", str(out), "--model", "tiny", "--precision", "w4a4", "--steps", "8", "--batch-size", "4",
-            "--grad-accum", "2", "--seq-len", "32", "--lr", "3e-3", "--save-every", "2", "--keep", "3",
+    args = ["train", "--out", str(out), "--model", "tiny", "--precision", "w4a4", "--recipe", "plain", "--steps", "8",
+            "--batch-size", "4", "--grad-accum", "2", "--seq-len", "32", "--lr", "3e-3", "--save-every", "2", "--keep", "3",
             "--distill", "0.5", "--act-step-warmup-steps", "4", "--act-step-lr-mult", "20", "--json"]
     code = "import sys, jax; jax.config.update('jax_num_cpu_devices', 16); from np_jax.cli import main; sys.exit(main(sys.argv[1:]))"
     p = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -284,6 +285,14 @@ def test_resume_with_other_settings_is_refused(reference, tmp_path):
     out = str(reference.checkpoint.parent)
     with pytest.raises(ValueError, match="lr: 0.003 .saved. vs 0.001 .now."):
         train.train(train.TrainConfig(**{**RESUME, "out": out, "lr": 1e-3}), **QUIET)
+    # the recipe makes QAT's starting point: another recipe is another run
+    with pytest.raises(ValueError, match="recipe: 'plain' .saved. vs 'rotate-gptq' .now."):
+        train.train(train.TrainConfig(**{**RESUME, "out": out, "recipe": "rotate-gptq"}), **QUIET)
+    # runs saved before recipes existed read as the plain recipe; for float runs it does not matter
+    old = {k: v for k, v in train.TrainConfig(**RESUME).to_json().items() if k not in ("recipe", "calib_windows")}
+    assert train.TrainConfig.from_json(old).recipe == "plain"
+    fl = train.TrainConfig(precision="float")
+    assert not [d for d in fl.differences(dataclasses.replace(fl, recipe="plain", calib_windows=4))]
 
 
 # --- command line --------------------------------------------------------------------------------------
@@ -316,13 +325,16 @@ def test_cli_eval_table(reference, capsys, tmp_path):
     rep = json.loads(capsys.readouterr().out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and rep["plot"] == str(png)
     names = [r["name"] for r in rep["rows"]]
-    assert names == ["float", "ptq (mse)", "qat"] and rep["held_out"]["tokens"] == 4 * 32
+    assert names == ["float", "ptq plain", "qat"] and rep["held_out"]["tokens"] == 4 * 32
+    assert [r["recipe"] for r in rep["rows"]] == [None, "plain", "plain"] and [r["qat"] for r in rep["rows"]] == [
+        False, False, True]
+    assert "top1_agreement" not in rep["rows"][0] and all(0 <= r["top1_agreement"] <= 1 for r in rep["rows"][1:])
     qat = rep["rows"][2]
     assert qat["step"] == 8 and qat["precision"] == "w4a4" and qat["train_tokens"] == 8 * 4 * 2 * 32
     assert rep["rows"][0]["vs_float"] == 1.0 and all(np.isfinite(r["perplexity"]) for r in rep["rows"])
     assert main(["eval", "--checkpoint", out, "--windows", "4", "--seq-len", "32"]) == 0
     text = capsys.readouterr().out
-    assert "held-out perplexity of tiny" in text and "ptq (mse)" in text and "qat" in text
+    assert "held-out perplexity of tiny" in text and "ptq plain" in text and "qat" in text
 
 
 # --- training through the appliance pipeline ------------------------------------------------------
@@ -367,3 +379,11 @@ def test_run_serves_a_qat_checkpoint(reference, capsys):
     assert rep["outputs"] == [ByteEncoder().decode(want)]  # text, not token ids
     assert main(args + ["--precision", "w8a8"]) == 2
     assert "was trained at w4a4; it cannot be served at w8a8" in capsys.readouterr().err
+    # bad input: one line each, before any work
+    bad = [(["--prompt", "caf\udce9"], "--prompt 2 is not valid UTF-8 (byte 0xe9 at character 3)"),  # a Latin-1 byte from argv
+           (["--users", "0"], "argument --users: must be >= 1, got 0"), (["--devices", "0"], "argument --devices"),
+           (["--users", "1000000000"], "--users 1000000000 is above the limit of 65,536")]
+    for extra, msg in bad:
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err and "loading" not in err, err  # before loading anything

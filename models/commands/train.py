@@ -7,12 +7,13 @@ User errors are raised as ValueError/OSError, which `np_jax.cli` prints as one l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from np_jax.cli import add_process_arguments
+from np_jax.cli import add_process_arguments, count
 
 TRAIN_EPILOG = """\
 examples:
@@ -45,9 +46,12 @@ TRAIN_FLAGS = [
     ("--gguf", "gguf", str, "GGUF file to start from instead of the packaged SmolLM2"),
     ("--init-from", "init_from", str, "start from the newest good checkpoint of this run directory"),
     ("--precision", "precision", str, "float (float training; the default) or w4a4, a8c8w4, w8a8 (QAT)"),
-    ("--calibration", "calibration", str, "initial step sizes for QAT: mse (MSE-optimal; the default) or lsq "
-                                          "(the LSQ paper's 2*mean|v|/sqrt(Q_P))"),
-    ("--calib-windows", "calib_windows", int, "training windows the step sizes are calibrated on (default: 4)"),
+    ("--recipe", "recipe", str, "how QAT's starting point is made from the float model (docs/quantization.md): "
+                                "rotate-gptq (the default), rotate or plain"),
+    ("--calibration", "calibration", str, "initial activation step sizes for QAT: mse (MSE-optimal; the default) "
+                                          "or lsq (the LSQ paper's 2*mean|v|/sqrt(Q_P))"),
+    ("--calib-windows", "calib_windows", int, "training windows the recipe calibrates on (default: the recipe's, "
+                                              "32 for rotate-gptq)"),
     ("--steps", "steps", int, "optimizer steps in total (default: 100)"),
     ("--batch-size", "batch_size", int, "sequences per micro-batch (default: 1)"),
     ("--grad-accum", "grad_accum", int, "micro-batches accumulated per optimizer step; the effective batch is "
@@ -90,7 +94,7 @@ def register(sub) -> None:
         p.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_)
     p.add_argument("--data", action="append", default=argparse.SUPPRESS, metavar="DIR",
                    help="directory of .py files (repeatable; default: the Python standard library)")
-    p.add_argument("--devices", type=int, default=None,
+    p.add_argument("--devices", type=count, default=None,
                    help="data parallel over this many devices of this process; --batch-size must be a multiple "
                         "(default: 1; on CPU these are virtual devices; a multi-process run uses every device). "
                         "With --appliance-cards: the devices the cards are spread over (default: one per card)")
@@ -111,15 +115,19 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="base model (default: the first checkpoint's, else smollm2-135m)")
     p.add_argument("--gguf", default=None, help="base GGUF file")
     p.add_argument("--base", default=None, metavar="DIR", help="use this run's newest good checkpoint as the float base")
-    p.add_argument("--precision", default=None,
-                   help="PTQ precision (default: the first quantized checkpoint's, else w4a4)")
+    p.add_argument("--precision", action="append", default=None,
+                   help="PTQ precision (repeatable; default: the first quantized checkpoint's, else w4a4)")
+    p.add_argument("--recipe", action="append", default=None,
+                   help="PTQ recipe (repeatable: one row per precision and recipe; default: the first quantized "
+                        "checkpoint's, else rotate-gptq; see docs/quantization.md)")
     p.add_argument("--calibration", action="append", default=None, choices=["mse", "lsq"],
-                   help="PTQ calibration method(s) (repeatable; default: the checkpoint's, else mse)")
-    p.add_argument("--calib-windows", type=int, default=None, help="training windows PTQ calibrates on")
+                   help="PTQ activation calibration method(s) (repeatable; default: the checkpoint's, else mse)")
+    p.add_argument("--calib-windows", type=count, default=None,
+                   help="training windows PTQ calibrates on (default: the recipe's)")
     p.add_argument("--seed", type=int, default=None, help="training-order seed that picks the calibration windows")
-    p.add_argument("--windows", type=int, default=32, help="held-out windows")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per held-out window")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--windows", type=count, default=32, help="held-out windows")
+    p.add_argument("--seq-len", type=count, default=256, help="tokens per held-out window")
+    p.add_argument("--batch-size", type=count, default=4, help="windows per forward pass")
     p.add_argument("--data", action="append", default=None, metavar="DIR",
                    help="directory of .py files (repeatable; default: the checkpoint's, else the standard library)")
     p.add_argument("--held-out-fraction", type=float, default=None,
@@ -131,13 +139,13 @@ def register(sub) -> None:
     h = p.add_argument_group("HumanEval (optional; needs pip install 'np-jax[humaneval]')")
     h.add_argument("--humaneval", action="store_true",
                    help="also report HumanEval pass@k of every row; runs generated code in a subprocess")
-    h.add_argument("--problems", type=int, default=None, help="the first N HumanEval problems (default: all 164)")
-    h.add_argument("--samples", type=int, default=1, help="completions per problem (default: 1, greedy)")
+    h.add_argument("--problems", type=count, default=None, help="the first N HumanEval problems (default: all 164)")
+    h.add_argument("--samples", type=count, default=1, help="completions per problem (default: 1, greedy)")
     h.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature (default: 0 = greedy for 1 sample, 0.8 for several)")
-    h.add_argument("--k", type=int, action="append", default=None,
+    h.add_argument("--k", type=count, action="append", default=None,
                    help="pass@k to report (repeatable; default: 1, and 10 when --samples >= 10)")
-    h.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per completion")
+    h.add_argument("--max-new-tokens", type=count, default=128, help="tokens generated per completion")
     h.add_argument("--exec-timeout", type=float, default=5.0, help="seconds each check may run before it is killed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=eval_command)
@@ -182,13 +190,12 @@ def train_command(args) -> int:
 
 
 def eval_command(args) -> int:
-    import jax.numpy as jnp
-
-    from models import llama
     from models import train as T
     from models.evaluate.perplexity import evaluate, held_out
     from models.io.load import DEFAULT_MODEL
-    from models.train.data import Corpus, DataConfig, TrainStream
+    from models.prepared import prepare
+    from models.recipe import DEFAULT_RECIPE, get_recipe
+    from models.train.data import DataConfig
     from np_jax.plots import plot_loss
     from np_jax.quant import get_policy
 
@@ -209,7 +216,7 @@ def eval_command(args) -> int:
         base = T.load_base(args.model or DEFAULT_MODEL, args.gguf, args.seed or 0, log=log)
     cfg = base.cfg
     for ck in cks:
-        if ck.cfg != cfg:
+        if ck.cfg != T.run_config(cfg, ck.train_config):
             raise ValueError(f"checkpoint {ck.path} is of model {ck.cfg.name}, the base model is {cfg.name}; "
                              "give the matching --model/--gguf/--base")
 
@@ -233,51 +240,66 @@ def eval_command(args) -> int:
         he_settings = dict(samples=args.samples, temperature=temperature, ks=ks, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, timeout_s=args.exec_timeout)
 
-    def add(name, params, policy, **extra):
+    reference = {}
+
+    def add(name, params, policy, cfg_=cfg, **extra):
         t0 = time.perf_counter()
-        r = evaluate(params, cfg, policy, windows, args.batch_size)
+        r = evaluate(params, cfg_, policy, windows, args.batch_size, reference_top1=reference.get("top1"))
+        top1 = r.pop("top1")
+        reference.setdefault("top1", top1)  # the float row's predictions
         rows.append({"name": name, "precision": get_policy(policy).name, **extra, **r,
                      "seconds": time.perf_counter() - t0})
-        log(f"{name}: perplexity {r['perplexity']:.3f} ({rows[-1]['seconds']:.0f} s)")
+        log(f"{name}: perplexity {r['perplexity']:.3f}"
+            + (f", top-1 agreement with float {r['top1_agreement']:.3f}" if "top1_agreement" in r else "")
+            + f" ({rows[-1]['seconds']:.0f} s)")
         if he_problems is not None:
             from tqdm import tqdm
 
             t0 = time.perf_counter()
             with tqdm(total=len(he_problems) * args.samples, desc=f"HumanEval {name}", unit="completion",
                       file=sys.stderr, disable=None) as bar:
-                he = HE.evaluate(params, cfg, policy, base.encoder, he_problems, progress=bar.update, **he_settings)
+                he = HE.evaluate(params, cfg_, policy, base.encoder, he_problems, progress=bar.update, **he_settings)
             rows[-1]["humaneval"] = he.to_json()
             rows[-1]["humaneval"]["seconds"] = time.perf_counter() - t0
             log(f"{name}: HumanEval " + ", ".join(f"pass@{k} {v:.4f}" for k, v in he.pass_at_k.items())
                 + f" on {he.problems} problems ({rows[-1]['humaneval']['seconds']:.0f} s)")
 
-    add("float", base.params, "float", source=base.source)
+    add("float", base.params, "float", source=base.source, recipe=None, qat=False)
     q_cks = [ck for ck in cks if not get_policy(ck.train_config.precision).is_float]
-    precision = args.precision or (q_cks[0].train_config.precision if q_cks else "w4a4")
-    policy = get_policy(precision)
-    if not args.no_ptq and not policy.is_float:
-        methods = args.calibration or [first.calibration if first else "mse"]
-        ref = q_cks[0].train_config if q_cks else first
+    ref = q_cks[0].train_config if q_cks else first
+    precisions = list(dict.fromkeys(args.precision or [ref.precision if q_cks else "w4a4"]))
+    recipe_names = list(dict.fromkeys(args.recipe or [ref.recipe if q_cks else DEFAULT_RECIPE]))
+    for r in recipe_names:
+        get_recipe(r)  # unknown names fail before any work
+    if not args.no_ptq:
+        methods = list(dict.fromkeys(args.calibration or [first.calibration if first else "mse"]))
         seed = args.seed if args.seed is not None else (ref.seed if ref else 0)
-        calib_windows = args.calib_windows or (ref.calib_windows if ref else 4)
-        calib_len = ref.seq_len if ref else args.seq_len
-        stream = TrainStream(Corpus(data, base.encoder), calib_len, 1, 1, seed)
-        calib = jnp.asarray(stream.calibration(calib_windows))
-        for m in dict.fromkeys(methods):
-            q = llama.calibrate(base.params, calib, cfg, policy, m)
-            add(f"ptq ({m})", q, policy.name, calibration=m,
-                source=f"{base.source}, calibrated on {calib_windows} training windows of {calib_len} tokens")
+        for precision in precisions:
+            if get_policy(precision).is_float:
+                continue
+            for rname in recipe_names:
+                for m in methods:
+                    rec = get_recipe(rname)
+                    rec = dataclasses.replace(rec, activations=m, calib_windows=args.calib_windows or
+                                              (ref.calib_windows if ref and ref.calib_windows else rec.calib_windows))
+                    t0 = time.perf_counter()
+                    cfg_q, q, info = prepare(base, rec, precision, data=data, seed=seed, log=log)
+                    name = f"ptq {rname}" + (f" ({m})" if len(methods) > 1 or m != "mse" else "")
+                    c = info["calibration"]
+                    add(name, q, precision, cfg_=cfg_q, recipe=rname, recipe_steps=info["steps"], qat=False,
+                        calibration=m, prepare_minutes=(time.perf_counter() - t0) / 60, prepared_cached=info["cached"],
+                        source=f"{base.source}, calibrated on {c['windows']} training windows of {c['seq_len']} tokens")
     for ck in cks:
         tc = ck.train_config
         kind = "float-trained" if get_policy(tc.precision).is_float else "qat"
-        add(kind if len(cks) == 1 else f"{kind} ({Path(tc.out).name})", ck.params, tc.precision,
-            checkpoint=str(ck.path), step=ck.step, train_tokens=ck.meta.get("tokens"),
+        add(kind if len(cks) == 1 else f"{kind} ({Path(tc.out).name})", ck.params, tc.precision, cfg_=ck.cfg,
+            recipe=None if kind == "float-trained" else tc.recipe, qat=kind == "qat", checkpoint=str(ck.path), step=ck.step, train_tokens=ck.meta.get("tokens"),
             train_minutes=ck.meta.get("elapsed_s", 0) / 60, source=f"{ck.path} (step {ck.step})",
             train_config=tc.to_json())
     fl = rows[0]["perplexity"]
     for r in rows:
         r["vs_float"] = r["perplexity"] / fl
-    report = {"model": cfg.name, "held_out": {**described, "windows": len(windows), "seq_len": args.seq_len,
+    report = {"model": cfg.name, "model_sha256": getattr(base, "sha256", None), "held_out": {**described, "windows": len(windows), "seq_len": args.seq_len,
                                               "tokens": int(len(windows) * args.seq_len)},
               "rows": rows, "minutes": (time.perf_counter() - t_start) / 60}
     if args.plot_loss:
@@ -296,12 +318,14 @@ def eval_command(args) -> int:
     h = report["held_out"]
     print(f"held-out perplexity of {cfg.name}: {h['windows']} windows x {h['seq_len']} tokens = {h['tokens']} tokens "
           f"from {h['held_out_files']} held-out files ({', '.join(h['dirs'])}, tokenizer {h['tokenizer']})")
-    print(f"{'model':<20} {'precision':<9} {'step':>6} {'train tokens':>12} {'NLL':>8} {'perplexity':>12} {'vs float':>9}")
+    print("top-1: the fraction of positions where the row's most likely next token is float's")
+    print(f"{'model':<20} {'precision':<9} {'step':>6} {'train tokens':>12} {'NLL':>8} {'perplexity':>12} {'vs float':>9} {'top-1':>6}")
     for r in rows:
         step = r.get("step")
         tt = r.get("train_tokens")
         he = r.get("humaneval")
         print(f"{r['name']:<20} {r['precision']:<9} {'-' if step is None else step:>6} {'-' if tt is None else tt:>12} "
-              f"{r['nll']:8.4f} {r['perplexity']:12.3f} {r['vs_float']:8.2f}x"
+              f"{r['nll']:8.4f} {r['perplexity']:12.3f} {r['vs_float']:8.2f}x "
+              + (f"{r['top1_agreement']:6.3f}" if "top1_agreement" in r else f"{'-':>6}")
               + ("  HumanEval " + ", ".join(f"{k} {v:.4f}" for k, v in he["pass_at_k"].items()) if he else ""))
     return 0

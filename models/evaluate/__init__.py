@@ -1,2 +1,2 @@
-"""Evaluation: held-out perplexity and agreement with float (`perplexity`), the quality report of
-every precision and recipe (`quality`), HumanEval pass@k (`humaneval`)."""
+"""Evaluation: held-out perplexity and top-1 agreement with float (`perplexity`, the rows of
+`np-jax eval`), HumanEval pass@k (`humaneval`)."""

@@ -24,30 +24,38 @@ def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=16)
-def _nll_fn(cfg: ModelConfig, policy: str) -> Callable:
+def _nll_fn(cfg: ModelConfig, policy) -> Callable:
     def f(params, toks_BxL1):
-        return token_nll(llama.forward(params, toks_BxL1[:, :-1], cfg, policy), toks_BxL1[:, 1:]).sum(-1)
+        logits = llama.forward(params, toks_BxL1[:, :-1], cfg, policy)
+        return token_nll(logits, toks_BxL1[:, 1:]).sum(-1), jnp.argmax(logits, -1).astype(jnp.int32)
     return jax.jit(f)
 
 
-def evaluate(params: llama.Params, cfg: ModelConfig, policy: str, windows_NxL1: np.ndarray,
-             batch_size: int = 4) -> dict:
-    """Mean next-token NLL (nats/token) and perplexity exp(NLL) over every target of the windows."""
-    policy = get_policy(policy).name
+def evaluate(params: llama.Params, cfg: ModelConfig, policy, windows_NxL1: np.ndarray, batch_size: int = 4,
+             reference_top1: np.ndarray | None = None) -> dict:
+    """Mean next-token NLL (nats/token), perplexity exp(NLL) over every target of the windows, the
+    model's top-1 predictions (`top1`, [N, L]) and, given another model's (`reference_top1`), the
+    fraction of positions where they agree (`top1_agreement`)."""
+    policy = get_policy(policy)
     windows_NxL1 = np.asarray(windows_NxL1, np.int32)
     n = len(windows_NxL1)
     b = max(1, min(batch_size, n))
     f = _nll_fn(cfg, policy)
-    total = 0.0
+    total, top1 = 0.0, []
     for i in range(0, n, b):
         chunk = windows_NxL1[i: i + b]
         pad = b - len(chunk)
         if pad:  # keep one compiled shape; padded rows are dropped
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, 0)])
-        total += float(np.asarray(f(params, jnp.asarray(chunk)), np.float64)[: b - pad].sum())
+        nll_b, arg_b = f(params, jnp.asarray(chunk))
+        total += float(np.asarray(nll_b, np.float64)[: b - pad].sum())
+        top1.append(np.asarray(arg_b)[: b - pad])
     tokens = n * (windows_NxL1.shape[1] - 1)
     nll = total / tokens
-    return {"nll": nll, "perplexity": float(math.exp(min(nll, 700.0))), "tokens": tokens}
+    out = {"nll": nll, "perplexity": float(math.exp(min(nll, 700.0))), "tokens": tokens, "top1": np.concatenate(top1)}
+    if reference_top1 is not None:
+        out["top1_agreement"] = float((out["top1"] == reference_top1).mean())
+    return out
 
 
 def held_out(encoder: Encoder, data: DataConfig, seq_len: int, n_windows: int) -> tuple[np.ndarray, dict]:

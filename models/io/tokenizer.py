@@ -102,9 +102,20 @@ def build_tokenizer(
         # Byte-level tokens never contain a literal space (it is mapped to "Ġ").
         if len(parts) != 2 or not parts[0] or not parts[1]:
             raise ValueError(f"malformed merge {m!r} (expected 'left right')")
+        # tokenizers would raise a bare Exception (or panic) on these; say which merge is wrong
+        for side in parts:
+            if side not in vocab:
+                raise ValueError(f"merge {m!r}: token {side!r} is not in the vocabulary")
+        if parts[0] + parts[1] not in vocab:
+            raise ValueError(f"merge {m!r}: its result {parts[0] + parts[1]!r} is not in the vocabulary")
         merge_pairs.append((parts[0], parts[1]))
 
-    bpe = models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False)
+    try:
+        bpe = models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False)
+    except BaseException as e:  # a Rust panic is a BaseException (pyo3_runtime.PanicException)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ValueError(f"the tokenizer vocabulary is invalid: {' '.join(str(e).split())[:200]}") from None
     tok = tokenizers.Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _PRE_DIGITS_THEN_GPT2:

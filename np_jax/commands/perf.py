@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from np_jax.cli import Formatter, add_mapping_arguments, get_shape, positive
+from np_jax.cli import (Formatter, add_mapping_arguments, add_rotation_argument, count, get_shape, positive,
+                        shape_with_rotations)
 from np_jax.commands.map import mapping_from_args
 from np_jax.spec import GPU_POINTS, MIB, PUBLISHED_RUN, RACK
 
@@ -25,11 +26,12 @@ def register(sub) -> None:
         formatter_class=Formatter)
     p.add_argument("--model", default=PUBLISHED_RUN.model, help="named model config")
     add_mapping_arguments(p, users=PUBLISHED_RUN.users)
+    add_rotation_argument(p)
     p.add_argument("--prompt-tokens", type=int, default=PUBLISHED_RUN.prompt_tokens, help="prompt tokens per user")
     p.add_argument("--gen-tokens", type=int, default=PUBLISHED_RUN.generated_tokens, help="generated tokens per user")
-    p.add_argument("--context", type=int, default=None, help="KV-cache positions per user (default: prompt + generated)")
+    p.add_argument("--context", type=count, default=None, help="KV-cache positions per user (default: prompt + generated)")
     p.add_argument("--precision", default="w4a4", help="precision policy (w4a4, a8c8w4, w8a8, ...)")
-    p.add_argument("--prefill-chunk", type=int, default=None,
+    p.add_argument("--prefill-chunk", type=count, default=None,
                    help="prompt tokens per user per pipeline pass (default: as many as the free core memory allows)")
     p.add_argument("--allow-overflow", action="store_true",
                    help="report the figures of a mapping that does not fit (as if it did) with exit status 0")
@@ -50,8 +52,8 @@ def register(sub) -> None:
     d.add_argument("--objective", default="energy", choices=["energy", "space", "throughput", "throughput-card"],
                    help="metric to maximise")
     d.add_argument("--latency-bound-ms", type=float, default=1.0, help="latency bound (ms/token)")
-    d.add_argument("--steps", type=int, default=300, help="gradient steps per start")
-    d.add_argument("--starts", type=int, default=8, help="random starting points (run at once with vmap)")
+    d.add_argument("--steps", type=count, default=300, help="gradient steps per start")
+    d.add_argument("--starts", type=count, default=8, help="random starting points (run at once with vmap)")
     d.add_argument("--grid", default="default", choices=["default", "small"], help="grid size (small: for a quick look)")
     d.add_argument("--seed", type=int, default=0, help="seed of the starting points")
     d.add_argument("--json", action="store_true", help="print one JSON object")
@@ -66,12 +68,12 @@ def register(sub) -> None:
                     "fit, and what each delivers.",
         formatter_class=Formatter)
     q.add_argument("--model", default=RACK.model, help="named model config (granite-3.3-8b, granite-3b-northpole, llama-70b, ...)")
-    q.add_argument("--cards", type=int, default=RACK.cards, help="cards in the rack")
-    q.add_argument("--cards-per-server", type=int, default=RACK.cards_per_server, help="cards per server")
+    q.add_argument("--cards", type=count, default=RACK.cards, help="cards in the rack")
+    q.add_argument("--cards-per-server", type=count, default=RACK.cards_per_server, help="cards per server")
     q.add_argument("--precision", default=RACK.precision, help="precision policy")
-    q.add_argument("--users", type=int, default=RACK.users, help="users per instance")
-    q.add_argument("--context", type=int, default=RACK.context, help="context positions per user")
-    q.add_argument("--micro-batches", type=int, default=None, help="micro-batches (default: the best divisor of the users)")
+    q.add_argument("--users", type=count, default=RACK.users, help="users per instance")
+    q.add_argument("--context", type=count, default=RACK.context, help="context positions per user")
+    q.add_argument("--micro-batches", type=count, default=None, help="micro-batches (default: the best divisor of the users)")
     q.add_argument("--prompt-tokens", type=int, default=None, help="prompt tokens (default: half the context)")
     q.add_argument("--gen-tokens", type=int, default=None, help="generated tokens (default: the rest of the context)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
@@ -100,7 +102,7 @@ def _fmt(v, spec=".3g"):
 def perf_command(args) -> int:
     from np_jax import cost
 
-    shape = get_shape(args.model)
+    shape = shape_with_rotations(get_shape(args.model), args.precision, args.rotations)
     pred = _predict(args, shape)
     table = cost.gpu_table(pred)
     published = (args.model, args.precision, args.users, pred["micro_batches"], args.prompt_tokens, args.gen_tokens,

@@ -9,7 +9,7 @@ products (one integer forward for training and serving), and the optimizer group
 
 from np_jax.quant.lsq import (FLOAT, TensorQuant, act_grad_scale, check_step, fake_quant, grad_scale, init_step,
                               init_step_mse, lsq_fake_quant, weight_grad_scale)
-from np_jax.quant.policy import POLICIES, PrecisionPolicy, get_policy
+from np_jax.quant.policy import POLICIES, PrecisionPolicy, get_policy, wants_qk_rotation
 
 __all__ = [
     "FLOAT",
@@ -24,5 +24,6 @@ __all__ = [
     "init_step",
     "init_step_mse",
     "lsq_fake_quant",
+    "wants_qk_rotation",
     "weight_grad_scale",
 ]

@@ -116,6 +116,14 @@ POLICIES: dict[str, PrecisionPolicy] = {
 }
 
 
+def wants_qk_rotation(policy) -> bool:
+    """Whether the online Hadamard on q and k pays for its INT8 x INT2 VMMs at `policy`: when the KV
+    cache is narrower than 8 bits (measured: w8a8 loses ~5 % perplexity to the rotation's INT8
+    input, w4a4 gains; docs/quantization.md). The one rule the recipes and `np-jax map` share."""
+    kv = get_policy(policy).layer("attn.kv")
+    return not kv.is_float and kv.bits < 8
+
+
 def get_policy(name: str | PrecisionPolicy) -> PrecisionPolicy:
     if isinstance(name, PrecisionPolicy):
         return name

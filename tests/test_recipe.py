@@ -1,0 +1,140 @@
+"""Quantization recipes (models.recipe), the prepared-model cache (models.prepared), and what the
+mapping and the cost model make of the online rotations; on the tiny model (fast)."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import llama, prepared, recipe as R
+from models.config import get_config
+from models.io.load import load_model
+from np_jax import cost
+from np_jax.appliance.mapping import map_model
+from np_jax.quant import hadamard
+
+# d_ff 96: the down rotation is H12 (x) H8, a Paley factor and a Sylvester one
+CFG = get_config("tiny").replace(d_ff=96)
+TOKS = np.asarray(jax.random.randint(jax.random.key(3), (3, 14), 0, CFG.vocab_size))
+
+
+@pytest.fixture(scope="module")
+def base():
+    p = llama.init_params(CFG, jax.random.key(0))
+    k = jax.random.split(jax.random.key(1), 3)
+    lay = dict(p["layers"])  # norm gains away from 1, so that folding them has something to do
+    lay["attn_norm"] = 1 + 0.3 * jax.random.normal(k[0], lay["attn_norm"].shape)
+    lay["mlp_norm"] = 1 + 0.3 * jax.random.normal(k[1], lay["mlp_norm"].shape)
+    return {**p, "layers": lay, "final_norm": 1 + 0.3 * jax.random.normal(k[2], p["final_norm"].shape)}
+
+
+# rotate-gptq (every transform on, GPTQ weights, the sink prefix) on 2 calibration windows
+RECIPE = dataclasses.replace(R.get_recipe("rotate-gptq"), calib_windows=2)
+
+
+@pytest.fixture(scope="module")
+def model(base):
+    """The tiny model as `prepare` sees a model file (a file hash makes it cacheable)."""
+    return dataclasses.replace(load_model("tiny"), cfg=CFG, params=base, sha256="0" * 64)
+
+
+@pytest.fixture(scope="module")
+def quantized(model):
+    """RECIPE at w4a4 on the training split's first windows, as `prepare` makes it."""
+    return R.apply(model.params, CFG, RECIPE, "w4a4", prepared.calibration_windows(model, RECIPE.calib_windows))
+
+
+def test_transforms_keep_the_float_function(base):
+    ref = np.asarray(llama.forward(base, TOKS, CFG, "float"))
+    cfg, p = R.transform(base, CFG, "rotate-gptq", "w4a4")
+    assert cfg.down_rotation == (12, 8) and cfg.qk_rotation and cfg.sink_positions == 1 and not cfg.tied_embeddings
+    assert cfg == R.transformed_config(CFG, "rotate-gptq", "w4a4")  # what map/perf see before loading weights
+    got = np.asarray(llama.forward(p, TOKS, cfg, "float"))
+    np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max())
+    # each transform alone is exact too, and the residual rotation really changed the weights
+    for step in ("fold_norms", "rotate_residual", "rotate_vo", "down_rotation"):
+        rec = R.Recipe("one", fold_norms=True, rotate_residual=step == "rotate_residual",
+                       rotate_vo=step == "rotate_vo", qk_rotation=False, down_rotation=step == "down_rotation", sink=0)
+        c1, p1 = R.transform(base, CFG, rec, "w4a4")
+        np.testing.assert_allclose(np.asarray(llama.forward(p1, TOKS, c1, "float")), ref,
+                                   atol=2e-4 * np.abs(ref).max(), err_msg=step)
+    assert not np.allclose(np.asarray(p["layers"]["attn"]["q"]["w"]), np.asarray(base["layers"]["attn"]["q"]["w"]))
+
+
+def test_recipe_validation():
+    with pytest.raises(ValueError, match="unknown recipe"):
+        R.get_recipe("rotate-everything")
+    with pytest.raises(ValueError, match="need folded norms"):
+        R.Recipe("x", fold_norms=False)
+    with pytest.raises(ValueError, match="gptq or rtn"):
+        R.Recipe("x", weights="awq")
+    # the QK rotation is automatic: on when the KV cache is narrower than 8 bits
+    assert R.get_recipe("rotate-gptq").qk_rotation_for("w4a4") and not R.get_recipe("rotate-gptq").qk_rotation_for("w8a8")
+    assert R.get_recipe("plain").steps("w4a4") == ["weights:rtn", "activations:mse"]
+
+
+def test_transformed_model_is_bit_exact_across_training_serving_and_decode(quantized):
+    """(Its gradients: tests/test_appliance.py, whose model has the same online transforms.)"""
+    cfg, q = quantized
+    f = jax.jit(lambda p, t: llama.forward(p, t, cfg, "w4a4"))
+    train_out = np.asarray(f(q, TOKS))
+    serving = llama.prepare_serving(q, cfg, "w4a4")
+    np.testing.assert_array_equal(np.asarray(f(serving, TOKS)), train_out)  # training forward == serving forward
+    # prefill 9 positions (the sink prefix inside), then decode 5, each bit-equal to the full forward
+    cache = llama.init_cache(cfg, 3, 32, "w4a4")
+    step = jax.jit(lambda p, t, pos, c: llama.step(p, t, pos, c, cfg, "w4a4"))
+    out, cache = step(serving, TOKS[:, :9], jnp.broadcast_to(jnp.arange(9), (3, 9)), cache)
+    outs = [out]
+    for t in range(9, 14):
+        o, cache = step(serving, TOKS[:, t:t + 1], jnp.full((3, 1), t), cache)
+        outs.append(o)
+    np.testing.assert_array_equal(np.asarray(jnp.concatenate(outs, 1)), train_out)
+
+
+def test_online_rotations_are_mapped_and_charged():
+    """`np-jax map` places the ±1 matrices as INT2 weights; `np-jax perf` charges their VMMs."""
+    smol = get_config("smollm2-135m")
+    plain = map_model(smol, "w4a4", users=4, context=512)
+    rot_cfg = R.transformed_config(smol, "rotate-gptq", "w4a4")
+    rot = map_model(rot_cfg, "w4a4", users=4, context=512)
+    assert rot_cfg.down_rotation == hadamard.factors(1536) == (12, 128) and rot_cfg.qk_rotation
+    names = set(rot.tilings) - set(plain.tilings)
+    assert {n.split(".rot")[0] for n in names} == {"attn", "mlp"}, names
+    weights = lambda m: sum(c.summary()["weights_bytes"] for c in m.layer_cards)  # noqa: E731
+    # the ±1 matrices at 2 bits, on the cores their tilings name, once per layer (30 layers)
+    rot_bytes = sum(int(rot.tilings[n].bytes_on_chip(2).sum()) for n in names)
+    assert rot_bytes >= (64 * 64 + 12 * 12 + 128 * 128) * 2 // 8
+    assert weights(rot) - weights(plain) == 30 * rot_bytes
+    run = dict(users=4, context=512, prompt_tokens=256, gen_tokens=256)
+    t_plain = cost.predict(smol, "w4a4", mapping=plain, **run)
+    t_rot = cost.predict(rot_cfg, "w4a4", mapping=rot, **run)
+    assert t_rot["layer_work_cycles_decode"] > t_plain["layer_work_cycles_decode"]
+    assert t_rot["system_throughput_tok_s"] <= t_plain["system_throughput_tok_s"]
+
+
+def test_prepared_cache_round_trip_and_corrupt_entry(model, quantized, tmp_path, monkeypatch):
+    monkeypatch.setenv("NP_JAX_CACHE", str(tmp_path))
+    leaves = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]  # noqa: E731
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))  # noqa: E731
+    logs = []
+    cfg1, p1, info1 = prepared.prepare(model, RECIPE, "w4a4", log=logs.append)
+    assert not info1["cached"] and info1["calibration"]["seq_len"] == CFG.max_seq_len
+    assert cfg1 == quantized[0] and same(p1, quantized[1])  # prepare = the recipe on the training split
+    cfg2, p2, info2 = prepared.prepare(model, RECIPE, "w4a4", log=logs.append)
+    assert info2["cached"] and cfg2 == cfg1 and same(p2, p1)
+    # another calibration seed, or another recipe, is another entry
+    key_a, _ = prepared.cache_key(model, RECIPE, "w4a4")
+    assert key_a != prepared.cache_key(model, RECIPE, "w4a4", seed=1)[0]
+    assert key_a != prepared.cache_key(model, R.get_recipe("rotate"), "w4a4")[0]
+    # a damaged entry is reported and rebuilt, never used
+    d = tmp_path / "prepared" / key_a
+    meta = json.loads((d / "meta.json").read_text())
+    meta["arrays_sha256"] = "f" * 64
+    (d / "meta.json").write_text(json.dumps(meta))
+    cfg3, p3, info3 = prepared.prepare(model, RECIPE, "w4a4", log=logs.append)
+    assert not info3["cached"] and any("corrupt" in m for m in logs) and same(p3, p1)
+    (d / "params.npz").write_bytes(b"not a zip file")
+    assert not prepared.prepare(model, RECIPE, "w4a4", log=logs.append)[2]["cached"]
