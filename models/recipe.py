@@ -24,7 +24,7 @@ A recipe is a list of switchable transforms, each exact in float or run by the c
 
 The result is a (config, parameters) pair in training form, whose forward is the chip's integer
 forward; `llama.prepare_serving` makes the serving form. `prepare` caches it on disk
-(models.recipe_cache) per GGUF file, recipe and precision.
+(models.prepared) per GGUF file, recipe, precision and calibration data.
 """
 
 from __future__ import annotations

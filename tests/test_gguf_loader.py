@@ -487,3 +487,22 @@ def test_fuzz_real_metadata_flips(tmp_path, smollm2_header, data):
     finally:
         tracemalloc.stop()
     assert peak < 256 * 2**20, f"peak allocation {peak} bytes"
+
+
+def test_a_known_file_with_another_hash_is_reported(tmp_path):
+    """GGUF has no checksum: np_jax records each file's SHA-256 and warns when the packaged file's differs."""
+    import hashlib
+
+    from models.io.load import KNOWN_SHA256, file_sha256
+
+    name = next(iter(KNOWN_SHA256))
+    f = tmp_path / name
+    f.write_bytes(b"GGUF" + bytes(60))
+    logs = []
+    assert file_sha256(f, logs.append) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert len(logs) == 1 and "was modified or is damaged" in logs[0] and name in logs[0]
+    g = tmp_path / "mine.gguf"  # a file of one's own: hashed, nothing to compare with
+    g.write_bytes(b"GGUF" + bytes(60))
+    logs.clear()
+    file_sha256(g, logs.append)
+    assert not logs

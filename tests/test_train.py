@@ -316,6 +316,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert f"this process has {len(jax.devices())} cpu device(s)" in err and "\n" not in err.strip()
 
 
+def test_first_contact_defaults_fit_the_model(tmp_path, capsys):
+    """docs/training.md's first example: the default --seq-len (256) is clamped to tiny's context
+    (128) with a note, and eval takes the sequence length and the model from the checkpoint."""
+    from np_jax.cli import main
+
+    out = str(tmp_path / "tiny-float")
+    assert main(["train", "--model", "tiny", "--steps", "1", "--grad-accum", "1", "--out", out, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "--seq-len 128: the context of tiny" in captured.err and json.loads(captured.out)["step"] == 1
+    assert main(["eval", "--checkpoint", out, "--windows", "2", "--no-ptq", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["model"] == "tiny" and rep["held_out"]["seq_len"] == 128
+    assert [r["name"] for r in rep["rows"]] == ["float", "float-trained"]
+
+
 def test_cli_eval_table(reference, capsys, tmp_path):
     from np_jax.cli import main
 

@@ -56,7 +56,7 @@ TRAIN_FLAGS = [
     ("--batch-size", "batch_size", int, "sequences per micro-batch (default: 1)"),
     ("--grad-accum", "grad_accum", int, "micro-batches accumulated per optimizer step; the effective batch is "
                                         "this times --batch-size (default: 4)"),
-    ("--seq-len", "seq_len", int, "tokens per sequence (default: 256)"),
+    ("--seq-len", "seq_len", int, "tokens per sequence (default: 256, or the model's context if shorter)"),
     ("--lr", "lr", float, "peak learning rate of weights, norms and biases (default: 1e-4)"),
     ("--step-lr", "step_lr", float, "peak learning rate of the step sizes (default: --lr)"),
     ("--weight-decay", "weight_decay", float, "AdamW decay of the weight matrices (default: 0)"),
@@ -126,7 +126,9 @@ def register(sub) -> None:
                    help="training windows PTQ calibrates on (default: the recipe's)")
     p.add_argument("--seed", type=int, default=None, help="training-order seed that picks the calibration windows")
     p.add_argument("--windows", type=count, default=32, help="held-out windows")
-    p.add_argument("--seq-len", type=count, default=256, help="tokens per held-out window")
+    p.add_argument("--seq-len", type=count, default=None,
+                   help="tokens per held-out window (default: the first checkpoint's, else 256 or the model's "
+                        "context if shorter)")
     p.add_argument("--batch-size", type=count, default=4, help="windows per forward pass")
     p.add_argument("--data", action="append", default=None, metavar="DIR",
                    help="directory of .py files (repeatable; default: the checkpoint's, else the standard library)")
@@ -168,6 +170,14 @@ def train_command(args) -> int:
         kw["grad_clip"] = None
     if hasattr(args, "data"):
         kw["data_dirs"] = tuple(args.data)
+    if "seq_len" not in kw and not kw.get("init_from"):  # the default must fit the model
+        from models.config import CONFIGS
+
+        named = CONFIGS.get(kw.get("model", T.TrainConfig.model))
+        if named is not None and named.max_seq_len < T.TrainConfig.seq_len:
+            kw["seq_len"] = named.max_seq_len
+            print(f"--seq-len {named.max_seq_len}: the context of {named.name} (the default "
+                  f"{T.TrainConfig.seq_len} does not fit)", file=sys.stderr)
     tc = T.TrainConfig(**kw)
     res = T.train(tc, devices=args.devices)
     if jax.process_index() != 0:
@@ -222,6 +232,8 @@ def eval_command(args) -> int:
 
     data = DataConfig(tuple(args.data) if args.data else (tuple(first.data_dirs) if first else ()),
                       pick(args.held_out_fraction, "held_out_fraction", 0.05), pick(args.split_seed, "split_seed", 0))
+    if args.seq_len is None:
+        args.seq_len = first.seq_len if first is not None else min(256, cfg.max_seq_len)
     if args.seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the context of {cfg.name} ({cfg.max_seq_len})")
     windows, described = held_out(base.encoder, data, args.seq_len, args.windows)
