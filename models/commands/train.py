@@ -170,16 +170,24 @@ def train_command(args) -> int:
         kw["grad_clip"] = None
     if hasattr(args, "data"):
         kw["data_dirs"] = tuple(args.data)
+    note = None
     if "seq_len" not in kw and not kw.get("init_from"):  # the default must fit the model
         from models.config import CONFIGS
 
         named = CONFIGS.get(kw.get("model", T.TrainConfig.model))
         if named is not None and named.max_seq_len < T.TrainConfig.seq_len:
             kw["seq_len"] = named.max_seq_len
-            print(f"--seq-len {named.max_seq_len}: the context of {named.name} (the default "
-                  f"{T.TrainConfig.seq_len} does not fit)", file=sys.stderr)
+            note = (f"--seq-len {named.max_seq_len}: the context of {named.name} (the default "
+                    f"{T.TrainConfig.seq_len} does not fit)")
     tc = T.TrainConfig(**kw)
-    res = T.train(tc, devices=args.devices)
+    pending = [note] if note else []
+
+    def log(msg: str) -> None:  # the note comes with the first progress line, so an early error stays one line
+        while pending:
+            print(pending.pop(), file=sys.stderr, flush=True)
+        print(msg, file=sys.stderr, flush=True)
+
+    res = T.train(tc, devices=args.devices, log=log)
     if jax.process_index() != 0:
         return 0  # one report per run
     summary = {"out": tc.out, "model": res.cfg.name, "precision": tc.precision, "step": res.step,
