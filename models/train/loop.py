@@ -88,14 +88,10 @@ def load_base(model: str, gguf: str | None = None, seed: int = 0, init_from: str
     return load_model(model, gguf, seed=seed, log=log)
 
 
-def _transformed(cfg: ModelConfig) -> bool:
-    return bool(cfg.sink_positions or cfg.down_rotation or cfg.qk_rotation)
-
-
 def run_config(base_cfg: ModelConfig, tc: TrainConfig) -> ModelConfig:
     """The model config a run trains: the base's for float runs (and for a base that a recipe has
     already transformed), else the config `tc.recipe` makes of it."""
-    if get_policy(tc.precision).is_float or _transformed(base_cfg):
+    if get_policy(tc.precision).is_float or base_cfg.transformed:
         return base_cfg
     return recipes.transformed_config(base_cfg, tc.quant_recipe(), tc.precision)
 
@@ -104,14 +100,13 @@ def start_params(base: Model, tc: TrainConfig, log: Log = _stderr) -> llama.Para
     """QAT's starting point: `base` prepared by the run's recipe at its precision, calibrated on
     the run's training split (cached per GGUF file as `np-jax run` and `np-jax eval` cache it);
     a base the recipe has already transformed (a QAT checkpoint) is only re-calibrated."""
-    from models.prepared import calib_seq_len, prepare
+    from models.prepared import calibration_windows, prepare
 
     recipe = tc.quant_recipe()
-    if _transformed(base.cfg):
+    if base.cfg.transformed:
         t0 = time.perf_counter()
-        stream = TrainStream(Corpus(tc.data, base.encoder), calib_seq_len(base.cfg), 1, 1, tc.seed)
-        params = llama.calibrate(base.params, jnp.asarray(stream.calibration(recipe.calib_windows)), base.cfg,
-                                 tc.precision, recipe.activations)
+        windows = calibration_windows(base, recipe.calib_windows, tc.data, tc.seed)
+        params = llama.calibrate(base.params, jnp.asarray(windows), base.cfg, tc.precision, recipe.activations)
         log(f"calibrated {tc.precision} step sizes ({recipe.activations}) of the transformed base on "
             f"{recipe.calib_windows} windows in {time.perf_counter() - t0:.1f} s")
         return params
