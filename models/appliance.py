@@ -21,8 +21,8 @@ from models import llama
 from models.config import ModelConfig
 from np_jax.appliance.mapping import Mapping
 from np_jax.appliance.pipeline import Schedule, run_pipeline
-from np_jax.appliance.runtime import ApplianceRuntime
-from np_jax.chip.array import tile_weights
+from np_jax.appliance.runtime import ApplianceRuntime, choose_devices
+from np_jax.chip.array import TiledWeights, dot_form, tile_weights, with_form
 
 
 def cards_of(mapping: Mapping) -> list:
@@ -44,21 +44,18 @@ def card_precision(cfg: ModelConfig, policy, mapping: Mapping) -> llama.Precisio
     return llama.resolve(policy, cfg, tilings=mapping.tilings | {"lm_head": mapping.output_tiling})
 
 
-def build_cards(serving: llama.Params, cfg: ModelConfig, policy, mapping: Mapping) -> dict:
-    """Card-stacked parameters [cards, ...] for the layer slot and the output-layer slot.
+def in_form(tree, form: str | None):
+    """`tree` with every `TiledWeights` holding its codes in `form` (None: unchanged)."""
+    if form is None:
+        return tree
+    return jax.tree.map(lambda v: with_form(v, form) if isinstance(v, TiledWeights) else v, tree,
+                        is_leaf=lambda v: isinstance(v, TiledWeights))
 
-    `serving` may be in serving form (integer codes, from `llama.prepare_serving` with the
-    mapping's tilings) or in training form (float weights): the latter keeps the cards
-    differentiable (training through the pipeline).
-    """
+
+def _output_slots(serving: llama.Params, cfg: ModelConfig, policy, mapping: Mapping, form: str = "auto"):
+    """A function: a card's vocabulary slice -> its output-layer slot (codes held in `form`)."""
     prec = llama.resolve(policy, cfg)
     cards = cards_of(mapping)
-    lmax = max(1, max(len(c.layers) for c in cards))
-    idx = np.array([list(c.layers) + [c.layers[-1] if c.layers else 0] * (lmax - len(c.layers)) for c in cards],
-                   np.int32)  # [C, lmax]
-    counts = np.array([len(c.layers) for c in cards], np.int32)
-    layer_slot = jax.tree.map(lambda a: a[idx], serving["layers"])
-
     t = mapping.output_tiling
     width = t.n
     served = "tw" in serving["lm_head"]
@@ -76,15 +73,80 @@ def build_cards(serving: llama.Params, cfg: ModelConfig, policy, mapping: Mappin
         p = {"s_w": jnp.pad(s_w[lo:hi], (0, width - (hi - lo)), constant_values=1.0),
              "s_x": serving["lm_head"]["s_x"], "lo": jnp.int32(lo), "n": jnp.int32(hi - lo)}
         if served:
-            p["tw"] = tile_weights(w, bits=tq.bits, signed=tq.signed, tiling=t)
+            p["tw"] = tile_weights(w, bits=tq.bits, signed=tq.signed, tiling=t, form=form)
         else:
             p["w"] = w
         return p
 
+    return output_slot
+
+
+def build_cards(serving: llama.Params, cfg: ModelConfig, policy, mapping: Mapping, form: str = "auto") -> dict:
+    """Card-stacked parameters [cards, ...] for the layer slot and the output-layer slot (the
+    form a device mesh shards: every card the same structure).
+
+    `serving` may be in serving form (integer codes, from `llama.prepare_serving` with the
+    mapping's tilings) or in training form (float weights): the latter keeps the cards
+    differentiable (training through the pipeline). `form`: the output layer's code form.
+    """
+    cards = cards_of(mapping)
+    lmax = max(1, max(len(c.layers) for c in cards))
+    idx = np.array([list(c.layers) + [c.layers[-1] if c.layers else 0] * (lmax - len(c.layers)) for c in cards],
+                   np.int32)  # [C, lmax]
+    counts = np.array([len(c.layers) for c in cards], np.int32)
+    layer_slot = jax.tree.map(lambda a: a[idx], serving["layers"])
+    output_slot = _output_slots(serving, cfg, policy, mapping, form)
     slots = [output_slot(c.vocab_slice) for c in cards]
     out = jax.tree.map(lambda *xs: jnp.stack(xs), *slots)
     return {"layers": layer_slot, "n_layers": jnp.asarray(counts), "output": out,
             "final_norm": jnp.broadcast_to(serving["final_norm"], (len(cards), cfg.d_model))}
+
+
+LAYER_FORMS = ("scan", "unrolled")
+
+
+def card_list(serving: llama.Params, cfg: ModelConfig, policy, mapping: Mapping, layers: str = "scan",
+              form: str = "auto") -> list:
+    """One parameter pytree per card, holding only what its role uses (the resident form on one
+    device, `pipeline.run_cards_in_order`): a layer card its layers, an output-layer card its
+    vocabulary slot and the final norm, an idle card nothing. The same values as `build_cards`.
+
+    `layers`: "scan" stacks a card's own layers (one layer compiled; each step slices a layer's
+    weights out of the stack), "unrolled" keeps a list of per-layer parameters (every layer reads
+    its own resident arrays, no per-step copy; compiles each layer). The same bits either way.
+    `form`: the form of the output layer's codes (`tile_weights`; the layers keep `serving`'s).
+    """
+    if layers not in LAYER_FORMS:
+        raise ValueError(f"layers must be one of {LAYER_FORMS}, got {layers!r}")
+    output_slot = _output_slots(serving, cfg, policy, mapping, form)
+    out = []
+    for c in cards_of(mapping):
+        if c.role == "layers":
+            idx = np.asarray(c.layers, np.int32)
+            stack = jax.tree.map(lambda a: a[idx], serving["layers"])
+            out.append({"layers": stack if layers == "scan" else llama.unstack_layers(stack)})
+        elif c.role == "output":
+            out.append({"output": output_slot(c.vocab_slice), "final_norm": serving["final_norm"]})
+        else:
+            out.append({})
+    return out
+
+
+def init_card_states(cfg: ModelConfig, policy, mapping: Mapping, cache_len: int, stacked: bool, layers: str = "scan"):
+    """Empty KV caches for the cards: card-stacked [cards, layers (padded), users, S, Kv, E], or
+    (`stacked=False`) a list with each layer card's cache: [layers, users, S, Kv, E] for
+    `layers="scan"`, a list of per-layer [users, S, Kv, E] for "unrolled" (see `card_list`)."""
+    cards = cards_of(mapping)
+    if stacked:
+        lmax = max(1, max(len(c.layers) for c in cards))
+        one = llama.init_cache(cfg, mapping.users, cache_len, policy, layers=lmax, xp=np)
+        return {k: np.broadcast_to(v, (len(cards), *v.shape)) for k, v in one.items()}  # per card: layer-major
+    out = []
+    for c in cards:
+        st = llama.init_cache(cfg, mapping.users, cache_len, policy, layers=len(c.layers), xp=np) \
+            if c.role == "layers" else {}
+        out.append(st if layers == "scan" else {k: list(v) for k, v in st.items()})
+    return out
 
 
 def card_programs(cfg: ModelConfig, policy, mapping: Mapping, with_cache: bool = True, result: str = "greedy"):
@@ -99,7 +161,7 @@ def card_programs(cfg: ModelConfig, policy, mapping: Mapping, with_cache: bool =
     def layer_fn(p, x, aux, st):
         """The card's layers on one micro-batch; `st` is its KV cache [layers, users, S, Kv, E]."""
         x, cache = llama.run_layers(p["layers"], x, aux["pos"], st if with_cache else None, cfg, prec,
-                                    n_valid=p["n_layers"])
+                                    n_valid=p.get("n_layers"))
         return x, (cache if with_cache else st)
 
     def output_fn(p, x, aux):
@@ -165,7 +227,7 @@ class Appliance:
     """
 
     def __init__(self, serving: llama.Params, cfg: ModelConfig, policy, mapping: Mapping, cache_len: int = 512,
-                 devices: int | None = None):
+                 devices: int | None = None, layers: str = "scan", weights_form: str | None = "auto"):
         users = mapping.users
         if cache_len > cfg.max_seq_len:
             raise llama.ModelInputError(f"cache of {cache_len} positions exceeds the context of {cfg.max_seq_len}")
@@ -174,13 +236,30 @@ class Appliance:
         self.schedule = schedule_of(mapping)
         self.mb = mapping.micro_batch_size
         self.serving = serving
-        cards = cards_of(mapping)
-        lmax = max(1, max(len(c.layers) for c in cards))
-        one = llama.init_cache(cfg, users, cache_len, policy, layers=lmax, xp=np)
-        state = {k: np.broadcast_to(v, (len(cards), *v.shape)) for k, v in one.items()}  # per card: layer-major
+        n_dev, why = choose_devices(self.schedule.n_cards, devices)
         layer_fn, output_fn = card_programs(cfg, policy, mapping)
-        self.runtime = ApplianceRuntime(self.schedule, layer_fn, output_fn, build_cards(serving, cfg, policy, mapping),
-                                        state, devices=devices, user_axis=1)
+        # The resident codes in the form whose exact dot is the faster for the rows a decode step
+        # gives each card (all its users): np_jax.chip.array.dot_form.
+        self.weights_form = dot_form(users) if weights_form == "auto" else weights_form
+        serving = in_form(serving, self.weights_form)
+        why += f"; weight codes held as {self.weights_form or 'given'}"
+        if layers not in LAYER_FORMS:
+            raise ValueError(f"layers must be one of {LAYER_FORMS}, got {layers!r}")
+        if n_dev == 1:  # resident cards: each card's weights in arrays of its own
+            params = card_list(serving, cfg, policy, mapping, layers, form=self.weights_form or "auto")
+            state = init_card_states(cfg, policy, mapping, cache_len, stacked=False, layers=layers)
+            why += f"; each card's weights resident in arrays of its own, layers {layers}"
+            user_axis = 1 if layers == "scan" else 0
+        else:
+            if layers != "scan":
+                if devices is not None:
+                    raise ValueError("unrolled layers are a one-device form; a device mesh scans the stacked cards")
+                why += "; layers scanned (unrolled is a one-device form)"
+            params = build_cards(serving, cfg, policy, mapping, form=self.weights_form or "auto")
+            state = init_card_states(cfg, policy, mapping, cache_len, stacked=True)
+            user_axis = 1
+        self.runtime = ApplianceRuntime(self.schedule, layer_fn, output_fn, params, state, devices=n_dev,
+                                        user_axis=user_axis, device_choice=why)
 
     @property
     def compile_s(self) -> float:

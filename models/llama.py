@@ -451,6 +451,9 @@ def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, c
     return x, (None if kv is None else (k_new, v_new))
 
 
+_layer_jit = jax.jit(layer, static_argnums=(4, 5))
+
+
 def check_tokens(tokens, cfg: ModelConfig) -> None:
     """Raise ModelInputError for token ids outside the vocabulary (concrete inputs only)."""
     if isinstance(tokens, jax.core.Tracer):
@@ -480,11 +483,26 @@ def head(params: Params, x_BxLxD: jax.Array, cfg: ModelConfig, prec: Precision, 
 
 def run_layers(layers: Params, x_BxLxD, pos_BxL, cache: dict | None, cfg: ModelConfig, prec: Precision,
                n_valid=None):
-    """Scan the stacked layers; returns (x, new cache or None).
+    """Run the layers; returns (x, new cache or None).
 
-    `n_valid` (traced int): only the first n_valid layers run, the rest pass the activation and
-    their cache through unchanged (a card holding fewer layers than the stack's slots).
+    `layers` is either stacked ([layers, ...] leaves, scanned: one layer compiled) or a list of
+    per-layer parameters (`unstack_layers`: the layers unrolled, each reading its own resident
+    weights with no per-layer copy out of a stack); `cache` matches: {"k", "v"} stacked
+    [layers, B, S, Kv, E], or lists of [B, S, Kv, E]. The same arithmetic either way, bit for bit.
+
+    `n_valid` (traced int, stacked layers only): only the first n_valid layers run, the rest pass
+    the activation and their cache through unchanged (a card holding fewer layers than the
+    stack's slots).
     """
+    if isinstance(layers, (list, tuple)):
+        ks, vs = [], []
+        for i, lp in enumerate(layers):
+            kv = None if cache is None else (cache["k"][i], cache["v"][i])
+            y, kv = _layer_jit(lp, x_BxLxD, pos_BxL, kv, cfg, prec)  # traced once, inlined per layer
+            x_BxLxD = y.astype(x_BxLxD.dtype)
+            if kv is not None:
+                ks.append(kv[0]), vs.append(kv[1])
+        return x_BxLxD, (None if cache is None else {"k": ks, "v": vs})
     def body(x, xs):
         i, lp, kv = xs
 
@@ -500,6 +518,12 @@ def run_layers(layers: Params, x_BxLxD, pos_BxL, cache: dict | None, cfg: ModelC
     n = jax.tree.leaves(layers)[0].shape[0]
     x, kv_new = jax.lax.scan(body, x_BxLxD, (jnp.arange(n), layers, kv))
     return x, (None if cache is None else {"k": kv_new[0], "v": kv_new[1]})
+
+
+def unstack_layers(layers: Params) -> list:
+    """Stacked layer parameters ([layers, ...] leaves) as a list of per-layer parameters."""
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return [jax.tree.map(lambda a: a[i], layers) for i in range(n)]
 
 
 def forward(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy="float",

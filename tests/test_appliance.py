@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models import llama
-from models.appliance import Appliance, build_cards, card_programs, combine_greedy
+from models.appliance import Appliance, build_cards, card_list, card_programs, combine_greedy, init_card_states
 from models.config import get_config
 from models.generate import Generator
 from np_jax.appliance.mapping import map_model
@@ -90,14 +90,22 @@ def _sequential_logits(serving, toks, cache_len):
     return llama.step(serving, toks, jnp.broadcast_to(jnp.arange(L), (B, L)), cache, CFG, "w4a4")
 
 
-@pytest.mark.parametrize("devices", [16, 1])
+@pytest.mark.parametrize("devices", [16, 1, "resident"])
 def test_pipelined_prefill_and_decode_equal_sequential_bits(model, devices):
+    """16 devices (GPipe ticks), 1 device (card-stacked, in order) and the resident form (one
+    pytree per card, in order on one device) all equal the sequential model, bit for bit."""
     _, serving = model
     mapping = layout(16, 2, 2)
     layer_fn, head_fn = card_programs(CFG, "w4a4", mapping, result="logits")
-    cards = build_cards(serving, CFG, "w4a4", mapping)
     users, L, S = 4, 8, 16
-    state = {k: jnp.zeros((16, 1, users, S, CFG.n_kv_heads, CFG.head_dim), jnp.int8) for k in ("k", "v")}
+    if devices == "resident":
+        cards, state = card_list(serving, CFG, "w4a4", mapping), init_card_states(CFG, "w4a4", mapping, S, stacked=False)
+        keys = {"layers": ["layers"], "output": ["final_norm", "output"], "idle": []}  # only what each role uses
+        assert [sorted(c) for c in cards] == [keys[r] for r in mapping.schedule.roles] and "idle" in mapping.schedule.roles
+        devices = 1
+    else:
+        cards = build_cards(serving, CFG, "w4a4", mapping)
+        state = {k: jnp.zeros((16, 1, users, S, CFG.n_kv_heads, CFG.head_dim), jnp.int8) for k in ("k", "v")}
     toks = jax.random.randint(jax.random.key(7), (users, L + 3), 0, CFG.vocab_size)
     mesh = card_mesh(devices)
     run = jax.jit(lambda c, x, a, s: run_pipeline(mapping.schedule, mesh, layer_fn, head_fn, c, x, a, s, user_axis=1))
@@ -114,12 +122,13 @@ def test_pipelined_prefill_and_decode_equal_sequential_bits(model, devices):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     # the cards' KV caches hold exactly the sequential cache
     layer_cards = mapping.schedule.layer_cards
-    np.testing.assert_array_equal(np.asarray(state["k"])[layer_cards][:, 0],
-                                  np.asarray(ref_cache["k"]))
+    k = (np.concatenate([np.asarray(state[c]["k"]) for c in layer_cards]) if isinstance(state, list)
+         else np.asarray(state["k"])[layer_cards][:, 0])
+    np.testing.assert_array_equal(k, np.asarray(ref_cache["k"]))
 
 
 @pytest.mark.parametrize("cards,head_cards,devices", [pytest.param(16, 2, 16, marks=pytest.mark.slow), (16, 2, 2),
-                                                      pytest.param(4, 1, 4, marks=pytest.mark.slow)])
+                                                      (16, 2, 1), pytest.param(4, 1, 4, marks=pytest.mark.slow)])
 def test_appliance_generation_equals_single_device_generation(model, cards, head_cards, devices):
     params, serving = model
     rng = np.random.default_rng(0)

@@ -31,6 +31,57 @@ def test_array_vmm_matches_oracle_and_single_core(b, k, n, rows, cols, xb, wb, s
     np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64))
     one = np.asarray(core.core_vmm(jnp.asarray(x), jnp.asarray(w), x_bits=xb, w_bits=wb), np.int64)
     np.testing.assert_array_equal(got, one)
+    net = np.asarray(na.array_vmm(jnp.asarray(x), tw, x_bits=xb, network=True), np.int64)  # cores + network
+    np.testing.assert_array_equal(got, net)
+
+
+@pytest.mark.parametrize("k,fused", [(1023, True), (1024, False), (16 * 1023, False)])
+def test_whole_k_float32_dot_only_below_its_exact_bound(k, fused):
+    """INT8 x INT8 at the extreme codes: K = 1023 reaches 1023 x 2^14 < 2^24, the largest sum a
+    float32 dot adds exactly, and runs as one dot; K = 1024 reaches 2^24 and runs per core (Kb =
+    64) through the saturating network; so does 16 x 1023 (each core exact, the whole K not).
+    Both give the int64 result, and the per-core path equals `network=True`."""
+    x = np.full((2, k), -128, np.int8)
+    x[1, ::2] = 127
+    w = np.full((k, 3), -128, np.int8)
+    w[:, 1] = 127
+    w[::3, 2] = 127
+    tw = na.tile_weights(jnp.asarray(w), bits=8)
+    assert tw.w_RxKbxCxNb.dtype == jnp.float32 and na.network_never_saturates(tw, 8) == fused
+    got = np.asarray(na.array_vmm(jnp.asarray(x), tw), np.int64)
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.astype(np.int64))
+    np.testing.assert_array_equal(got, np.asarray(na.array_vmm(jnp.asarray(x), tw, network=True), np.int64))
+    jaxpr = str(jax.make_jaxpr(lambda a: na.array_vmm(a, tw))(jnp.asarray(x)))
+    assert (jaxpr.count("dot_general") == 1 and "xor" not in jaxpr) == fused  # one dot, or cores + network
+
+
+@pytest.mark.parametrize("k,fused", [(2**17 - 1, True), (2**17, False)])
+def test_whole_k_int8_dot_only_while_no_int32_sum_can_overflow(k, fused):
+    """Int8-held codes: one int8 x int8 -> int32 dot over the whole K while its worst case,
+    K x 2^14, fits int32 (K = 2^17 - 1: 2^31 - 2^14); at K = 2^17 the worst case is 2^31, which
+    the network could saturate, so the cores and the network run. Extreme codes, int64 oracle."""
+    x = np.full((1, k), -128, np.int8)
+    w = np.full((k, 2), -128, np.int8)
+    w[: k // 2 + 1, 1] = 127
+    tw = na.with_form(na.tile_weights(jnp.asarray(w), bits=8), "int8")
+    assert tw.w_RxKbxCxNb.dtype == jnp.int8 and na.network_never_saturates(tw, 8) == fused
+    got = np.asarray(na.array_vmm(jnp.asarray(x), tw), np.int64)
+    want = np.clip(x.astype(np.int64) @ w.astype(np.int64), INT32_MIN, INT32_MAX)  # 16 rows of 2^13: no saturation
+    np.testing.assert_array_equal(got, want)
+    assert (str(jax.make_jaxpr(lambda a: na.array_vmm(a, tw))(jnp.asarray(x))).count("xor") == 0) == fused
+
+
+def test_dot_form_and_with_form():
+    assert na.dot_form(1) == "float32" and na.dot_form(2) == na.dot_form(28) == "int8"
+    w = jnp.asarray(rand_ints(np.random.default_rng(1), (40, 24), 4))
+    tw = na.tile_weights(w, bits=4)
+    t8 = na.with_form(tw, "int8")
+    assert t8.w_RxKbxCxNb.dtype == jnp.int8 and na.with_form(t8, "float32").w_RxKbxCxNb.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(t8.to_matrix()), np.asarray(w))
+    x = jnp.asarray(rand_ints(np.random.default_rng(2), (3, 40), 8))
+    np.testing.assert_array_equal(np.asarray(na.array_vmm(x, t8)), np.asarray(na.array_vmm(x, tw)))
+    with pytest.raises(ValueError, match="form"):
+        na.with_form(tw, "int4")
 
 
 @given(k=st.integers(1, 100), n=st.integers(1, 100), rows=st.integers(1, 16), cols=st.integers(1, 16),

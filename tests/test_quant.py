@@ -185,17 +185,29 @@ def test_attention_products_match_int64_oracle(seed, l, t, dh):
     np.testing.assert_array_equal(np.asarray(out), ref)
 
 
-def test_product_gradients_are_the_fake_quant_gradients():
-    rng = np.random.default_rng(3)
-    tq_x, tq_w = TensorQuant(4), TensorQuant(4, per_channel=True)
-    x, p = _rand_layer(rng, 32, 16, tq_w, tq_x)
-    spec = layers.ProductSpec("linear", tq_x, tq_w, jnp.float32)
-    args = (jnp.asarray(x), p["w"], p["s_x"], p["s_w"])
-    f_int = lambda *a: jnp.sum(jnp.sin(layers.quantized_product(*a, spec)))
-    f_fake = lambda *a: jnp.sum(jnp.sin(layers._fake_product(*a, spec)))
-    np.testing.assert_allclose(layers.quantized_product(*args, spec), layers._fake_product(*args, spec), rtol=1e-5, atol=1e-5)
-    for gi, gf in zip(jax.grad(f_int, argnums=(0, 1, 2, 3))(*args), jax.grad(f_fake, argnums=(0, 1, 2, 3))(*args)):
-        np.testing.assert_allclose(np.asarray(gi), np.asarray(gf), rtol=1e-4, atol=1e-5)
+@settings(max_examples=4, deadline=None)  # each example compiles new shapes
+@given(k=st.integers(1, 70), n=st.integers(1, 40), wb=st.sampled_from([2, 4, 8]), xb=st.sampled_from([2, 4, 8]),
+       per_channel=st.booleans(), sink=st.booleans(), seed=st.integers(0, 2**31))
+def test_product_gradients_are_the_fake_quant_gradients(k, n, wb, xb, per_channel, sink, seed):
+    """The integer linear layer's forward equals the LSQ fake-quant product and its gradients are
+    that product's, for every width, per-tensor or per-channel steps, shapes that pad the core
+    tiling, and INT8 sink rows with their own step."""
+    rng = np.random.default_rng(seed)
+    tq_x, tq_w = TensorQuant(xb), TensorQuant(wb, per_channel=per_channel)
+    x, p = _rand_layer(rng, k, n, tq_w, tq_x)
+    a0 = TensorQuant(8) if sink else None
+    spec = layers.ProductSpec("linear", tq_x, tq_w, jnp.float32, a0=a0)
+    rows = jnp.asarray(rng.random(x.shape[:-1]) < 0.3) if sink else None
+    args = (jnp.asarray(x), p["w"], p["s_x"], p["s_w"], p["s_x"] * 0.5)
+    f_int = lambda x, w, sx, sw, sx0: jnp.sum(jnp.sin(layers.quantized_product(x, w, sx, sw, spec, sx0, rows)))
+    f_fake = lambda x, w, sx, sw, sx0: jnp.sum(jnp.sin(layers._fake_product(x, w, sx, sw, spec, sx0, rows)))
+    np.testing.assert_allclose(f_int(*args), f_fake(*args), rtol=1e-5, atol=1e-5)
+    gi, gf = jax.grad(f_int, argnums=(0, 1, 2, 3, 4))(*args), jax.grad(f_fake, argnums=(0, 1, 2, 3, 4))(*args)
+    used = 5 if sink else 4  # the sink step only has rows to act on with sink rows
+    for a, b in zip(gi[:used], gf[:used]):
+        scale = float(np.abs(np.asarray(b)).max())
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 + 1e-5 * scale)
+    assert float(np.abs(np.asarray(gi[1])).max()) > 0  # the weights get a gradient
 
 
 def test_optimizer_groups_and_activation_step_warm_start():

@@ -60,6 +60,10 @@ def register(sub) -> None:
     p.add_argument("--devices", type=count, default=None,
                    help="JAX devices to spread the cards over (default: one per card on GPU/TPU; on CPU, whose "
                         "devices are virtual and share the cores, the count that runs fastest)")
+    p.add_argument("--layers", default="scan", choices=["scan", "unrolled"],
+                   help="how a card on one device holds its layers: scan (one layer compiled; each step copies a "
+                        "layer's weights out of the card's stack) or unrolled (every layer reads its own resident "
+                        "weights: faster steps, a longer compilation); the same tokens either way")
     add_process_arguments(p)
     p.add_argument("--single-device", action="store_true",
                    help="run the model sequentially on one device instead of the emulated appliance")
@@ -102,6 +106,8 @@ def plan_run(args, log=lambda m: None):
     positive("new-tokens", args.new_tokens)
     if args.devices is not None:
         positive("devices", args.devices, upper=RACK.cards, why="at most one device per card")
+        if args.devices > 1 and args.layers == "unrolled":
+            raise ValueError("--layers unrolled runs the cards on one device; drop --devices or use --layers scan")
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     from models.io.encoders import check_text
@@ -211,7 +217,8 @@ def run_command(args) -> int:
     else:
         from models.appliance import Appliance
 
-        backend = Appliance(serving, cfg, policy, mapping, cache_len=cache_len, devices=args.devices)
+        backend = Appliance(serving, cfg, policy, mapping, cache_len=cache_len, devices=args.devices,
+                            layers=args.layers)
         mapping_line = mapping.one_line()
     gen = Generator(backend=backend, temperature=args.temperature, seed=args.seed)
     devices = backend.info()["devices"]

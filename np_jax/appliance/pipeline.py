@@ -151,6 +151,42 @@ def _run_in_order(schedule: Schedule, layer_fn, output_fn, card_params, x_MxBxLx
     return results, jax.tree.map(merge, st)
 
 
+def run_cards_in_order(schedule: Schedule, layer_fn, output_fn, cards: list, x_MxBxLxD, aux_M, state: list,
+                       user_axis: int = 0):
+    """Resident cards on one device: every card its own parameters, nothing stacked.
+
+    `cards[c]` is card c's parameter pytree (only what its role uses: no padded layer slots, no
+    copy out of a card-stacked array) and `state[c]` its state (leaves with the user axis at `user_axis`;
+    any pytree, e.g. empty, for cards without state). Each layer card in pipeline order runs all M
+    micro-batches (vmapped over the micro-batch axis), then the output cards: the card programs of
+    the GPipe ticks on the same data, so the same bits (tests/test_appliance.py).
+    Returns (results [n_cards, M, ...], new state list).
+    """
+    C, M = schedule.n_cards, schedule.micro_batches
+    if len(cards) != C or len(state) != C:
+        raise ValueError(f"expected {C} cards and {C} card states, got {len(cards)} and {len(state)}")
+    mb = x_MxBxLxD.shape[1]
+
+    def split(v):  # [..., users, ...] -> [M, ..., mb, ...]
+        v = v.reshape(*v.shape[:user_axis], M, mb, *v.shape[user_axis + 1:])
+        return jnp.moveaxis(v, user_axis, 0)
+
+    def merge(v, like):  # the inverse of split
+        return jnp.moveaxis(v, 0, user_axis).reshape(like.shape).astype(like.dtype)
+
+    x = x_MxBxLxD
+    state = list(state)
+    for c in schedule.layer_cards:
+        y, st = jax.vmap(layer_fn, in_axes=(None, 0, 0, 0))(cards[c], x, aux_M, jax.tree.map(split, state[c]))
+        state[c] = jax.tree.map(merge, st, state[c])
+        x = y
+    outs = {c: jax.vmap(output_fn, in_axes=(None, 0, 0))(cards[c], x, aux_M) for c in schedule.output_cards}
+    first = outs[schedule.output_cards[0]]
+    results = jax.tree.map(lambda *vs: jnp.stack(vs), *[outs.get(c, jax.tree.map(jnp.zeros_like, first))
+                                                        for c in range(C)])
+    return results, state
+
+
 def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, output_fn: Callable, card_params, x_MxBxLxD,
                  aux_M, state, *, axis: str = "cards", user_axis: int = 0, force_ticks: bool = False):
     """Run M micro-batches through the cards. Returns (results [n_cards, M, ...], new state).
@@ -161,10 +197,15 @@ def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, output_fn: 
     card c's `output_fn` result for micro-batch m (zeros on other cards).
 
     On a one-device mesh the cards run in pipeline order without ticks (`_run_in_order`, the
-    same bits); `force_ticks` keeps the GPipe ticks there too (to test that they agree).
+    same bits); `force_ticks` keeps the GPipe ticks there too (to test that they agree). Given
+    lists of per-card parameters and states (one device), `run_cards_in_order` runs them.
     """
     C, M = schedule.n_cards, schedule.micro_batches
     n_dev = mesh.shape[axis]
+    if isinstance(card_params, list):  # resident cards, one pytree each (one device)
+        if n_dev != 1 or force_ticks:
+            raise ValueError("per-card parameter lists run on one device; stack the cards for a mesh")
+        return run_cards_in_order(schedule, layer_fn, output_fn, card_params, x_MxBxLxD, aux_M, state, user_axis)
     if C % n_dev:
         raise ValueError(f"{C} cards cannot be split evenly over {n_dev} devices")
     if x_MxBxLxD.shape[0] != M:

@@ -66,21 +66,32 @@ def default_devices(n_cards: int) -> tuple[int, str]:
     return n, ("one card per device" if n == n_cards else f"{n_cards // n} cards per device")
 
 
+def choose_devices(n_cards: int, devices: int | None) -> tuple[int, str]:
+    """(devices, why): `default_devices` unless a count is asked for."""
+    return default_devices(n_cards) if devices is None else (devices, f"{devices} device(s) as asked")
+
+
 class ApplianceRuntime:
-    """Cards configured once (params and state resident, sharded over a mesh); `run` streams micro-batches."""
+    """Cards configured once (params and state resident, sharded over a mesh); `run` streams micro-batches.
+
+    `card_params` and `state` are card-stacked pytrees (leading card axis, sharded over the mesh),
+    or, on one device, lists with one pytree per card (each card's weights in arrays of their
+    own: `pipeline.run_cards_in_order`).
+    """
 
     def __init__(self, schedule: Schedule, layer_fn, output_fn, card_params, state, *, devices: int | None = None,
-                 axis: str = "cards", user_axis: int = 0):
+                 axis: str = "cards", user_axis: int = 0, device_choice: str | None = None):
         self.schedule = schedule
-        if devices is None:
-            n_dev, self.device_choice = default_devices(schedule.n_cards)
-        else:
-            n_dev, self.device_choice = devices, f"{devices} device(s) as asked"
+        self.resident = isinstance(card_params, list)
+        n_dev, why = choose_devices(schedule.n_cards, 1 if self.resident and devices is None else devices)
+        self.device_choice = device_choice or why
+        if self.resident and n_dev != 1:
+            raise ValueError("per-card parameter lists run on one device; stack the cards for a mesh")
         if schedule.n_cards % n_dev:
             raise ValueError(f"{schedule.n_cards} cards cannot be split evenly over {n_dev} devices")
         self.mesh = card_mesh(n_dev, axis)
-        self.params = place_cards(card_params, self.mesh, axis)  # configure: weights resident on their cards
-        self.state = place_cards(state, self.mesh, axis)  # KV cache resident on its card
+        self.params = self._place(card_params)  # configure: weights resident on their cards
+        self.state = self._place(state)  # KV cache resident on its card
         self.frames = FrameLedger(schedule.n_cards)
         self._compiled: dict = {}
         self.compile_s = 0.0  # ahead-of-time compilation time, kept out of run timings
@@ -121,7 +132,11 @@ class ApplianceRuntime:
         self.frames.record(self.schedule, frame, res)
         return results
 
+    def _place(self, tree):
+        if self.resident:
+            return jax.device_put(tree, NamedSharding(self.mesh, P()))
+        return place_cards(tree, self.mesh, self.mesh.axis_names[0])
+
     def reset(self) -> None:
         """Clear the per-user state (start a new mini-batch of users)."""
-        self.state = place_cards(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), self.state), self.mesh,
-                                 self.mesh.axis_names[0])
+        self.state = self._place(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), self.state))

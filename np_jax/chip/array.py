@@ -180,19 +180,67 @@ def tile_weights(w_KxN_i8: jax.Array, *, bits: int, tiling: Tiling | None = None
     return TiledWeights(w.reshape(tiling.rows, tiling.kb, tiling.cols, tiling.nb), tiling, bits, signed)
 
 
-def array_vmm(x_BxK_i8: jax.Array, tw: TiledWeights, *, x_bits: int = 8, x_signed: bool = True) -> jax.Array:
+def network_never_saturates(tw: TiledWeights, x_bits: int, x_signed: bool = True) -> bool:
+    """Whether one dot over the whole K, in the form the codes are held, gives the partial-sum
+    network's result exactly.
+
+    The worst case over the whole reduction (all core rows; the padding rows are zeros) bounds
+    every core's partial sum and every running sum of the network in its row order. Below 2^31
+    the saturating network never saturates, so it adds exactly, and an int8 x int8 -> int32 dot
+    of the whole K (no intermediate sum can overflow) is the same integer: INT8 x INT8 up to
+    K = 131,071. Float32-held codes need the bound below 2^24, where a float32 dot is exact in any
+    summation order (`core.exact_in_float32`): INT4 x INT4 up to K = 262,143, INT8 x INT8 up to
+    K = 1023. Beyond these the cores and the network run as the chip's.
+    """
+    t = tw.tiling
+    if tw.w_RxKbxCxNb.dtype == jnp.float32:
+        return core.exact_in_float32(t.k, x_bits, tw.bits, x_signed, tw.signed)
+    return core.accumulator_bound(t.k, x_bits, tw.bits, x_signed, tw.signed) <= core.INT32_MAX
+
+
+def dot_form(rows: int) -> str:
+    """The code form whose exact dot is the faster for `rows` input rows, as measured on XLA CPU
+    (`python -m benchmarks.bench_core_array --dot-forms`, docs/benchmarks.md): float32 for one
+    row (the int8 matrix-vector product is 1.5-16x slower there), int8 for more (0.45-1.1x of
+    the float32 dot's time, and a quarter of its memory)."""
+    return "float32" if rows <= 1 else "int8"
+
+
+def with_form(tw: TiledWeights, form: str) -> TiledWeights:
+    """The same codes held in `form` ("float32" or "int8"; see `tile_weights`)."""
+    if form not in ("float32", "int8"):
+        raise ValueError(f"form must be float32 or int8, got {form!r}")
+    dt = jnp.float32 if form == "float32" else jnp.int8
+    return tw if tw.w_RxKbxCxNb.dtype == dt else TiledWeights(tw.w_RxKbxCxNb.astype(dt), tw.tiling, tw.bits, tw.signed)
+
+
+def array_vmm(x_BxK_i8: jax.Array, tw: TiledWeights, *, x_bits: int = 8, x_signed: bool = True,
+              network: bool | None = None) -> jax.Array:
     """`x @ W` on the core array: per-core int32 VMMs, then the saturating partial-sum network.
 
     `x_BxK_i8` may have any number of leading axes (`[..., K]`); returns `[..., N]` int32.
+    `network`: None (default) computes the product as one dot over the whole K (float32 or
+    int8, the form the codes are held in) where `network_never_saturates` proves it the same
+    integers, else per core and through the network; True always runs the cores and the network
+    (the definition, for tests).
     """
     t = tw.tiling
     if x_BxK_i8.shape[-1] != t.k:
         raise ValueError(f"input has {x_BxK_i8.shape[-1]} features, the mapped matrix expects K={t.k}")
     lead = x_BxK_i8.shape[:-1]
     x = x_BxK_i8.reshape(-1, t.k)
-    x = jnp.pad(x, ((0, 0), (0, t.rows * t.kb - t.k))).reshape(-1, t.rows, t.kb)
+    x = jnp.pad(x, ((0, 0), (0, t.rows * t.kb - t.k)))
     core.check_bits(x_bits)
     core.check_accumulator(t.kb, x_bits, tw.bits, x_signed, tw.signed)
+    if not network and network_never_saturates(tw, x_bits, x_signed):
+        w = tw.w_RxKbxCxNb.reshape(t.rows * t.kb, t.cols * t.nb)  # a view: the padded row-major matrix
+        dims = (((1,), (0,)), ((), ()))
+        if w.dtype == jnp.float32:
+            acc = jax.lax.dot_general(x.astype(jnp.float32), w, dims, precision=jax.lax.Precision.HIGHEST)
+        else:
+            acc = jax.lax.dot_general(x.astype(jnp.int8), w, dims, preferred_element_type=jnp.int32)
+        return acc.astype(jnp.int32)[:, : t.n].reshape(*lead, t.n)
+    x = x.reshape(-1, t.rows, t.kb)
     # Core (r, c) multiplies grid row r's input block [B, Kb] by its block [Kb, Nb]: one batched
     # dot over the grid rows (batch r; the cores of a row share its input block).
     per_core_RxBxCxNb = core.int_dot(

@@ -139,9 +139,22 @@ def act_grad_scale(x_shape: tuple[int, ...], tq: TensorQuant) -> float:
 # --- the LSQ quantizer --------------------------------------------------------------------------
 
 def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sum `x` over the axes that were broadcast to reach its shape from `shape`."""
+    """Sum `x` over the axes that were broadcast to reach its shape from `shape`.
+
+    The leading axes of a per-channel step's gradient ([K, N] -> [N]) are summed as a product
+    with a matrix of ones: XLA CPU reduces over a non-minor axis of a large array 4-5x slower
+    than it multiplies (SmolLM2's [576, 49,152] output layer: 313 ms against 68 ms; its whole
+    QAT gradient 0.73 s against 0.45 s). The same sum, in another order (float32 gradients)."""
     lead = x.ndim - len(shape)
-    x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
+    rest = x.shape[lead:]
+    if lead and int(np.prod(rest)) > 1:
+        x2 = x.reshape(-1, int(np.prod(rest)))
+        # two rows of ones: XLA rewrites a vector-matrix product back into the slow reduction;
+        # HIGHEST: no TF32 on GPUs
+        ones = jnp.ones((2, x2.shape[0]), x2.dtype)
+        x = jnp.matmul(ones, x2, precision=jax.lax.Precision.HIGHEST)[0].reshape(rest)
+    elif lead:
+        x = jnp.sum(x, axis=tuple(range(lead)))
     axes = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
