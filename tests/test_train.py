@@ -397,7 +397,8 @@ def test_run_serves_a_qat_checkpoint(reference, capsys):
     # bad input: one line each, before any work
     bad = [(["--prompt", "caf\udce9"], "--prompt 2 is not valid UTF-8 (byte 0xe9 at character 3)"),  # a Latin-1 byte from argv
            (["--users", "0"], "argument --users: must be >= 1, got 0"), (["--devices", "0"], "argument --devices"),
-           (["--users", "1000000000"], "--users 1000000000 is above the limit of 65,536")]
+           (["--users", "1000000000"], "--users 1000000000 is above the limit of 65,536"),
+           (["--layers", "unrolled", "--devices", "2"], "--layers unrolled runs the cards on one device")]
     for extra, msg in bad:
         assert main(args + extra) == 2
         err = capsys.readouterr().err.strip()
