@@ -501,7 +501,8 @@ def run_layers(layers: Params, x_BxLxD, pos_BxL, cache: dict | None, cfg: ModelC
             y, kv = _layer_jit(lp, x_BxLxD, pos_BxL, kv, cfg, prec)  # traced once, inlined per layer
             x_BxLxD = y.astype(x_BxLxD.dtype)
             if kv is not None:
-                ks.append(kv[0]), vs.append(kv[1])
+                ks.append(kv[0])
+                vs.append(kv[1])
         return x_BxLxD, (None if cache is None else {"k": ks, "v": vs})
     def body(x, xs):
         i, lp, kv = xs

@@ -90,25 +90,34 @@ def _sequential_logits(serving, toks, cache_len):
     return llama.step(serving, toks, jnp.broadcast_to(jnp.arange(L), (B, L)), cache, CFG, "w4a4")
 
 
-@pytest.mark.parametrize("devices", [16, 1, "resident"])
+@pytest.mark.parametrize("devices", [16, 1, "resident", "unrolled"])
 def test_pipelined_prefill_and_decode_equal_sequential_bits(model, devices):
-    """16 devices (GPipe ticks), 1 device (card-stacked, in order) and the resident form (one
-    pytree per card, in order on one device) all equal the sequential model, bit for bit."""
+    """16 devices (GPipe ticks), 1 device (card-stacked, in order), the resident form (one
+    pytree per card, in order on one device) and the resident form with every layer of one card
+    unrolled, all equal the sequential model, bit for bit."""
     _, serving = model
-    mapping = layout(16, 2, 2)
+    mapping = layout(2, 2, 1) if devices == "unrolled" else layout(16, 2, 2)  # unrolled: one card, all layers
     layer_fn, head_fn = card_programs(CFG, "w4a4", mapping, result="logits")
     users, L, S = 4, 8, 16
-    if devices == "resident":
-        cards, state = card_list(serving, CFG, "w4a4", mapping), init_card_states(CFG, "w4a4", mapping, S, stacked=False)
+    user_axis = 1
+    if devices in ("resident", "unrolled"):
+        form = "unrolled" if devices == "unrolled" else "scan"
+        cards = card_list(serving, CFG, "w4a4", mapping, layers=form)
+        state = init_card_states(CFG, "w4a4", mapping, S, stacked=False, layers=form)
         keys = {"layers": ["layers"], "output": ["final_norm", "output"], "idle": []}  # only what each role uses
-        assert [sorted(c) for c in cards] == [keys[r] for r in mapping.schedule.roles] and "idle" in mapping.schedule.roles
+        assert [sorted(c) for c in cards] == [keys[r] for r in mapping.schedule.roles]
+        assert "idle" in mapping.schedule.roles or form == "unrolled"
+        if form == "unrolled":
+            assert isinstance(cards[0]["layers"], list) and len(cards[0]["layers"]) == CFG.n_layers > 1
+            user_axis = 0  # per-layer caches [users, S, Kv, E]
         devices = 1
     else:
         cards = build_cards(serving, CFG, "w4a4", mapping)
         state = {k: jnp.zeros((16, 1, users, S, CFG.n_kv_heads, CFG.head_dim), jnp.int8) for k in ("k", "v")}
     toks = jax.random.randint(jax.random.key(7), (users, L + 3), 0, CFG.vocab_size)
     mesh = card_mesh(devices)
-    run = jax.jit(lambda c, x, a, s: run_pipeline(mapping.schedule, mesh, layer_fn, head_fn, c, x, a, s, user_axis=1))
+    run = jax.jit(lambda c, x, a, s: run_pipeline(mapping.schedule, mesh, layer_fn, head_fn, c, x, a, s,
+                                                  user_axis=user_axis))
     x = llama.embed(serving, toks[:, :L], llama.resolve("w4a4")).reshape(2, 2, L, -1)
     res, state = run(cards, x, {"pos": jnp.broadcast_to(jnp.arange(L), (2, 2, L))}, state)
     ref, ref_cache = _sequential_logits(serving, toks[:, :L], S)
@@ -122,7 +131,8 @@ def test_pipelined_prefill_and_decode_equal_sequential_bits(model, devices):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     # the cards' KV caches hold exactly the sequential cache
     layer_cards = mapping.schedule.layer_cards
-    k = (np.concatenate([np.asarray(state[c]["k"]) for c in layer_cards]) if isinstance(state, list)
+    k = (np.concatenate([np.asarray(jnp.stack(state[c]["k"]) if isinstance(state[c]["k"], list) else state[c]["k"])
+                         for c in layer_cards]) if isinstance(state, list)
          else np.asarray(state["k"])[layer_cards][:, 0])
     np.testing.assert_array_equal(k, np.asarray(ref_cache["k"]))
 
