@@ -113,44 +113,6 @@ def place_cards(tree, mesh: Mesh, axis: str = "cards"):
     return jax.tree.map(put, tree)
 
 
-def _run_in_order(schedule: Schedule, layer_fn, output_fn, card_params, x_MxBxLxD, aux_M, state, user_axis: int,
-                  res_shape, hid_dtype):
-    """Every card on one device: each layer card in pipeline order runs all M micro-batches at
-    once (vmapped over the micro-batch axis, its state split per micro-batch), then the output
-    cards. The same card programs on the same data as the GPipe ticks, without the ticks: on one
-    device they only serialise what this runs together, so the results are the same bits."""
-    C, M = schedule.n_cards, schedule.micro_batches
-    mb = x_MxBxLxD.shape[1]
-    ua = 1 + user_axis  # the user axis of a card-stacked state leaf
-
-    def split(v):  # [C, ..., users, ...] -> [C, M, ..., mb, ...]
-        v = v.reshape(*v.shape[:ua], M, mb, *v.shape[ua + 1:])
-        return jnp.moveaxis(v, ua, 1)
-
-    def merge(v):  # the inverse of split
-        v = jnp.moveaxis(v, 1, ua)
-        return v.reshape(*v.shape[:ua], M * mb, *v.shape[ua + 2:])
-
-    layer_cards = np.asarray(schedule.layer_cards, np.int32)
-
-    def step(carry, c):
-        x, st = carry
-        p = jax.tree.map(lambda a: a[c], card_params)
-        s_c = jax.tree.map(lambda a: a[c], st)
-        y, s_new = jax.vmap(layer_fn, in_axes=(None, 0, 0, 0))(p, x, aux_M, s_c)
-        st = jax.tree.map(lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), c, 0), st, s_new)
-        return (y.astype(hid_dtype), st), None
-
-    st = jax.tree.map(split, state)
-    (x, st), _ = jax.lax.scan(step, (x_MxBxLxD.astype(hid_dtype), st), jnp.asarray(layer_cards))
-    results = jax.tree.map(lambda s: jnp.zeros((C, M, *s.shape), s.dtype), res_shape)
-    for c in schedule.output_cards:  # tensor parallel: every output card takes the last layer card's output
-        p = jax.tree.map(lambda a: a[c], card_params)
-        r = jax.vmap(output_fn, in_axes=(None, 0, 0))(p, x, aux_M)
-        results = jax.tree.map(lambda buf, v: buf.at[c].set(v.astype(buf.dtype)), results, r)
-    return results, jax.tree.map(merge, st)
-
-
 def run_cards_in_order(schedule: Schedule, layer_fn, output_fn, cards: list, x_MxBxLxD, aux_M, state: list,
                        user_axis: int = 0):
     """Resident cards on one device: every card its own parameters, nothing stacked.
@@ -196,8 +158,8 @@ def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, output_fn: 
     micro-batch axis) are replicated host inputs. `results[c, m]` is output
     card c's `output_fn` result for micro-batch m (zeros on other cards).
 
-    On a one-device mesh the cards run in pipeline order without ticks (`_run_in_order`, the
-    same bits); `force_ticks` keeps the GPipe ticks there too (to test that they agree). Given
+    On a one-device mesh the cards run in pipeline order without ticks (`run_cards_in_order` on each card's
+    slice, the same bits); `force_ticks` keeps the GPipe ticks there too (to test that they agree). Given
     lists of per-card parameters and states (one device), `run_cards_in_order` runs them.
     """
     C, M = schedule.n_cards, schedule.micro_batches
@@ -210,6 +172,11 @@ def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, output_fn: 
         raise ValueError(f"{C} cards cannot be split evenly over {n_dev} devices")
     if x_MxBxLxD.shape[0] != M:
         raise ValueError(f"expected {M} micro-batches, got {x_MxBxLxD.shape[0]}")
+    if n_dev == 1 and not force_ticks:  # the same card programs in pipeline order, on each card's slice
+        sliced = [jax.tree.map(lambda a, c=c: a[c], (card_params, state)) for c in range(C)]
+        results, st = run_cards_in_order(schedule, layer_fn, output_fn, [p for p, _ in sliced], x_MxBxLxD, aux_M,
+                                         [s for _, s in sliced], user_axis)
+        return results, jax.tree.map(lambda *xs: jnp.stack(xs), *st)
     c_loc = C // n_dev
     mb = x_MxBxLxD.shape[1]
 
@@ -228,9 +195,6 @@ def run_pipeline(schedule: Schedule, mesh: Mesh, layer_fn: Callable, output_fn: 
     one_aux = jax.tree.map(lambda a: a[0], aux_M)
     res_shape = jax.eval_shape(output_fn, one_params, x_MxBxLxD[0], one_aux)
     hid_dtype = jax.eval_shape(layer_fn, one_params, x_MxBxLxD[0], one_aux, one_state)[0].dtype
-    if n_dev == 1 and not force_ticks:
-        return _run_in_order(schedule, layer_fn, output_fn, card_params, x_MxBxLxD, aux_M, state, user_axis,
-                             res_shape, hid_dtype)
 
     def body(params_loc, state_loc, xs, aux):
         dev = jax.lax.axis_index(axis)
