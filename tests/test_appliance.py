@@ -90,17 +90,21 @@ def _sequential_logits(serving, toks, cache_len):
     return llama.step(serving, toks, jnp.broadcast_to(jnp.arange(L), (B, L)), cache, CFG, "w4a4")
 
 
-@pytest.mark.parametrize("devices", [16, 1, "resident", "unrolled"])
+@pytest.mark.parametrize("devices", [16, 1, "resident", "unrolled", "one micro-batch"])
 def test_pipelined_prefill_and_decode_equal_sequential_bits(model, devices):
     """16 devices (GPipe ticks), 1 device (card-stacked, in order), the resident form (one
-    pytree per card, in order on one device) and the resident form with every layer of one card
-    unrolled, all equal the sequential model, bit for bit."""
+    pytree per card, in order on one device), the resident form with every layer of one card
+    unrolled, and the resident form with all users in one micro-batch (the cards run unmapped),
+    all equal the sequential model, bit for bit."""
     _, serving = model
-    mapping = layout(2, 2, 1) if devices == "unrolled" else layout(16, 2, 2)  # unrolled: one card, all layers
+    mapping = {"unrolled": layout(2, 2, 1),  # one card, all layers
+               "one micro-batch": layout(16, 1, 2)}.get(devices, layout(16, 2, 2))
     layer_fn, head_fn = card_programs(CFG, "w4a4", mapping, result="logits")
     users, L, S = 4, 8, 16
+    M = mapping.micro_batches
+    assert M == (1 if devices == "one micro-batch" else 2)
     user_axis = 1
-    if devices in ("resident", "unrolled"):
+    if devices in ("resident", "unrolled", "one micro-batch"):
         form = "unrolled" if devices == "unrolled" else "scan"
         cards = card_list(serving, CFG, "w4a4", mapping, layers=form)
         state = init_card_states(CFG, "w4a4", mapping, S, stacked=False, layers=form)
@@ -118,14 +122,14 @@ def test_pipelined_prefill_and_decode_equal_sequential_bits(model, devices):
     mesh = card_mesh(devices)
     run = jax.jit(lambda c, x, a, s: run_pipeline(mapping.schedule, mesh, layer_fn, head_fn, c, x, a, s,
                                                   user_axis=user_axis))
-    x = llama.embed(serving, toks[:, :L], llama.resolve("w4a4")).reshape(2, 2, L, -1)
-    res, state = run(cards, x, {"pos": jnp.broadcast_to(jnp.arange(L), (2, 2, L))}, state)
+    x = llama.embed(serving, toks[:, :L], llama.resolve("w4a4")).reshape(M, users // M, L, -1)
+    res, state = run(cards, x, {"pos": jnp.broadcast_to(jnp.arange(L), (M, users // M, L))}, state)
     ref, ref_cache = _sequential_logits(serving, toks[:, :L], S)
     got = jnp.concatenate([res[c] for c in mapping.schedule.output_cards], -1).reshape(users, L, -1)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     for t in range(L, L + 3):  # decode steps, each user at its own position
-        x = llama.embed(serving, toks[:, t:t + 1], llama.resolve("w4a4")).reshape(2, 2, 1, -1)
-        res, state = run(cards, x, {"pos": jnp.full((2, 2, 1), t)}, state)
+        x = llama.embed(serving, toks[:, t:t + 1], llama.resolve("w4a4")).reshape(M, users // M, 1, -1)
+        res, state = run(cards, x, {"pos": jnp.full((M, users // M, 1), t)}, state)
         ref, ref_cache = llama.step(serving, toks[:, t:t + 1], jnp.full((users, 1), t), ref_cache, CFG, "w4a4")
         got = jnp.concatenate([res[c] for c in mapping.schedule.output_cards], -1).reshape(users, 1, -1)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

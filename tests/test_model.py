@@ -134,3 +134,19 @@ def test_prefill_split_point_does_not_change_bits(params, n, split, seed):
     full = jax.jit(lambda p, t: llama.forward(p, t, CFG, "w4a4"))(params["w4a4"], toks)
     inc, _ = _incremental(params["w4a4"], toks, split, "w4a4", cache_len=32)
     np.testing.assert_array_equal(np.asarray(inc), np.asarray(full))
+
+
+def test_random_serving_weights_cover_the_code_range_and_follow_the_key():
+    # init_serving_random draws codes on the host (numpy), seeded from the key: every code of the
+    # width occurs, none outside it, the same key gives the same model and another key another
+    a = llama.init_serving_random(CFG, jax.random.key(0), "w4a4")
+    b = llama.init_serving_random(CFG, jax.random.key(0), "w4a4")
+    c = llama.init_serving_random(CFG, jax.random.key(1), "w4a4")
+    codes = lambda p: np.asarray(jax.tree.map(lambda v: v[0], p["layers"]["mlp"]["up"]["tw"]).to_matrix())  # noqa: E731
+    lo, hi = int(codes(a).min()), int(codes(a).max())
+    assert (lo, hi) == (-8, 7) and len(np.unique(codes(a))) == 16
+    assert np.array_equal(codes(a), codes(b)) and not np.array_equal(codes(a), codes(c))
+    assert np.array_equal(np.asarray(a["embed"]), np.asarray(b["embed"]))
+    logits, _ = llama.step(a, jnp.array([[1, 2]]), jnp.array([[0, 1]]), llama.init_cache(CFG, 1, 8, "w4a4"), CFG,
+                           "w4a4")
+    assert logits.shape == (1, 2, CFG.vocab_size) and bool(jnp.isfinite(logits).all())

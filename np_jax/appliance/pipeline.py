@@ -22,6 +22,7 @@ state leaf has the user axis first). Idle cards and ticks outside a card's windo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import jax
@@ -120,8 +121,10 @@ def run_cards_in_order(schedule: Schedule, layer_fn, output_fn, cards: list, x_M
     `cards[c]` is card c's parameter pytree (only what its role uses: no padded layer slots, no
     copy out of a card-stacked array) and `state[c]` its state (leaves with the user axis at `user_axis`;
     any pytree, e.g. empty, for cards without state). Each layer card in pipeline order runs all M
-    micro-batches (vmapped over the micro-batch axis), then the output cards: the card programs of
-    the GPipe ticks on the same data, so the same bits (tests/test_appliance.py).
+    micro-batches (vmapped over the micro-batch axis; one micro-batch runs unmapped, so nothing in
+    XLA's program is there for the mapping: with a size-1 axis, the mapped cache update had
+    cost ten copies of the KV cache per layer), then the output cards: the card programs of the
+    GPipe ticks on the same data, so the same bits (tests/test_appliance.py).
     Returns (results [n_cards, M, ...], new state list).
     """
     C, M = schedule.n_cards, schedule.micro_batches
@@ -138,11 +141,20 @@ def run_cards_in_order(schedule: Schedule, layer_fn, output_fn, cards: list, x_M
 
     x = x_MxBxLxD
     state = list(state)
-    for c in schedule.layer_cards:
-        y, st = jax.vmap(layer_fn, in_axes=(None, 0, 0, 0))(cards[c], x, aux_M, jax.tree.map(split, state[c]))
-        state[c] = jax.tree.map(merge, st, state[c])
-        x = y
-    outs = {c: jax.vmap(output_fn, in_axes=(None, 0, 0))(cards[c], x, aux_M) for c in schedule.output_cards}
+    if M == 1:  # one micro-batch: each card program once on it, its state as it is (no axis to map over)
+        first = partial(jax.tree.map, lambda v: v[0])
+        again = partial(jax.tree.map, lambda v: v[None])
+        for c in schedule.layer_cards:
+            y, st = layer_fn(cards[c], x[0], first(aux_M), state[c])
+            state[c] = jax.tree.map(lambda v, like: v.astype(like.dtype), st, state[c])
+            x = y[None]
+        outs = {c: again(output_fn(cards[c], x[0], first(aux_M))) for c in schedule.output_cards}
+    else:
+        for c in schedule.layer_cards:
+            y, st = jax.vmap(layer_fn, in_axes=(None, 0, 0, 0))(cards[c], x, aux_M, jax.tree.map(split, state[c]))
+            state[c] = jax.tree.map(merge, st, state[c])
+            x = y
+        outs = {c: jax.vmap(output_fn, in_axes=(None, 0, 0))(cards[c], x, aux_M) for c in schedule.output_cards}
     first = outs[schedule.output_cards[0]]
     results = jax.tree.map(lambda *vs: jnp.stack(vs), *[outs.get(c, jax.tree.map(jnp.zeros_like, first))
                                                         for c in range(C)])
