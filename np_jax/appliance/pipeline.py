@@ -142,13 +142,13 @@ def run_cards_in_order(schedule: Schedule, layer_fn, output_fn, cards: list, x_M
     x = x_MxBxLxD
     state = list(state)
     if M == 1:  # one micro-batch: each card program once on it, its state as it is (no axis to map over)
-        first = partial(jax.tree.map, lambda v: v[0])
-        again = partial(jax.tree.map, lambda v: v[None])
+        drop_m = partial(jax.tree.map, lambda v: v[0])
+        add_m = partial(jax.tree.map, lambda v: v[None])
         for c in schedule.layer_cards:
-            y, st = layer_fn(cards[c], x[0], first(aux_M), state[c])
+            y, st = layer_fn(cards[c], x[0], drop_m(aux_M), state[c])
             state[c] = jax.tree.map(lambda v, like: v.astype(like.dtype), st, state[c])
             x = y[None]
-        outs = {c: again(output_fn(cards[c], x[0], first(aux_M))) for c in schedule.output_cards}
+        outs = {c: add_m(output_fn(cards[c], x[0], drop_m(aux_M))) for c in schedule.output_cards}
     else:
         for c in schedule.layer_cards:
             y, st = jax.vmap(layer_fn, in_axes=(None, 0, 0, 0))(cards[c], x, aux_M, jax.tree.map(split, state[c]))
