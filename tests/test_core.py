@@ -17,12 +17,16 @@ def rand_ints(rng, shape, bits, signed=True):
 
 
 @given(b=st.integers(1, 5), k=st.integers(1, 300), n=st.integers(1, 40), xb=bits_st, wb=bits_st,
-       x_signed=st.booleans(), seed=st.integers(0, 2**32 - 1))
-def test_core_vmm_matches_int64_oracle(b, k, n, xb, wb, x_signed, seed):
+       x_signed=st.booleans(), held=st.sampled_from([(np.int8, np.int8), (np.float32, np.int8),
+                                                     (np.int8, np.float32), (np.float32, np.float32)]),
+       seed=st.integers(0, 2**32 - 1))
+def test_core_vmm_matches_int64_oracle(b, k, n, xb, wb, x_signed, held, seed):
+    # every dot int_dot picks (int8 for two or more rows of int8-held codes, float32 otherwise
+    # where exact) gives the int64 result
     rng = np.random.default_rng(seed)
     x = rand_ints(rng, (b, k), xb, x_signed)
     w = rand_ints(rng, (k, n), wb)
-    got = core.core_vmm(jnp.asarray(x), jnp.asarray(w), x_bits=xb, w_bits=wb, x_signed=x_signed)
+    got = core.core_vmm(jnp.asarray(x, held[0]), jnp.asarray(w, held[1]), x_bits=xb, w_bits=wb, x_signed=x_signed)
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got, np.int64), x.astype(np.int64) @ w.astype(np.int64))
 

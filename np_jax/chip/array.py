@@ -198,12 +198,7 @@ def network_never_saturates(tw: TiledWeights, x_bits: int, x_signed: bool = True
     return core.accumulator_bound(t.k, x_bits, tw.bits, x_signed, tw.signed) <= core.INT32_MAX
 
 
-def dot_form(rows: int) -> str:
-    """The code form whose exact dot is the faster for `rows` input rows, as measured on XLA CPU
-    (`python -m benchmarks.bench_core_array --dot-forms`, docs/benchmarks.md): float32 for one
-    row (the int8 matrix-vector product is 1.5-16x slower there), int8 for more (0.45-1.1x of
-    the float32 dot's time, and a quarter of its memory)."""
-    return "float32" if rows <= 1 else "int8"
+dot_form = core.dot_form  # the faster exact dot's code form for a number of rows
 
 
 def with_form(tw: TiledWeights, form: str) -> TiledWeights:
