@@ -21,8 +21,8 @@ def rand_ints(rng, shape, bits, signed=True):
                                                      (np.int8, np.float32), (np.float32, np.float32)]),
        seed=st.integers(0, 2**32 - 1))
 def test_core_vmm_matches_int64_oracle(b, k, n, xb, wb, x_signed, held, seed):
-    # every dot int_dot picks (int8 for two or more rows of int8-held codes, float32 otherwise
-    # where exact) gives the int64 result
+    # every dot int_dot picks (int8 for int8-held codes, float32 otherwise where exact) gives the
+    # int64 result
     rng = np.random.default_rng(seed)
     x = rand_ints(rng, (b, k), xb, x_signed)
     w = rand_ints(rng, (k, n), wb)

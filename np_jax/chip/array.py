@@ -198,7 +198,12 @@ def network_never_saturates(tw: TiledWeights, x_bits: int, x_signed: bool = True
     return core.accumulator_bound(t.k, x_bits, tw.bits, x_signed, tw.signed) <= core.INT32_MAX
 
 
-dot_form = core.dot_form  # the faster exact dot's code form for a number of rows
+def dot_form(rows: int) -> str:
+    """The code form whose exact dot is the faster for `rows` input rows, as measured on XLA CPU
+    (`python -m benchmarks.bench_core_array --dot-forms`, docs/benchmarks.md): float32 for one
+    row (the int8 matrix-vector product is 1.5-16x slower there), int8 for more (0.45-1.1x of
+    the float32 dot's time, and a quarter of its memory)."""
+    return "float32" if rows <= 1 else "int8"
 
 
 def with_form(tw: TiledWeights, form: str) -> TiledWeights:
@@ -229,12 +234,9 @@ def array_vmm(x_BxK_i8: jax.Array, tw: TiledWeights, *, x_bits: int = 8, x_signe
     core.check_accumulator(t.kb, x_bits, tw.bits, x_signed, tw.signed)
     if not network and network_never_saturates(tw, x_bits, x_signed):
         w = tw.w_RxKbxCxNb.reshape(t.rows * t.kb, t.cols * t.nb)  # a view: the padded row-major matrix
-        dims = (((1,), (0,)), ((), ()))
-        if w.dtype == jnp.float32:
-            acc = jax.lax.dot_general(x.astype(jnp.float32), w, dims, precision=jax.lax.Precision.HIGHEST)
-        else:
-            acc = jax.lax.dot_general(x.astype(jnp.int8), w, dims, preferred_element_type=jnp.int32)
-        return acc.astype(jnp.int32)[:, : t.n].reshape(*lead, t.n)
+        acc = core.int_dot(x.astype(jnp.int8), w, (((1,), (0,)), ((), ())), k=t.k, x_bits=x_bits, w_bits=tw.bits,
+                           x_signed=x_signed, w_signed=tw.signed)  # in the form the codes are held
+        return acc[:, : t.n].reshape(*lead, t.n)
     x = x.reshape(-1, t.rows, t.kb)
     # Core (r, c) multiplies grid row r's input block [B, Kb] by its block [Kb, Nb]: one batched
     # dot over the grid rows (batch r; the cores of a row share its input block).

@@ -84,27 +84,18 @@ def exact_in_float32(k: int, x_bits: int, w_bits: int, x_signed: bool = True, w_
 CODE_DTYPES = (jnp.int8, jnp.float32)  # integer codes are held in int8, or in float32 (the dot's form)
 
 
-def dot_form(rows: int) -> str:
-    """The code form whose exact dot is the faster for `rows` input rows, as measured on XLA CPU
-    (`python -m benchmarks.bench_core_array --dot-forms`, docs/benchmarks.md): float32 for one
-    row (the int8 matrix-vector product is 1.5-16x slower there), int8 for more (0.45-1.1x of
-    the float32 dot's time, and a quarter of its memory)."""
-    return "float32" if rows <= 1 else "int8"
-
-
 def int_dot(x_codes: jax.Array, w_codes: jax.Array, dims, *, k: int, x_bits: int, w_bits: int,
             x_signed: bool = True, w_signed: bool = True) -> jax.Array:
-    """`lax.dot_general` of integer codes to an int32 accumulator, with the fastest exact dot.
+    """`lax.dot_general` of integer codes to an int32 accumulator, in the form they are held.
 
-    Operands both held in int8, for two or more rows (`dot_form`): the int8 x int8 -> int32 dot
-    on them as they are (no conversion pass over the operands, e.g. a KV cache). Otherwise
-    float32 (at HIGHEST precision, so no TF32 on GPUs) where `exact_in_float32`, else int8 x int8
-    accumulated in int32. All give the int64 result while `check_accumulator` holds.
+    Both held in int8: the int8 x int8 -> int32 dot on them as they are (no conversion pass over
+    the operands, e.g. a KV cache). Otherwise float32 (at HIGHEST precision, so no TF32 on GPUs)
+    where `exact_in_float32`, else int8 x int8 accumulated in int32. All give the int64 result
+    while `check_accumulator` holds. Holders pick the form by the rows they multiply
+    (`array.dot_form`).
     """
-    (x_contract, _), (x_batch, _) = dims
-    rows = math.prod(n for d, n in enumerate(x_codes.shape) if d not in (*x_contract, *x_batch))
     both_int8 = x_codes.dtype == jnp.int8 and w_codes.dtype == jnp.int8
-    if exact_in_float32(k, x_bits, w_bits, x_signed, w_signed) and not (both_int8 and dot_form(rows) == "int8"):
+    if not both_int8 and exact_in_float32(k, x_bits, w_bits, x_signed, w_signed):
         acc = jax.lax.dot_general(x_codes.astype(jnp.float32), w_codes.astype(jnp.float32), dims,
                                   precision=jax.lax.Precision.HIGHEST)
         return acc.astype(jnp.int32)
