@@ -18,6 +18,7 @@ does.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -153,8 +154,8 @@ class Generator:
     def __init__(self, params=None, cfg: ModelConfig | str | None = None, policy="w4a4", cache_len: int = 512,
                  min_bucket: int = 16, serving_params=None, temperature: float = 0.0, seed: int = 0,
                  backend: Backend | None = None):
-        if not temperature >= 0:
-            raise llama.ModelInputError(f"temperature must be >= 0, got {temperature}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise llama.ModelInputError(f"temperature must be a finite number >= 0, got {temperature}")
         if backend is None:
             cfg = get_config(cfg)
             if cache_len > cfg.max_seq_len:

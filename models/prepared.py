@@ -1,13 +1,27 @@
 """The prepared model: a recipe's result, made once per (GGUF file, recipe, precision) and cached.
 
 Preparing the serving form of SmolLM2 (rotations, GPTQ, calibration) takes minutes on a CPU;
-`prepare` stores its result under np_jax's cache folder (`$NP_JAX_CACHE`, else
-`~/.cache/np_jax`, never in the repository) and later runs load it in seconds. An entry is named
-by a SHA-256 of everything that determines it (the GGUF file's own SHA-256, the recipe, the
-precision, the calibration data, the format version); it holds `params.npz` and `meta.json`
-with the model config, the inputs and a SHA-256 of the arrays. An entry whose arrays do not
-match their hash, or that cannot be read, is reported and rebuilt; an entry of another format
-version is never read (its key differs).
+`prepare` stores its result under np_jax's cache folder (`$NP_JAX_CACHE/prepared`, else
+`~/.cache/np_jax/prepared`, never in the repository) and later runs load it in 1.5-2.5 s.
+An entry is a folder named by a SHA-256 of everything that determines it (the GGUF file's own
+SHA-256, the recipe, the precision, the calibration data, the format version) holding two files:
+
+- `arrays.bin`: every parameter in its most compact exact form, each one verified bit for bit
+  when the entry is written: a weight matrix on its integer grid (GPTQ's and round-to-nearest's
+  output is exactly `code * step`) as its codes, two INT4 codes per byte or one INT8 code; a
+  table on GGUF's Q8_0 grid (one step per 32 values of a row) as INT8 codes and its steps; the
+  residual rotation's embedding as the model file's table and the rotation, recomputed exactly
+  as the recipe computes it (`rotate_residual`); everything else (norms, biases, step sizes, any
+  leaf no exact form fits) as it is, float32.
+- `meta.json`: the format, the inputs, the model config, where each array lies in `arrays.bin`,
+  and one SHA-256 over the rest of `meta.json` (canonical JSON) and all of `arrays.bin`; the
+  recomputed embedding is checked against a SHA-256 of its own.
+
+A damaged entry (truncated, emptied, a byte changed anywhere, a file missing, meta edited) is
+reported in one line, removed and prepared again: it is never used. Entries are written to a
+temporary folder and renamed into place, so an interrupted run leaves no half-written entry;
+temporary folders a killed run left behind, and entries of an older format, are removed by the
+next `prepare`. `np-jax cache` lists the entries and frees them (models.commands.cache).
 """
 
 from __future__ import annotations
@@ -15,31 +29,47 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from models import llama, recipe as recipes
 from models.config import ModelConfig
 from models.io.load import Model
 from models.train.data import Corpus, DataConfig, TrainStream
+from np_jax.cli import cache_dir
+from np_jax.quant import get_policy, hadamard
 
-FORMAT = "np_jax.prepared/2"
+FORMAT_VERSION = 3
+FORMAT = f"np_jax.prepared/{FORMAT_VERSION}"
 CALIB_SEQ_LEN = 256
+META, ARRAYS = "meta.json", "arrays.bin"
+ALIGN = 64  # bytes: each array in arrays.bin starts on a multiple
+BLOCK = 32  # values per step of a Q8_0 table row (GGUF's block)
+STALE_TMP_S = 600  # a temporary folder this old is a killed run's: writing an entry takes seconds
+TMP_PREFIX = ".tmp-"
 
 Log = Callable[[str], None]
+Path_ = tuple[str, ...]
+
+
+class DamagedEntry(Exception):
+    """A cache entry that cannot be used; the message says why, in a few words."""
 
 
 def cache_root() -> Path:
-    if os.environ.get("NP_JAX_CACHE"):
-        return Path(os.environ["NP_JAX_CACHE"]).expanduser() / "prepared"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "np_jax" / "prepared"
+    return cache_dir() / "prepared"
 
 
 def calib_seq_len(cfg: ModelConfig) -> int:
@@ -53,30 +83,6 @@ def calibration_windows(model: Model, n: int, data: DataConfig = DataConfig(), s
     return TrainStream(Corpus(data, model.encoder), calib_seq_len(model.cfg), 1, 1, seed).calibration(n)
 
 
-def _flatten(params) -> dict[str, np.ndarray]:
-    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def _unflatten(arrays: dict[str, np.ndarray]) -> dict:
-    out: dict = {}
-    for key, a in arrays.items():
-        path = [k.strip("'\"") for k in key.strip("[]").split("][")]
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = a
-    return out
-
-
-def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(arrays):
-        a = np.ascontiguousarray(arrays[k])
-        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def cache_key(model: Model, recipe: recipes.Recipe, policy: str, data: DataConfig = DataConfig(),
               seed: int = 0) -> tuple[str, dict]:
     inputs = {"format": FORMAT, "model": model.cfg.name, "gguf_sha256": model.sha256, "source": model.source,
@@ -86,58 +92,428 @@ def cache_key(model: Model, recipe: recipes.Recipe, policy: str, data: DataConfi
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32], inputs
 
 
-def _load(d: Path) -> tuple[ModelConfig, llama.Params]:
-    meta = json.loads((d / "meta.json").read_text())
-    with np.load(d / "params.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    if meta.get("format") != FORMAT or arrays_sha256(arrays) != meta["arrays_sha256"]:
-        raise ValueError("its arrays do not match the SHA-256 in its meta.json")
-    cfg = ModelConfig(**meta["model_config"])
-    return cfg, jax.tree.map(jax.numpy.asarray, _unflatten(arrays))
+# --- the exact compact forms -------------------------------------------------------------------------
 
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal bit for bit (np.array_equal calls -0.0 and 0.0 equal)."""
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(_bits(a), _bits(b))
+
+
+def _grid_codes(a: np.ndarray, step: np.ndarray) -> np.ndarray | None:
+    """INT8 codes c with `c.astype(float32) * step` equal to `a` bit for bit, or None."""
+    with np.errstate(all="ignore"):
+        c = np.rint(np.divide(a, step, out=np.zeros(a.shape, np.float32), where=np.broadcast_to(step != 0, a.shape)))
+    if not np.isfinite(c).all() or c.min(initial=0) < -128 or c.max(initial=0) > 127:
+        return None
+    c = c.astype(np.int8)
+    return c if _same(c.astype(np.float32) * step, a) else None
+
+
+def _pack4(c: np.ndarray) -> np.ndarray:
+    u = (c.reshape(-1) & 0xF).astype(np.uint8)
+    if u.size % 2:
+        u = np.append(u, np.uint8(0))
+    return u[0::2] | (u[1::2] << 4)
+
+
+def _unpack4(p: np.ndarray, n: int) -> np.ndarray:
+    u = np.empty(2 * p.size, np.uint8)
+    u[0::2], u[1::2] = p & 0xF, p >> 4
+    return (u[:n].view(np.int8) ^ 8) - 8  # 0..15 -> -8..7
+
+
+def _rotated(base: np.ndarray, rotation: dict) -> jax.Array:
+    """`base` times the residual rotation, computed as `recipe.rotate_residual` computes the embedding."""
+    q = jnp.asarray(hadamard.orthogonal(int(rotation["hadamard"]), int(rotation["seed"])), jnp.float32)
+    return jnp.asarray(base, jnp.float32) @ q
+
+
+class _Writer:
+    """Lays arrays out in arrays.bin: `add` returns the buffer record meta.json keeps."""
+
+    def __init__(self):
+        self.arrays: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, a: np.ndarray) -> dict:
+        a = np.require(a, requirements="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
+        if a.dtype.kind not in "fiub" or a.dtype.byteorder == ">":
+            raise TypeError(f"cannot store an array of dtype {a.dtype}")
+        rec = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": self.size, "nbytes": a.nbytes}
+        self.arrays.append(a)
+        self.size += -(-a.nbytes // ALIGN) * ALIGN
+        return rec
+
+
+def _encode_plain(a: np.ndarray) -> list[tuple[dict, list[np.ndarray]]]:
+    """Exact forms of `a` on its own: as it is, and (a float32 table) on a Q8_0 block grid."""
+    forms = [({"codec": "raw"}, [a])]
+    if a.dtype == np.float32 and a.ndim >= 1 and a.shape[-1] % BLOCK == 0 and a.size >= 64 * BLOCK:
+        blocks = a.reshape(*a.shape[:-1], -1, BLOCK)
+        with np.errstate(all="ignore"):
+            s = (np.max(np.abs(blocks), axis=-1) / np.float32(127)).astype(np.float32)
+        codes = _grid_codes(blocks, s[..., None])
+        if codes is not None:
+            s16 = s.astype(np.float16)
+            forms.append(({"codec": "block", "shape": list(a.shape)},
+                          [codes.reshape(a.shape), s16 if _same(s16.astype(np.float32), s) else s]))
+    return forms
+
+
+def _encode_leaf(path: Path_, a: np.ndarray, siblings: dict, derived: dict) -> tuple[dict, list[np.ndarray]]:
+    """The smallest exact form of one parameter: (record without buffers, arrays)."""
+    forms = _encode_plain(a)
+    step = siblings.get("s_w")
+    if path[-1] == "w" and a.dtype == np.float32 and a.ndim >= 2 and step is not None \
+            and step.dtype == np.float32 and step.shape == a.shape[:-2] + a.shape[-1:]:
+        codes = _grid_codes(a, step[..., None, :])
+        if codes is not None:
+            bits = 4 if codes.min(initial=0) >= -8 and codes.max(initial=0) <= 7 else 8
+            forms.append(({"codec": "grid", "bits": bits, "shape": list(a.shape), "step": list(path[:-1]) + ["s_w"]},
+                          [_pack4(codes) if bits == 4 else codes]))
+    if path in derived:
+        base, rotation = derived[path]
+        rec, arrays = min(_encode_plain(np.asarray(base, np.float32)), key=lambda f: sum(x.nbytes for x in f[1]))
+        got = np.asarray(_rotated(_decode_plain(rec, arrays), rotation))
+        if _same(got, a):
+            forms.append(({"codec": "rotated", "rotation": rotation, "base": rec,
+                           "sha256": hashlib.sha256(_bits(a)).hexdigest()}, arrays))
+    return min(forms, key=lambda f: sum(x.nbytes for x in f[1]))  # ties: the first, as it is
+
+
+def _decode_plain(rec: dict, arrays: list[np.ndarray]) -> np.ndarray:
+    if rec["codec"] == "raw":
+        return arrays[0]
+    codes, s = arrays
+    shape = tuple(rec["shape"])
+    blocks = codes.reshape(*shape[:-1], -1, BLOCK).astype(np.float32) * s.astype(np.float32)[..., None]
+    return blocks.reshape(shape)
+
+
+def _leaves(tree: dict, prefix: Path_ = ()) -> Iterator[tuple[Path_, dict, object]]:
+    """(path, the dict holding it, value) of every leaf of a tree of dicts."""
+    for k, v in tree.items():
+        if not isinstance(k, str):
+            raise TypeError(f"parameter keys must be strings, got {k!r}")
+        if isinstance(v, dict):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), tree, v
+
+
+def _get(tree: dict, path: Path_):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: dict, path: Path_, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _canonical(meta: dict) -> bytes:
+    return json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+# --- writing and reading an entry ---------------------------------------------------------------------
+
+def _tmp_dir(root: Path) -> Path:
+    """A new temporary folder in `root`, named by this host and process (see `_stale`)."""
+    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=root))
+
+
+def write_entry(d: Path, cfg: ModelConfig, params: llama.Params, inputs: dict,
+                derived: dict[Path_, tuple[np.ndarray, dict]] | None = None) -> dict:
+    """Write the entry `d` whole or not at all; returns its meta. `derived`: path -> (base array,
+    rotation) for a leaf that may be stored as its base times the residual rotation. Raises
+    OSError (disk full, not writable) with nothing left behind."""
+    writer, records = _Writer(), []
+    numpy_tree: dict = {}
+    for path, _, x in _leaves(params):
+        _set(numpy_tree, path, np.asarray(x))
+    for path, parent, a in _leaves(numpy_tree):
+        rec, arrays = _encode_leaf(path, a, parent, derived or {})
+        rec = {"path": list(path), **rec}
+        bufs = [writer.add(x) for x in arrays]
+        if rec["codec"] == "rotated":
+            rec["base"] = {**rec["base"], "buffers": bufs}
+        else:
+            rec["buffers"] = bufs
+        records.append(rec)
+    meta = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "inputs": inputs,
+            "model_config": dataclasses.asdict(cfg), "jax": jax.__version__, "leaves": records, "bytes": writer.size}
+    h = hashlib.sha256(_canonical(meta) + b"\0")
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_dir(d.parent)
+    try:
+        with open(tmp / ARRAYS, "wb") as f:
+            for a in writer.arrays:
+                pad = bytes(-a.nbytes % ALIGN)
+                for chunk in (memoryview(_bits(a)), pad):
+                    h.update(chunk)
+                    f.write(chunk)
+        meta["sha256"] = h.hexdigest()
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        _install(tmp, d)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once installed
+    return meta
+
+
+def _install(tmp: Path, d: Path) -> None:
+    """Rename `tmp` to `d`; an existing `d` is first renamed aside, so `d` is never half removed."""
+    aside = None
+    if d.exists():
+        aside = _tmp_dir(d.parent)
+        os.replace(d, aside)
+    try:
+        os.replace(tmp, d)
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def _discard(p: Path) -> None:
+    """Remove an entry: renamed to a temporary name first, so an interrupted removal leaves no
+    half entry (the next sweep finishes it)."""
+    try:
+        if p.is_dir() and not p.is_symlink():
+            aside = _tmp_dir(p.parent)
+            os.replace(p, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    except OSError:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _buffer(blob: bytes, spec: dict) -> np.ndarray:
+    dt = np.dtype(spec["dtype"])
+    shape = tuple(int(n) for n in spec["shape"])
+    off, nbytes = int(spec["offset"]), int(spec["nbytes"])
+    if dt.kind not in "fiub" or nbytes != math.prod(shape) * dt.itemsize or off < 0 or off + nbytes > len(blob):
+        raise DamagedEntry(f"an array record ({spec}) does not fit {ARRAYS}")
+    return np.frombuffer(blob, dt, count=math.prod(shape), offset=off).reshape(shape)
+
+
+def read_entry(d: Path, inputs: dict | None = None) -> tuple[ModelConfig, llama.Params, dict]:
+    """(config, parameters, meta) of the entry `d`, verified: DamagedEntry (with the reason) for
+    anything but the exact bytes written (and, given `inputs`, an entry made for other inputs)."""
+    try:
+        return _read_entry(d, inputs)
+    except (DamagedEntry, MemoryError):
+        raise
+    except FileNotFoundError as e:
+        raise DamagedEntry(f"{Path(e.filename).name if e.filename else 'a file'} is missing") from e
+    except json.JSONDecodeError as e:
+        raise DamagedEntry(f"{META} is not valid JSON ({e})") from e
+    except Exception as e:  # noqa: BLE001 - whatever a damaged entry raises, it is rebuilt, never a traceback
+        raise DamagedEntry(f"{type(e).__name__}: {e}"[:200]) from e
+
+
+def _read_entry(d: Path, inputs: dict | None) -> tuple[ModelConfig, llama.Params, dict]:
+    meta = json.loads((d / META).read_bytes())
+    if not isinstance(meta, dict):
+        raise DamagedEntry(f"{META} is not an object")
+    if meta.get("format") != FORMAT:
+        raise DamagedEntry(f"its format is {meta.get('format')!r}, not {FORMAT!r}")
+    with open(d / ARRAYS, "rb") as f:
+        blob = f.read()
+    if len(blob) != meta["bytes"]:
+        raise DamagedEntry(f"{ARRAYS} has {len(blob)} bytes, not {meta['bytes']}")
+    h = hashlib.sha256(_canonical(meta) + b"\0")
+    h.update(blob)
+    if h.hexdigest() != meta["sha256"]:
+        raise DamagedEntry("its contents do not match their SHA-256")
+    if inputs is not None and meta["inputs"] != json.loads(json.dumps(inputs)):
+        raise DamagedEntry("it was made for other inputs")
+    cfg = ModelConfig(**meta["model_config"])
+    tree: dict = {}
+    grid, rotated = [], []
+    for rec in meta["leaves"]:
+        path = tuple(rec["path"])
+        if rec["codec"] == "grid":
+            grid.append(rec)
+        elif rec["codec"] == "rotated":  # dispatched now, runs while the codes are decoded
+            base = rec["base"]
+            rotated.append((rec, _rotated(_decode_plain(base, [_buffer(blob, b) for b in base["buffers"]]),
+                                          rec["rotation"])))
+            _set(tree, path, rotated[-1][1])
+        else:
+            _set(tree, path, _decode_plain(rec, [_buffer(blob, b) for b in rec["buffers"]]))
+    for rec in grid:  # after their steps
+        step = np.asarray(_get(tree, tuple(rec["step"])))
+        shape = tuple(rec["shape"])
+        if step.shape != shape[:-2] + shape[-1:]:
+            raise DamagedEntry(f"the steps of {'.'.join(rec['path'])} do not fit its shape")
+        data = _buffer(blob, rec["buffers"][0])
+        w = (_unpack4(data, math.prod(shape)) if rec["bits"] == 4 else data).reshape(shape).astype(np.float32)
+        np.multiply(w, step[..., None, :], out=w)  # codes * step, as written (in place: half the memory traffic)
+        _set(tree, tuple(rec["path"]), w)
+    for rec, a in rotated:
+        if hashlib.sha256(_bits(np.asarray(a))).hexdigest() != rec["sha256"]:
+            raise DamagedEntry(f"its {'.'.join(rec['path'])} does not recompute bit for bit with this JAX "
+                               f"({jax.__version__}; the entry was made with {meta.get('jax')})")
+    # device_put, not jnp.asarray: the latter compiles a conversion per shape (~0.5 s here)
+    return cfg, jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), tree), meta
+
+
+# --- the cache folder ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One item of the cache folder, as `np-jax cache` lists it (meta.json read, not verified)."""
+
+    key: str
+    path: Path
+    bytes: int
+    status: str  # "current", "older format", "newer format", "unreadable", "unfinished"
+    created: str | None = None
+    model: str | None = None
+    precision: str | None = None
+    recipe: str | None = None
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "path": str(self.path)}
+
+
+def _size(p: Path) -> int:
+    if not p.is_dir():
+        return p.lstat().st_size if p.exists() or p.is_symlink() else 0
+    return sum(f.lstat().st_size for f in p.rglob("*") if not f.is_dir())
+
+
+def _format_version(fmt) -> int | None:
+    m = re.fullmatch(r"np_jax\.prepared/(\d+)", fmt) if isinstance(fmt, str) else None
+    return int(m.group(1)) if m else None
+
+
+def _stale(p: Path) -> bool:
+    """A temporary folder left by a killed run: its process (on this host) is gone, or it is old."""
+    host, _, rest = p.name[len(TMP_PREFIX):].rpartition("-")[0].rpartition("-")
+    try:
+        if time.time() - p.lstat().st_mtime > STALE_TMP_S:
+            return True
+        if host == socket.gethostname():
+            os.kill(int(rest), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def entries(root: Path | None = None) -> list[Entry]:
+    """Every item of the cache folder, oldest first."""
+    root = cache_root() if root is None else root
+    out = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        size = _size(p)
+        if p.name.startswith(TMP_PREFIX):
+            out.append(Entry(p.name, p, size, "unfinished"))
+            continue
+        try:
+            meta = json.loads((p / META).read_bytes())
+            inputs = meta.get("inputs", {})
+            version = _format_version(meta.get("format"))
+            status = ("current" if version == FORMAT_VERSION else "older format" if version and version < FORMAT_VERSION
+                      else "newer format" if version else "unreadable")
+            recipe = inputs.get("recipe")
+            out.append(Entry(p.name, p, size, status, meta.get("created"), inputs.get("model"),
+                             inputs.get("precision"), recipe.get("name") if isinstance(recipe, dict) else None))
+        except (OSError, ValueError, AttributeError):
+            out.append(Entry(p.name, p, size, "unreadable"))
+    return sorted(out, key=lambda e: (e.created or "", e.key))
+
+
+def remove(items: list[Entry]) -> int:
+    """Remove cache items; returns the bytes freed."""
+    for e in items:
+        _discard(e.path)
+    return sum(e.bytes for e in items)
+
+
+def _sweep(root: Path, log: Log) -> None:
+    """Remove entries of an older format and temporary folders a killed run left behind."""
+    old = [e for e in entries(root) if e.status == "older format"
+           or (e.status == "unfinished" and _stale(e.path))]
+    if old:
+        n_old = sum(e.status == "older format" for e in old)
+        freed = remove(old)
+        log(f"removed {n_old} prepared-model cache entr{'y' if n_old == 1 else 'ies'} of an older format and "
+            f"{len(old) - n_old} unfinished one(s) from {root} ({freed / 1e6:.0f} MB)")
+
+
+def _unwritable(root: Path, cfg: ModelConfig) -> str | None:
+    """Why an entry for `cfg` cannot be written in `root` (None if it can), found before preparing."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        os.rmdir(_tmp_dir(root))
+        need = cfg.n_layers * cfg.layer_params() + 2 * cfg.vocab_size * cfg.d_model  # INT8 codes: an upper bound
+        free = shutil.disk_usage(root).free
+    except OSError as e:
+        return str(e)
+    return None if free >= need else f"{free / 1e6:.0f} MB free, an entry needs up to {need / 1e6:.0f} MB"
+
+
+# --- preparing ----------------------------------------------------------------------------------------
 
 def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: DataConfig = DataConfig(),
             seed: int = 0, log: Log = lambda m: None, use_cache: bool = True) -> tuple[ModelConfig, llama.Params, dict]:
     """(config, parameters, info) of `model` prepared by `recipe` at `policy`, calibrated on the
     first windows of `data`'s training split in the order of `seed`; from the cache when a verified
     entry exists (info["cached"]), else made and stored. Models without a file hash (random init,
-    checkpoints) are prepared and not cached."""
+    checkpoints) are prepared and not cached; at a float policy the model is its own prepared form.
+    A cache hit never reads `model.params` (a lazy GGUF model's tensors stay on disk)."""
     recipe = recipes.get_recipe(recipe)
     key, inputs = cache_key(model, recipe, policy, data, seed)
-    d = cache_root() / key
-    info = {"recipe": recipe.name, "calibration": inputs["calibration"], "steps": recipe.steps(policy), "cache": str(d), "cached": False}
-    if use_cache and model.sha256 is not None and d.is_dir():
-        try:
+    root = cache_root()
+    d = root / key
+    info = {"recipe": recipe.name, "calibration": inputs["calibration"], "steps": recipe.steps(policy), "cache": str(d),
+            "cached": False}
+    if get_policy(policy).is_float:  # recipes.apply is the identity there: nothing to store
+        return model.cfg, model.params, info | {"cache": None}
+    cacheable = use_cache and model.sha256 is not None
+    if cacheable:
+        _sweep(root, log)
+        if d.exists() or d.is_symlink():
             t0 = time.perf_counter()
-            cfg, params = _load(d)
-            log(f"prepared model from the cache {d} in {time.perf_counter() - t0:.1f} s")
-            return cfg, params, info | {"cached": True}
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-            log(f"the prepared-model cache {d} is corrupt or unreadable ({e}); rebuilding it")
-            shutil.rmtree(d, ignore_errors=True)
+            try:
+                cfg, params, _ = read_entry(d, inputs)
+                log(f"prepared model from the cache {d} in {time.perf_counter() - t0:.1f} s")
+                return cfg, params, info | {"cached": True}
+            except DamagedEntry as e:
+                log(f"the prepared-model cache entry {d} is damaged ({e}); rebuilding it")
+                _discard(d)
+        why = _unwritable(root, model.cfg)
+        if why is not None:  # said now, not after minutes of preparation
+            log(f"warning: cannot write the prepared-model cache in {root} ({why}): the model is prepared but not "
+                "cached; set NP_JAX_CACHE to a writable folder to keep it")
+            cacheable = False
     t0 = time.perf_counter()
     log(f"preparing {model.cfg.name} for {policy} with recipe {recipe.name} ({', '.join(recipe.steps(policy))}); "
-        "this runs once and is cached")
+        + ("this runs once and is cached" if cacheable else "not cached"))
     windows = calibration_windows(model, recipe.calib_windows, data, seed)
     cfg, params = recipes.apply(model.params, model.cfg, recipe, policy, windows, log)
     info["prepare_s"] = time.perf_counter() - t0
-    if use_cache and model.sha256 is not None:
-        _store(d, cfg, params, inputs, log)
+    if cacheable:
+        derived = {}
+        if recipe.rotate_residual:  # the embedding is the model file's table times the rotation
+            derived[("embed",)] = (np.asarray(model.params["embed"]),
+                                   {"hadamard": model.cfg.d_model, "seed": recipe.seed})
+        try:
+            meta = write_entry(d, cfg, params, inputs, derived)
+            as_is = [".".join(r["path"]) for r in meta["leaves"] if r["codec"] == "raw"
+                     and sum(b["nbytes"] for b in r["buffers"]) > 1 << 20]
+            log(f"cached the prepared model in {d} ({meta['bytes'] / 1e6:.0f} MB"
+                + (f"; kept as they are: {', '.join(as_is)}" if as_is else "") + ")")
+        except (OSError, TypeError) as e:
+            log(f"warning: could not cache the prepared model in {d}: {e}")
     return cfg, params, info
-
-
-def _store(d: Path, cfg: ModelConfig, params, inputs: dict, log: Log) -> None:
-    arrays = _flatten(params)
-    meta = {"format": FORMAT, "inputs": inputs, "model_config": dataclasses.asdict(cfg),
-            "arrays_sha256": arrays_sha256(arrays)}
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
-    try:
-        np.savez(tmp / "params.npz", **arrays)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)  # the entry appears whole or not at all
-        log(f"cached the prepared model in {d}")
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        log(f"warning: could not cache the prepared model in {d}: {e}")

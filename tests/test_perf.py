@@ -21,11 +21,19 @@ from np_jax.spec import APPLIANCE, GPU_POINTS, PUBLISHED_RUN
 
 G3B = get_config("granite-3b-northpole")
 S3B = cost.ModelShape.from_decoder(G3B)
-EVAL = jax.jit(lambda d, w, b: cost.evaluate(d, w, b, S3B))
+TRACES = []  # one entry per trace (compilation) of EVAL
+
+
+def _evaluate(d, w, b, s):
+    TRACES.append(s.name)
+    return cost.evaluate(d, w, b, s)
+
+
+EVAL = jax.jit(_evaluate)
 
 
 def ev(d=None, w=None, b=None):
-    return {k: float(v) for k, v in EVAL(d or cost.Design(), w or cost.Workload(), b or cost.Bits()).items()
+    return {k: float(v) for k, v in EVAL(d or cost.Design(), w or cost.Workload(), b or cost.Bits(), S3B).items()
             if jnp.ndim(v) == 0}
 
 
@@ -276,9 +284,11 @@ def test_grad_matches_finite_differences(name):
 
 
 def test_sensitivities_signs():
-    s = dse.sensitivities(G3B, names=("clock_hz", "pcie_latency_s", "phase_latency_cycles", "users"))
+    s = dse.sensitivities(G3B, names=("clock_hz", "pcie_latency_s", "phase_latency_cycles", "users", "bits.w"))
     t = s["system_throughput_tok_s"]
     assert t["clock_hz"] > 0 and t["pcie_latency_s"] < 0 and t["phase_latency_cycles"] < 0 and t["users"] > 0
+    # a relaxed (traced) width is not checked against the chip's widths: it stays differentiable
+    assert t["bits.w"] < 0
     assert s["latency_ms"]["clock_hz"] == pytest.approx(-t["clock_hz"], rel=1e-4)
 
 
@@ -396,5 +406,114 @@ def test_design_and_workload_reject_impossible_values_but_not_tracers():
     with pytest.raises(ValueError, match="Design"):
         cost.Design(clock_hz=float("nan"))
     # under jit/grad the fields are tracers: not checked, the DSE differentiates through them
-    g = jax.grad(lambda c: EVAL(cost.Design(clock_hz=c), cost.Workload(), cost.Bits())["system_throughput_tok_s"])(4e8)
+    g = jax.grad(lambda c: EVAL(cost.Design(clock_hz=c), cost.Workload(), cost.Bits(),
+                                S3B)["system_throughput_tok_s"])(4e8)
     assert np.isfinite(g) and g > 0
+    with pytest.raises(ValueError, match="Design.clock_hz must be a number, got 'fast'"):
+        cost.Design(clock_hz="fast")
+    with pytest.raises(ValueError, match="Workload.micro_batches must be <= users"):
+        cost.Workload(users=2, micro_batches=28)
+    # a fractional micro-batch size is the relaxation the DSE searches: accepted
+    assert cost.Workload(users=14, micro_batches=4).micro_batch_size == 3.5
+    for bad in (0, -4, 3.0, 16):
+        with pytest.raises(ValueError, match=r"Bits.w must be one of \(2, 4, 8\)"):
+            cost.Bits(w=bad)
+    # JAX rebuilds records with placeholder leaves (None, masks, abstract values): not checked
+    jax.tree.map(lambda x: x < 0, cost.Design())
+    jax.tree.map(lambda x: np.ones(2, bool), cost.Bits())
+    jax.tree.map(lambda x: None, cost.Workload(users=2.0, micro_batches=1.0))
+    jax.eval_shape(lambda b: b, cost.Bits())
+
+
+@settings(max_examples=60)
+@given(st.sampled_from([f.name for f in dataclasses.fields(cost.Bits)]),
+       st.one_of(st.integers(-9, 17), st.floats(allow_nan=True, allow_infinity=True)))
+def test_bits_accept_exactly_the_chips_widths(field, width):
+    if width in (2, 4, 8):
+        assert getattr(cost.Bits(**{field: width}), field) == width
+    else:
+        with pytest.raises(ValueError, match=f"Bits.{field}"):
+            cost.Bits(**{field: width})
+
+
+@settings(max_examples=60)
+@given(st.floats(0.5, 1e4), st.floats(0.5, 1e4))
+def test_workload_accepts_micro_batches_up_to_the_users(users, micro_batches):
+    if micro_batches <= users:
+        assert cost.Workload(users=users, micro_batches=micro_batches).micro_batch_size >= 1.0
+    else:
+        with pytest.raises(ValueError, match="micro_batches"):
+            cost.Workload(users=users, micro_batches=micro_batches)
+
+
+def test_model_name_is_no_part_of_the_compiled_programs_key():
+    renamed = dataclasses.replace(S3B, name="granite-3b-renamed")
+    assert renamed == S3B and hash(renamed) == hash(S3B) and renamed.name != S3B.name
+    args = (cost.Design(), cost.Workload(), cost.Bits())
+    first = EVAL(*args, S3B)
+    n = len(TRACES)
+    again = EVAL(*args, renamed)
+    assert len(TRACES) == n  # the cost model was not traced (compiled) again for the new name
+    assert float(again["latency_ms"]) == float(first["latency_ms"])
+    # other dimensions are another program (a cheap function: the cache key alone is under test)
+    seen = []
+    key = jax.jit(lambda x, s: (seen.append(s.name), x * s.n_layers)[1])
+    key(1.0, S3B), key(1.0, renamed)
+    assert len(seen) == 1
+    key(1.0, dataclasses.replace(S3B, n_layers=S3B.n_layers + 1))
+    assert len(seen) == 2
+
+
+def _refuse_work(*_, **__):
+    pytest.fail("the command worked before refusing its input")
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["dse", "--steps", "1000000000"], "limit of 10,000,000 value-and-gradient evaluations"),
+    (["dse", "--starts", "1000000000"], "limit of 1,024"),
+    (["dse", "--steps", str(dse.MAX_EVALUATIONS // 8 + 1)], "steps x starts"),
+    (["dse", "--seed", str(2**63)], "64-bit"),
+    (["plan", "--cards", "1000000000"], "limit of 288 (the largest published NorthPole system"),
+    (["plan", "--cards", "32", "--cards-per-server", "33"], "limit of 32"),
+    (["plan", "--gen-tokens", "0"], "--gen-tokens: must be >= 1"),
+    (["plan", "--prompt-tokens", "0"], "--prompt-tokens: must be >= 1"),
+    (["dse", "--plot", "{file}/pareto.png"], "cannot write the plot"),
+    (["perf", "--plot", "{file}/plots"], "cannot write the plot"),
+])
+def test_cli_refuses_oversized_or_unwritable_requests_before_any_work(argv, says, tmp_path, capsys, monkeypatch):
+    from np_jax.cli import main
+    from np_jax.commands import perf as perf_cmd
+
+    for mod, name in ((cost, "evaluate"), (cost, "plan_instance"), (dse, "sweep"), (dse, "gradient_search"),
+                      (perf_cmd, "_predict")):
+        monkeypatch.setattr(mod, name, _refuse_work)
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert main([a.format(file=tmp_path / "file") for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"np-jax {argv[0]}: error:") and "\n" not in err and says in err, err
+
+
+def test_search_limits_are_inclusive():
+    kw = dict(objective="energy_tok_s_W", latency_bound_ms=1.0)
+    dse.check_search(**kw, steps=dse.MAX_EVALUATIONS // dse.MAX_STARTS, starts=dse.MAX_STARTS)
+    dse.check_search(**kw, steps=dse.MAX_EVALUATIONS, starts=1, seed=2**63 - 1)
+    for bad in (dict(starts=dse.MAX_STARTS + 1), dict(steps=dse.MAX_EVALUATIONS + 1), dict(seed=-2**63 - 1)):
+        with pytest.raises(ValueError):
+            dse.check_search(**kw, **bad)
+
+
+@pytest.mark.parametrize("command", ["perf", "dse", "plan"])
+def test_help_states_every_default_and_the_choices(command):
+    from np_jax.cli import build_parser
+    from np_jax.commands.perf import PRECISIONS
+    from np_jax.quant.policy import POLICIES, get_policy
+
+    assert set(PRECISIONS) == {n for n in POLICIES if not get_policy(n).is_float}
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    fmt = parser.formatter_class(parser.prog)
+    for a in parser._actions:
+        if a.option_strings and a.nargs != 0:  # flags that take a value
+            assert "default" in fmt._get_help_string(a) % {**vars(a), "prog": parser.prog}, a.dest
+    text = parser.format_help()
+    for name in ("--precision", "--model"):
+        assert all(p in text for p in PRECISIONS) and "granite-3b-northpole" in text, name

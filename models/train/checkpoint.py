@@ -10,9 +10,15 @@ size or hash mismatch, unreadable file or failing restore marks it corrupt. Load
 newest step that verifies and reports each rejected one with the reason; when resuming
 training, rejected steps are moved to `rejected/` so the run can write those steps again.
 
+A save is all or nothing: orbax writes into a temporary directory that it renames when complete,
+the manifest is written last, and only then are steps beyond `keep` removed (so an interrupted
+save never costs an older good checkpoint). A save that fails or is interrupted removes what it
+had written; Ctrl-C is held back while a save runs (`np_jax.cli.interrupts_deferred`), and if the
+process is ended during one anyway, its temporary files are removed first (`on_forced_exit`).
+
 `RunLock` makes a run directory exclusive: a second `np-jax train` on the same directory is
 refused with one line; a lock left by a killed run (its process is gone) is taken over with a
-message.
+message; a run that ends, however it ends short of being killed, removes its lock file.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from models import llama
 from models.config import ModelConfig
 from models.train.config import TrainConfig
 from np_jax.appliance.distributed import to_host
+from np_jax.cli import interrupts_deferred, on_forced_exit
 
 MANIFEST = "np_jax_manifest.json"
 FORMAT = "np_jax.train/1"
@@ -88,6 +95,22 @@ def checkpoint_steps(out: str | Path) -> list[int]:
     if not out.is_dir():
         return []
     return sorted(int(p.name) for p in out.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def newest_meta(out: str | Path) -> dict | None:
+    """The metadata (settings, model config) of the newest sealed step under `out`, read without
+    restoring arrays or hashing the step's files (only the metadata file's own hash is checked);
+    None if there is none. For defaults only: loading verifies the whole step."""
+    out = Path(out)
+    for s in reversed(checkpoint_steps(out)):
+        d = out / str(s)
+        try:
+            want = json.loads((d / MANIFEST).read_text())["files"]["meta/metadata"]["sha256"]
+            if file_sha256(d / "meta" / "metadata") == want:
+                return json.loads((d / "meta" / "metadata").read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def verify_files(step_dir: Path) -> str | None:
@@ -240,20 +263,40 @@ def load_checkpoint(out: str | Path, *, opt_target_fn: Callable | None = None, s
 
 
 class CheckpointWriter:
-    """Saves steps with orbax's CheckpointManager and seals each with a manifest."""
+    """Saves steps with orbax's CheckpointManager, seals each with a manifest, keeps the newest `keep`."""
 
     def __init__(self, out: str | Path, keep: int):
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
         self.out = Path(out).resolve()
+        self.keep = keep
         self.out.mkdir(parents=True, exist_ok=True)
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+        # orbax would delete old steps before this writer seals the new one: retention is done here
+        opts = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=False,
                                             cleanup_tmp_directories=True)
         self.mngr = ocp.CheckpointManager(self.out, options=opts, item_names=("params", "opt_state", "meta"))
+        self._broken = False
 
     def save(self, step: int, params, opt_state, meta: dict) -> Path:
-        """Every process calls this (orbax saves collectively); process 0 writes the manifest."""
+        """Every process calls this (orbax saves collectively); process 0 writes the manifest.
+
+        All or nothing: on any exception (KeyboardInterrupt included) the step's files are removed
+        before it propagates."""
+        discard = lambda: self.discard(step)  # noqa: E731
+        with on_forced_exit(discard):
+            try:
+                with interrupts_deferred():
+                    d = self._save(step, params, opt_state, meta)
+            except BaseException:
+                self._broken = True
+                if jax.process_index() == 0:
+                    discard()
+                raise
+        self._prune(step)
+        return d
+
+    def _save(self, step: int, params, opt_state, meta: dict) -> Path:
         ocp = self.ocp
         d = self.out / str(step)
         self.mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
@@ -276,8 +319,30 @@ class CheckpointWriter:
         barrier(f"manifest {step}")
         return d
 
+    def discard(self, step: int) -> None:
+        """Remove what a save of `step` left that is not a sealed checkpoint: orbax's temporary
+        directory, or the step directory if its manifest was not written."""
+        for p in self.out.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(p, ignore_errors=True)
+        d = self.out / str(step)
+        if d.is_dir() and not (d / MANIFEST).is_file():
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _prune(self, step: int) -> None:
+        """Remove all but the newest `keep` steps (once `step` is sealed; process 0)."""
+        if jax.process_index() == 0:
+            for s in checkpoint_steps(self.out)[:-self.keep]:
+                shutil.rmtree(self.out / str(s), ignore_errors=True)
+        barrier(f"pruned {step}")
+
     def close(self) -> None:
-        self.mngr.close()
+        if not self._broken:
+            self.mngr.close()
+            return
+        try:  # after a failed save orbax's state is unknown: release what it can, quietly
+            self.mngr.close()
+        except Exception:  # noqa: BLE001 - the save's own error is the one reported
+            pass
 
 
 def barrier(name: str) -> None:
@@ -294,33 +359,48 @@ class RunLock:
     The lock is an OS file lock (`fcntl.flock`) on `LOCK` in the directory, which the kernel
     releases when the process ends however it ends; the file records who holds it. A second run
     on the same directory is refused with one line; a lock file left by a run that was killed is
-    taken over with a message.
+    taken over with a message. Releasing removes the file while still holding the lock, so a run
+    that locks a file must check that it is still the one at `path` (else it locks the new one).
     """
 
     def __init__(self, out: str | Path, log: Log = _stderr):
         self.path = Path(out) / LOCK
         self.log = log
         self._fd: int | None = None
+        self._forced = None  # the registration of `_remove` for a forced exit
 
     def __enter__(self) -> "RunLock":
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise ValueError(f"{self.path.parent} is in use by another training run ({holder}); wait for it to finish "
-                             "or use another --out") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise ValueError(f"{self.path.parent} is in use by another training run ({holder}); wait for it to "
+                                 "finish or use another --out") from None
+            if self._is_current(fd):
+                break
+            os.close(fd)  # the holder removed the file between our open and our lock: lock the new one
         old = self._holder(fd)
         if old:
             self.log(f"taking over the lock of {self.path.parent} left by {old}, which is no longer running")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode(), 0)
         self._fd = fd
+        self._forced = on_forced_exit(self._remove)
+        self._forced.__enter__()
         return self
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            a, b = os.fstat(fd), os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
     @staticmethod
     def _holder(fd: int) -> str:
@@ -330,8 +410,17 @@ class RunLock:
         except (ValueError, KeyError, OSError):
             return ""
 
+    def _remove(self) -> None:
+        """Remove the lock file while still holding the lock (waiting runs then lock a new file)."""
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # released cleanly: nothing to take over
+            self._forced.__exit__(None, None, None)
+            self._remove()
             os.close(self._fd)  # closing releases the flock
             self._fd = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from models import llama
@@ -67,8 +68,16 @@ class TrainConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill must be in [0, 1], got {self.distill}")
-        if self.lr <= 0 or (self.step_lr is not None and self.step_lr <= 0):
-            raise ValueError("learning rates must be > 0")
+        # `not x > 0` and friends: NaN fails every comparison, so it is refused with the rest
+        for name in ("lr", "step_lr", "act_step_lr_mult"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < math.inf:
+                raise ValueError(f"{name.replace('_', '-')} must be a finite number > 0, got {v}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not 0 < self.grad_clip < math.inf:
+            raise ValueError(f"grad-clip must be a finite number > 0 (or none: 0 on the command line), "
+                             f"got {self.grad_clip}")
         if self.warmup_steps < 0 or self.act_step_warmup_steps < 0:
             raise ValueError("warm-up steps must be >= 0")
         DataConfig(self.data_dirs, self.held_out_fraction, self.split_seed)  # validates

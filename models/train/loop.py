@@ -139,6 +139,11 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _floor_steps(params):
     def f(path, x):
         return jnp.maximum(x, STEP_FLOOR) if optim.param_group(path, x) in ("weight_steps", "act_steps") else x
@@ -354,8 +359,10 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
 
     out.mkdir(parents=True, exist_ok=True)
     mpath = out / "metrics.jsonl"
-    if lead:
-        mpath.write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    if lead:  # replaced whole (a temporary file renamed): an interruption never leaves it half-written
+        tmp = mpath.with_name(mpath.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in metrics))
+        os.replace(tmp, mpath)
     writer = CheckpointWriter(out, tc.keep)
     step_fn = train_step_fn(cfg, tc, mesh, devices if tc.appliance_cards else None)
     lr_at = make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule)
@@ -366,6 +373,12 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
     bar = tqdm(total=tc.steps, initial=start, desc=f"train {policy.name}", unit="step", file=sys.stderr,
                disable=(None if progress is None else not progress), dynamic_ncols=True)
     elapsed, last_ckpt = elapsed0, None
+    good = lambda: last_ckpt or (ck.path if ck else None)  # noqa: E731 - the newest good checkpoint
+
+    def diverged(done: int, what: str) -> ValueError:
+        g = good()
+        return ValueError(f"step {done}: {what}; stopped without saving it (the last good checkpoint is "
+                          f"{g if g else 'none: no step was saved'}); lower the learning rate or --grad-clip")
     try:
         with open(mpath if lead else os.devnull, "a") as mfile:
             for step in range(start, tc.steps):
@@ -382,8 +395,8 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
                 metrics.append(row)
                 mfile.write(json.dumps(row) + "\n")
                 mfile.flush()
-                if not math.isfinite(m["loss"]):
-                    raise ValueError(f"loss is {m['loss']} at step {done}; lower the learning rate")
+                if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
+                    raise diverged(done, f"the loss is {m['loss']}, the gradient norm {m['grad_norm']}")
                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)
                 if bar.disable and (done % tc.log_every == 0 or done == tc.steps or done == start + 1):
@@ -396,6 +409,8 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
                             "model_config": dataclasses.asdict(cfg), "source": base.source,
                             "precision": policy.name, "elapsed_s": elapsed, "tokens": done * tc.tokens_per_step,
                             "data": corpus.describe(), "loss": m["loss"]}
+                    if not bool(to_host(_all_finite(params))):  # an update can overflow with a finite loss
+                        raise diverged(done, f"the update made parameters non-finite (loss {m['loss']:.4f})")
                     last_ckpt = writer.save(done, params, opt_state, meta)
     finally:
         bar.close()

@@ -17,7 +17,8 @@ same formulas (with a straight-through ceil) that place the bytes:
 - layers go to the layer cards as contiguous blocks, the first `n mod c` cards one layer more
   (`layer_blocks`: at most `ceil(n / c)` layers per card); with more layer cards than layers
   (the rack planner's case, a layer too big for one card) each layer's phases are packed in
-  order over `c / n` cards, a phase split where a card is full (`pack_phases`);
+  order over `c / n` cards, an equal share of the layer's bytes on each, a phase split where a
+  card's share is full (`split_layer`);
 - KV cache: users x context positions x (K and V) at the cache width (`kv_cache_bytes`),
   spread evenly over the cores;
 - activation scratch per core: one micro-batch's input and output blocks of the largest
@@ -191,6 +192,15 @@ def pack_phases(resident, capacity: float) -> list[list[tuple[int, float]]]:
     return cards
 
 
+def split_layer(resident, room: float, cards: int = 0) -> list[list[tuple[int, float]]]:
+    """One layer's phases (per-core `resident` bytes) over `cards` cards, or the fewest whose
+    `room` holds them if more: packed in order at an equal share of the layer's bytes per card
+    (`pack_phases`), so that no card is fuller than the split requires and each keeps the same
+    memory free for prefill scratch (a first card packed full would leave it none)."""
+    n = max(cards, len(pack_phases(resident, room)))
+    return pack_phases(resident, sum(map(float, resident)) / n)
+
+
 # --- the mapping ---------------------------------------------------------------------------------
 
 @dataclass
@@ -280,6 +290,14 @@ class Mapping:
 
     def first_error(self) -> str | None:
         return next((c.error for c in self.cards if c.error), None)
+
+    def bytes_over(self) -> int:
+        """The most bytes by which a card's core memory (its fullest core) or its frame buffer
+        exceeds its capacity; 0 when everything fits its memory."""
+        chip = self.appliance.chip
+        cores = (b - chip.core_sram_bytes for b in self.card_bytes())
+        frames = (c.frame_buffer_bytes - chip.frame_buffer_bytes for c in self.cards)
+        return max(0, *cores, *frames)
 
     def card_bytes(self) -> list[int]:
         """Bytes in the fullest core of every card (0 for idle or unaccounted cards)."""
@@ -549,9 +567,8 @@ def map_model(shape: DecoderShape, policy: str | PrecisionPolicy = "w4a4", *, us
         cpl = n_lc // n
         if wd.float:
             raise ValueError("splitting layers over cards is a memory plan: map a quantized precision")
-        packed = pack_phases(_phase_bytes(items), _split_room(shape, wd, tilings, int(scratch.max()), chip))
-        cpl = max(cpl, len(packed))
-        packed += [[] for _ in range(cpl - len(packed))]
+        packed = split_layer(_phase_bytes(items), _split_room(shape, wd, tilings, int(scratch.max()), chip), cpl)
+        cpl = len(packed)
         for i in range(n):
             for j, parts in enumerate(packed):
                 c = i * cpl + j

@@ -66,9 +66,28 @@ def default_devices(n_cards: int) -> tuple[int, str]:
     return n, ("one card per device" if n == n_cards else f"{n_cards // n} cards per device")
 
 
+def check_devices(n_cards: int, devices: int) -> None:
+    """Raise ValueError, with the reason, unless `devices` JAX devices exist and `n_cards` cards split
+    evenly over them (a mesh spanning processes counts every process's devices)."""
+    if n_cards % devices:
+        raise ValueError(f"{n_cards} cards cannot be split evenly over {devices} devices")
+    have = jax.devices()
+    if devices > len(have):
+        platform, procs = have[0].platform, jax.process_count()
+        if platform == "cpu" and procs == 1:
+            why = (f"JAX started with {len(have)} CPU device(s); virtual CPU devices can only be requested "
+                   "(jax_num_cpu_devices) before JAX's backend starts")
+        else:
+            why = f"{procs} process(es) have {len(have)} {platform} device(s) in all"
+        raise ValueError(f"asked for {devices} devices; {why}")
+
+
 def choose_devices(n_cards: int, devices: int | None) -> tuple[int, str]:
-    """(devices, why): `default_devices` unless a count is asked for."""
-    return default_devices(n_cards) if devices is None else (devices, f"{devices} device(s) as asked")
+    """(devices, why): `default_devices` unless a count is asked for (then checked: `check_devices`)."""
+    if devices is None:
+        return default_devices(n_cards)
+    check_devices(n_cards, devices)
+    return devices, f"{devices} device(s) as asked"
 
 
 class ApplianceRuntime:
@@ -87,8 +106,6 @@ class ApplianceRuntime:
         self.device_choice = device_choice or why
         if self.resident and n_dev != 1:
             raise ValueError("per-card parameter lists run on one device; stack the cards for a mesh")
-        if schedule.n_cards % n_dev:
-            raise ValueError(f"{schedule.n_cards} cards cannot be split evenly over {n_dev} devices")
         self.mesh = card_mesh(n_dev, axis)
         self.params = self._place(card_params)  # configure: weights resident on their cards
         self.state = self._place(state)  # KV cache resident on its card

@@ -9,14 +9,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 
-from np_jax.cli import (Formatter, add_mapping_arguments, add_rotation_argument, count, get_shape, positive,
-                        shape_with_rotations)
+from np_jax.cli import (Formatter, add_mapping_arguments, add_rotation_argument, count, get_shape, model_shapes,
+                        positive, shape_with_rotations)
 from np_jax.commands.map import mapping_from_args
 from np_jax.spec import GPU_POINTS, MIB, PUBLISHED_RUN, RACK
 
+# The integer precision policies (np_jax.quant.policy.POLICIES less "float"), spelled out so that
+# `--help` needs no JAX import; tests/test_perf.py keeps the list equal to the policies.
+PRECISIONS = ("w4a4", "a8c8w4", "w8a8", "w4a4-p8", "w4a4-p8d8", "a8c8w4-dyn", "w8a8-dyn")
+
+
+def _choices(names) -> str:
+    return "one of " + ", ".join(names)
+
 
 def register(sub) -> None:
+    models = _choices(model_shapes())
+    precisions = _choices(PRECISIONS)
     p = sub.add_parser(
         "perf", help="predict the appliance's throughput, latency, energy and space metrics (HPEC24 Table I)",
         description="Predict what the real NorthPole appliance delivers for a model, mapping and run, and compare "
@@ -24,19 +36,20 @@ def register(sub) -> None:
                     "w4a4, 28 users, 1024 prompt + 1024 generated tokens, 16 cards); the mapping is the one with "
                     "the best predicted throughput (for the published run: HPEC24's, 14 micro-batches).",
         formatter_class=Formatter)
-    p.add_argument("--model", default=PUBLISHED_RUN.model, help="named model config")
+    p.add_argument("--model", default=PUBLISHED_RUN.model, help=f"named model config: {models}")
     add_mapping_arguments(p, users=PUBLISHED_RUN.users)
     add_rotation_argument(p)
     p.add_argument("--prompt-tokens", type=int, default=PUBLISHED_RUN.prompt_tokens, help="prompt tokens per user")
     p.add_argument("--gen-tokens", type=int, default=PUBLISHED_RUN.generated_tokens, help="generated tokens per user")
     p.add_argument("--context", type=count, default=None, help="KV-cache positions per user (default: prompt + generated)")
-    p.add_argument("--precision", default="w4a4", help="precision policy (w4a4, a8c8w4, w8a8, ...)")
+    p.add_argument("--precision", default="w4a4", help=f"precision policy: {precisions}")
     p.add_argument("--prefill-chunk", type=count, default=None,
                    help="prompt tokens per user per pipeline pass (default: as many as the free core memory allows)")
     p.add_argument("--allow-overflow", action="store_true",
                    help="report the figures of a mapping that does not fit (as if it did) with exit status 0")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--plot", default=None, metavar="DIR", help="write Fig. 1/2-style PNGs (energy and throughput vs latency)")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="write Fig. 1/2-style PNGs (energy and throughput vs latency) into DIR (default: no plots)")
     p.add_argument("--params", action="store_true", help="also list every model parameter with its source")
     p.set_defaults(func=perf_command)
 
@@ -47,17 +60,20 @@ def register(sub) -> None:
                     "fitting in core memory and a latency bound. Also prints elasticities d log(metric) / "
                     "d log(parameter) at the published design.",
         formatter_class=Formatter)
-    d.add_argument("--model", default=PUBLISHED_RUN.model, help="named model config")
-    d.add_argument("--precision", default="w4a4", help="precision policy")
+    d.add_argument("--model", default=PUBLISHED_RUN.model, help=f"named model config: {models}")
+    d.add_argument("--precision", default="w4a4", help=f"precision policy: {precisions}")
     d.add_argument("--objective", default="energy", choices=["energy", "space", "throughput", "throughput-card"],
                    help="metric to maximise")
     d.add_argument("--latency-bound-ms", type=float, default=1.0, help="latency bound (ms/token)")
-    d.add_argument("--steps", type=count, default=300, help="gradient steps per start")
-    d.add_argument("--starts", type=count, default=8, help="random starting points (run at once with vmap)")
+    d.add_argument("--steps", type=count, default=300,
+                   help="gradient steps per start (steps x starts is capped: np_jax.cost.dse.MAX_EVALUATIONS)")
+    d.add_argument("--starts", type=count, default=8,
+                   help="random starting points, run at once with vmap (capped: np_jax.cost.dse.MAX_STARTS)")
     d.add_argument("--grid", default="default", choices=["default", "small"], help="grid size (small: for a quick look)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the starting points")
+    d.add_argument("--seed", type=int, default=0, help="seed of the starting points (default: 0)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
-    d.add_argument("--plot", default=None, metavar="FILE.png", help="draw the designs and the Pareto front")
+    d.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw the designs and the Pareto front (.png is added when missing; default: no plot)")
     d.set_defaults(func=dse_command)
 
     q = sub.add_parser(
@@ -67,15 +83,16 @@ def register(sub) -> None:
                     "(layers split over several cards where one card cannot hold a layer), how many instances "
                     "fit, and what each delivers.",
         formatter_class=Formatter)
-    q.add_argument("--model", default=RACK.model, help="named model config (granite-3.3-8b, granite-3b-northpole, llama-70b, ...)")
-    q.add_argument("--cards", type=count, default=RACK.cards, help="cards in the rack")
-    q.add_argument("--cards-per-server", type=count, default=RACK.cards_per_server, help="cards per server")
-    q.add_argument("--precision", default=RACK.precision, help="precision policy")
+    q.add_argument("--model", default=RACK.model, help=f"named model config: {models}")
+    q.add_argument("--cards", type=count, default=RACK.cards, help=f"cards in the rack (at most {RACK.cards})")
+    q.add_argument("--cards-per-server", type=count, default=RACK.cards_per_server,
+                   help="cards per server (at most --cards)")
+    q.add_argument("--precision", default=RACK.precision, help=f"precision policy: {precisions}")
     q.add_argument("--users", type=count, default=RACK.users, help="users per instance")
     q.add_argument("--context", type=count, default=RACK.context, help="context positions per user")
     q.add_argument("--micro-batches", type=count, default=None, help="micro-batches (default: the best divisor of the users)")
-    q.add_argument("--prompt-tokens", type=int, default=None, help="prompt tokens (default: half the context)")
-    q.add_argument("--gen-tokens", type=int, default=None, help="generated tokens (default: the rest of the context)")
+    q.add_argument("--prompt-tokens", type=count, default=None, help="prompt tokens (default: half the context)")
+    q.add_argument("--gen-tokens", type=count, default=None, help="generated tokens (default: the rest of the context)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=plan_command)
 
@@ -95,6 +112,19 @@ def _predict(args, shape, users=None):
                         gen_tokens=args.gen_tokens, context=context, prefill_chunk=args.prefill_chunk, mapping=m)
 
 
+def _check_writable(folder: Path) -> None:
+    """Refuse an unwritable plot destination before any work: create the folder (as the plot
+    would) and write a temporary file in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise OSError(f"cannot write the plot into {folder}: a file stands where a folder is needed") from None
+    except OSError as e:
+        raise OSError(f"cannot write the plot into {folder}: {e.strerror or e}") from None
+
+
 def _fmt(v, spec=".3g"):
     return "-" if v is None else format(v, spec)
 
@@ -103,6 +133,8 @@ def perf_command(args) -> int:
     from np_jax import cost
 
     shape = shape_with_rotations(get_shape(args.model), args.precision, args.rotations)
+    if args.plot:
+        _check_writable(Path(args.plot))
     pred = _predict(args, shape)
     table = cost.gpu_table(pred)
     published = (args.model, args.precision, args.users, pred["micro_batches"], args.prompt_tokens, args.gen_tokens,
@@ -216,7 +248,9 @@ def dse_command(args) -> int:
 
     cfg = get_shape(args.model)
     dse.check_search(objective=_OBJ[args.objective], latency_bound_ms=args.latency_bound_ms, steps=args.steps,
-                     starts=args.starts)
+                     starts=args.starts, seed=args.seed)
+    if args.plot:
+        _check_writable(Path(args.plot).parent)
     bits = cost.Bits.from_policy(args.precision)
     objective = _OBJ[args.objective]
     grid = dse.DEFAULT_GRID if args.grid == "default" else {
@@ -282,6 +316,8 @@ def plan_command(args) -> int:
     from np_jax import cost
 
     cfg = get_shape(args.model)
+    positive("cards", args.cards, upper=RACK.cards, why="the largest published NorthPole system, the 288-card rack")
+    positive("cards-per-server", args.cards_per_server, upper=args.cards, why="a server holds at most the rack's cards")
     r = cost.plan_instance(cfg, args.precision, users=args.users, context=args.context,
                            micro_batches=args.micro_batches, prompt_tokens=args.prompt_tokens,
                            gen_tokens=args.gen_tokens, total_cards=args.cards, cards_per_server=args.cards_per_server)

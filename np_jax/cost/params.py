@@ -2,8 +2,12 @@
 operand widths, the model's static shape, and the straight-through rounding of discrete counts.
 
 Every `Design` field is a float with its source (`sources(Design())`), so a `Design` is a
-differentiable pytree. Concrete values are validated (positive and finite) when a record is
-built from numbers; traced values (jit, grad, vmap of the design-space search) are not.
+differentiable pytree. Concrete values are validated when a record is built from numbers (a
+number, positive and finite; widths the chip's VMM supports; no more micro-batches than users);
+traced values (jit, grad, vmap of the design-space search) are not.
+
+`ModelShape.name` is a label only: it takes no part in equality or hashing, so models with the
+same dimensions share one compiled cost model (the shape is a static jit argument).
 """
 
 from __future__ import annotations
@@ -16,24 +20,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from np_jax.appliance.mapping import online_matrices
+from np_jax.chip import SUPPORTED_BITS
 from np_jax.quant.policy import PrecisionPolicy, get_policy
 from np_jax.spec import APPLIANCE, PUBLISHED_RUN, RACK, ApplianceSpec, sourced
+
+
+def _concrete(record, name):
+    """A field's value as float64 numpy, or None where it is abstract: a tracer, or a placeholder
+    JAX puts in a leaf when it rebuilds the pytree (None, a shape, a ShapeDtypeStruct, a mask's
+    booleans)."""
+    v = getattr(record, name)
+    if isinstance(v, (str, bytes)):
+        raise ValueError(f"{type(record).__name__}.{name} must be a number, got {v!r}")
+    if isinstance(v, jax.core.Tracer) or not isinstance(v, (int, float, np.number, np.ndarray, jax.Array)) \
+            or isinstance(v, bool) or getattr(v, "dtype", None) == np.bool_:
+        return None
+    try:
+        return np.asarray(v, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{type(record).__name__}.{name} must be a number, got {v!r}") from None
 
 
 def _check_positive(record, names, allow_zero=()) -> None:
     """Raise ValueError for a concrete field that is not finite and > 0 (>= 0 for `allow_zero`)."""
     for name in names:
-        v = getattr(record, name)
-        if isinstance(v, jax.core.Tracer) or not isinstance(v, (int, float, np.number, np.ndarray, jax.Array)):
-            continue
-        try:
-            a = np.asarray(v, np.float64)
-        except (TypeError, ValueError):
+        a = _concrete(record, name)
+        if a is None:
             continue
         bad = ~np.isfinite(a) | ((a < 0) if name in allow_zero else (a <= 0))
         if np.any(bad):
             need = ">= 0" if name in allow_zero else "> 0"
-            raise ValueError(f"{type(record).__name__}.{name} must be finite and {need}, got {v!r}")
+            raise ValueError(f"{type(record).__name__}.{name} must be finite and {need}, got {getattr(record, name)!r}")
 
 
 # --- straight-through rounding ----------------------------------------------------------------
@@ -150,6 +167,13 @@ class Workload:
         _check_positive(self, ("users", "micro_batches", "prompt_tokens", "gen_tokens", "cards"),
                         allow_zero=())
         _check_positive(self, ("context", "prefill_chunk"), allow_zero=("context", "prefill_chunk"))
+        # Fractional counts are the relaxation the DSE searches (users / micro-batch size), so the
+        # micro-batches need not divide the users here (the mapping model, `predict`, requires it);
+        # more micro-batches than users would be micro-batches of less than one user.
+        u, m = _concrete(self, "users"), _concrete(self, "micro_batches")
+        if u is not None and m is not None and np.any(m > u):
+            raise ValueError(f"Workload.micro_batches must be <= users (at least one user per micro-batch), "
+                             f"got {self.micro_batches!r} micro-batches for {self.users!r} users")
 
     def replace(self, **kw) -> "Workload":
         return dataclasses.replace(self, **kw)
@@ -176,6 +200,13 @@ class Bits:
     rot_w: float = 2.0  # the online rotations' ±1 matrices
     rot_a: float = 8.0  # and their inputs
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            a = _concrete(self, f.name)
+            if a is not None and not np.all(np.isin(a, SUPPORTED_BITS)):
+                raise ValueError(f"Bits.{f.name} must be one of {SUPPORTED_BITS} (the VMM's INT2/INT4/INT8 operand "
+                                 f"widths), got {getattr(self, f.name)!r}")
+
     def replace(self, **kw) -> "Bits":
         return dataclasses.replace(self, **kw)
 
@@ -195,9 +226,10 @@ class Bits:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The decoder dimensions the model needs (static; built from any `DecoderShape`)."""
+    """The decoder dimensions the model needs (static; built from any `DecoderShape`). The name is
+    a label outside equality and hashing, so it never keys a compiled program."""
 
-    name: str
+    name: str = dataclasses.field(compare=False)
     n_layers: int
     d_model: int
     d_ff: int

@@ -7,8 +7,9 @@ choice of the best mapping.
 - `relaxed_structure` / `evaluate`: the same placement rules (np_jax.appliance.mapping) as
   differentiable functions of the design, for `jax.grad` / `jax.vmap` (np_jax.cost.dse).
 - `plan_mapping`: among the mappings of a model on at most `cards` cards (output-layer card
-  count, layer cards, micro-batches), the one with the best predicted throughput within a
-  latency bound. More cards can then never be predicted slower (cards may stay idle).
+  count, layer cards, micro-batches), the fitting one with the best predicted throughput (more
+  cards are then never predicted slower: cards may stay idle), or, when none fits, the one that
+  overflows least.
 - `predict`: `plan_mapping` (or a forced mapping) evaluated, as plain floats.
 """
 
@@ -214,8 +215,9 @@ def candidate_structures(shape, policy, *, users: int, context: int, cards: int,
     """Every whole-layer mapping on at most `cards` cards, as the performance model reads it
     (`mapping_structure`), computed from the mapper's own placement rules without building the
     memory ledgers: each micro-batch count dividing the users (or the given one), each output-card
-    count from the fewest that fit (or the given one), each number of layer cards (the rest stay
-    idle). `fits` and `free` are what `map_model`'s ledgers give for the same choice (tested)."""
+    count (or the given one; fewer than fit only matter when nothing fits), each number of layer
+    cards (the rest stay idle). `fits`, `bytes_over` (`Mapping.bytes_over`) and `free` are what
+    `map_model`'s ledgers give for the same choice (tested)."""
     policy = get_policy(policy)
     chip = appliance.chip
     grid, cap = (chip.grid_rows, chip.grid_cols), chip.core_sram_bytes
@@ -223,24 +225,24 @@ def candidate_structures(shape, policy, *, users: int, context: int, cards: int,
     layer = sum(phases)
     ms = [micro_batches] if micro_batches else divisors(users, MAX_CANDIDATE_MICRO_BATCHES)
     out = []
+    w_bits, x_bits, fb = policy.output("w").bits, policy.output("x").bits, chip.frame_buffer_bytes
     for m in ms:
         mb = users // m
         scratch = scratch_core_bytes(shape, policy, mb, chip)
-        h0 = int(fewest_output_cards(shape.d_model, shape.vocab_size, policy.output("w").bits, policy.output("x").bits,
-                                     mb, grid, chip.n_cores, cap, cards - 1))
-        for h in ([output_cards] if output_cards else range(min(h0, cards - 1), cards)):
+        layer_frames_over = frame_bytes(mb, shape.d_model, shape.d_model) - fb
+        for h in ([output_cards] if output_cards else range(1, cards)):
             cols = output_columns(shape.vocab_size, h)
-            out_fits = (h >= h0 and frame_bytes(mb, shape.d_model, cols) <= chip.frame_buffer_bytes)
+            out_over = max(output_core_bytes(shape.d_model, cols, grid, chip.n_cores, w_bits, x_bits, mb) - cap,
+                           frame_bytes(mb, shape.d_model, cols) - fb)
             for n_lc in range(1, min(cards - h, shape.n_layers) + 1):
                 per_card = [len(b) for b in layer_blocks(shape.n_layers, n_lc)]
                 lmax = max(per_card)
-                fits = (out_fits and lmax * layer + scratch <= cap
-                        and frame_bytes(mb, shape.d_model, shape.d_model) <= chip.frame_buffer_bytes)
+                over = int(max(0, out_over, layer_frames_over, lmax * layer + scratch - cap))
                 work = np.zeros((cards, N_PHASES), np.float32)
                 work[:n_lc] = np.asarray(per_card, np.float32)[:, None]
-                out.append({"micro_batches": m, "output_cards": h, "layer_cards": n_lc, "fits": fits,
-                            "n_stages": n_lc, "layers_max": lmax, "out_cols": cols, "free": cap - lmax * layer,
-                            "cards": cards, "card_work": work, "card_latency": work})
+                out.append({"micro_batches": m, "output_cards": h, "layer_cards": n_lc, "fits": over == 0,
+                            "bytes_over": over, "n_stages": n_lc, "layers_max": lmax, "out_cols": cols,
+                            "free": cap - lmax * layer, "cards": cards, "card_work": work, "card_latency": work})
     return out
 
 
@@ -280,10 +282,11 @@ def plan_mapping(shape, policy: str | PrecisionPolicy = "w4a4", *, users: int = 
                  prompt_tokens: int = PUBLISHED_RUN.prompt_tokens, gen_tokens: int = PUBLISHED_RUN.generated_tokens,
                  appliance: ApplianceSpec = APPLIANCE, design: Design | None = None) -> Mapping:
     """The mapping with the best predicted system throughput (for the fixed users, also the lowest
-    latency, N / T_sys) among `candidate_structures` (restricted to the given counts): the best of
-    the fitting ones; when none fits, the best of those that do not (so the report can say why, and
-    more cards are still never predicted slower). Ties go to fewer cards in use, then to the
-    documented default micro-batch count. Built, and its bytes placed, by `map_model`."""
+    latency, N / T_sys) among the fitting `candidate_structures` (restricted to the given counts).
+    Ties go to fewer cards in use, then to the documented default micro-batch count. When none
+    fits, the least-overflowing one (fewest `bytes_over`; ties as above), flagged as not fitting:
+    the fastest of the overflowing ones would be the one overflowing most, and would predict more
+    users faster than fewer. Built, and its bytes placed, by `map_model`."""
     policy = get_policy(policy)
     cards = appliance.cards if cards is None else cards
     ctx = int(context or (prompt_tokens + gen_tokens))
@@ -308,7 +311,10 @@ def plan_mapping(shape, policy: str | PrecisionPolicy = "w4a4", *, users: int = 
         rule = st["micro_batches"] != default_micro_batches(users, st["layer_cards"])
         return -round(float(t[i]), 3), st["layer_cards"] + st["output_cards"], rule
 
-    best = structs[min(np.flatnonzero(fits if fits.any() else ~fits), key=rank)]
+    if fits.any():
+        best = structs[min(np.flatnonzero(fits), key=rank)]
+    else:
+        best = structs[min(range(len(structs)), key=lambda i: (structs[i]["bytes_over"], rank(i)))]
     return map_model(shape, policy, micro_batches=best["micro_batches"], output_cards=best["output_cards"],
                      layer_cards=best["layer_cards"], **kw)
 
@@ -339,4 +345,5 @@ def predict(shape, policy: str | PrecisionPolicy = "w4a4", *, users: int = PUBLI
                   "micro_batch_size": m.micro_batch_size, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
                   "context": ctx, "cards": len(m.cards), "layer_cards": st["n_stages"],
                   "layers_per_card": st["layers_max"], "output_cards": st["output_cards"], "fits": m.fits,
-                  "error": m.first_error(), "mapping": m.one_line(), "card_core_bytes": m.card_bytes()}
+                  "error": m.first_error(), "bytes_over": m.bytes_over(), "mapping": m.one_line(),
+                  "card_core_bytes": m.card_bytes()}

@@ -52,6 +52,7 @@ __all__ = [
     "accumulate",
     "inverse_hessian_cholesky",
     "gptq",
+    "gptq_stack",
     "rtn",
     "dequantize",
     "layer_error",
@@ -392,13 +393,30 @@ def gptq(
     Host-side function (numpy preprocessing, then a jitted sweep); not
     traceable itself.
     """
+    w, u, perm = _prepare(w_KxN, h_KxK, step_N, bits, block_size, percdamp, act_order, dtype)
+    jdt = jnp.float64 if dtype == "float64" else jnp.float32
+    codes = _gptq_sweep(
+        jnp.asarray(w, jdt),
+        jnp.asarray(u, jdt),
+        jnp.asarray(np.asarray(step_N, np.float32), jdt),  # steps are float32 values
+        bits=int(bits),
+        block_size=int(min(block_size, w.shape[0])),
+    )
+    if perm is not None:
+        codes = codes[jnp.asarray(np.argsort(perm))]
+    return codes
+
+
+def _prepare(w_KxN, h_KxK, step_N, bits, block_size, percdamp, act_order, dtype):
+    """Validated inputs of one sweep: (weights, upper Cholesky factor of the damped inverse
+    Hessian, act-order permutation or None), in numpy."""
     code_range(bits)  # validates bits before any work
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
     if dtype not in ("float32", "float64"):
         raise ValueError("dtype must be 'float32' or 'float64'")
     if dtype == "float64" and not jax.config.jax_enable_x64:
-        raise ValueError("dtype='float64' needs JAX x64: use `with jax.enable_x64(True):`")
+        raise ValueError("dtype='float64' needs JAX x64: use `with jax.enable_x64(True): ...`")
     # Copy (modified below) in the sweep dtype: zeroing and permuting rows
     # are exact, and a float64 copy of a 576 x 49152 matrix costs ~0.5 s.
     w = np.array(w_KxN, np.float64 if dtype == "float64" else np.float32)
@@ -414,6 +432,7 @@ def gptq(
     h[dead, dead] = 1.0
     w[dead, :] = 0.0
 
+    perm = None
     if act_order:
         # Quantize the most active inputs first, while the remaining rows can
         # still absorb their error. Stable sort: deterministic ties.
@@ -423,18 +442,40 @@ def gptq(
 
     damp = percdamp * np.mean(np.diag(h))
     h[np.diag_indices(k)] += damp
-    u = inverse_hessian_cholesky(h)
+    return w, inverse_hessian_cholesky(h), perm
 
-    jdt = jnp.float64 if dtype == "float64" else jnp.float32
-    codes = _gptq_sweep(
-        jnp.asarray(w, jdt),
-        jnp.asarray(u, jdt),
-        jnp.asarray(np.asarray(step_N, np.float32), jdt),  # steps are float32 values
-        bits=int(bits),
-        block_size=int(min(block_size, k)),
-    )
+
+def gptq_stack(
+    w_LxKxN: np.ndarray,
+    h_LxKxK: np.ndarray,
+    step_LxN: np.ndarray,
+    bits: int,
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+) -> jax.Array:
+    """:func:`gptq` of L independent matrices of one shape (e.g. one matrix of every layer) in
+    one batched sweep (float32): int8 codes [L, K, N].
+
+    The sweep is sequential over the K rows; batching L matrices makes each row step L times
+    larger, so the loop's fixed cost is paid once instead of L times (SmolLM2's 30 layers:
+    about 6x faster on 2 cores). Each matrix gets the same algorithm as :func:`gptq`; the
+    batched matmuls may round differently, so codes can differ from L separate calls where
+    ``w / s`` lies within float32 rounding of a rounding boundary.
+    """
+    w_LxKxN = np.asarray(w_LxKxN)
+    if w_LxKxN.ndim != 3 or np.shape(h_LxKxK)[:1] != w_LxKxN.shape[:1] or np.shape(step_LxN)[:1] != w_LxKxN.shape[:1]:
+        raise ValueError(f"need [L, K, N] weights with L Hessians and L steps, got {w_LxKxN.shape}, "
+                         f"{np.shape(h_LxKxK)}, {np.shape(step_LxN)}")
+    prepared = [_prepare(w_LxKxN[i], h_LxKxK[i], step_LxN[i], bits, block_size, percdamp, act_order, "float32")
+                for i in range(w_LxKxN.shape[0])]
+    sweep = jax.vmap(functools.partial(_gptq_sweep, bits=int(bits), block_size=int(min(block_size, w_LxKxN.shape[1]))))
+    codes = sweep(jnp.asarray(np.stack([p[0] for p in prepared])),
+                  jnp.asarray(np.stack([p[1] for p in prepared]), jnp.float32),
+                  jnp.asarray(np.asarray(step_LxN, np.float32)))
     if act_order:
-        codes = codes[jnp.asarray(np.argsort(perm))]
+        codes = jnp.stack([c[jnp.asarray(np.argsort(p[2]))] for c, p in zip(codes, prepared)])
     return codes
 
 
