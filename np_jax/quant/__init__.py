@@ -8,7 +8,7 @@ products (one integer forward for training and serving), rotations, GPTQ and the
   `prepare_linear`, `silu_lut`.
 - `hadamard`: Sylvester, Paley and Kronecker constructions (`hadamard`, `orthogonal`,
   `random_signs`, `factors`, `is_supported`, `kron_apply_int`, `hadamard.apply`).
-- `gptq`: `gptq`, `gptq_stack`, round-to-nearest `rtn` and their Hessian helpers.
+- `gptq`: `gptq`, round-to-nearest `rtn` and their Hessian helpers.
 - `optim`: optax parameter groups (`param_group`, `param_groups`) and the activation-step warm
   start (`lsq_optimizer`).
 
@@ -16,7 +16,7 @@ The modules themselves are offered too (`from np_jax.quant import hadamard`).
 """
 
 from np_jax.quant import gptq, hadamard, lsq, optim, policy, products
-from np_jax.quant.gptq import gptq_stack, rtn
+from np_jax.quant.gptq import rtn
 from np_jax.quant.hadamard import factors, is_supported, kron_apply_int, orthogonal, random_signs
 from np_jax.quant.lsq import (FLOAT, TensorQuant, act_grad_scale, check_step, dynamic_step, fake_quant, grad_scale,
                               init_step, init_step_mse, lsq_fake_quant, weight_grad_scale)
@@ -41,7 +41,6 @@ __all__ = [
     "fake_quant",
     "get_policy",
     "gptq",
-    "gptq_stack",
     "grad_scale",
     "hadamard",
     "init_step",

@@ -52,7 +52,6 @@ __all__ = [
     "accumulate",
     "inverse_hessian_cholesky",
     "gptq",
-    "gptq_stack",
     "rtn",
     "dequantize",
     "layer_error",
@@ -443,40 +442,6 @@ def _prepare(w_KxN, h_KxK, step_N, bits, block_size, percdamp, act_order, dtype)
     damp = percdamp * np.mean(np.diag(h))
     h[np.diag_indices(k)] += damp
     return w, inverse_hessian_cholesky(h), perm
-
-
-def gptq_stack(
-    w_LxKxN: np.ndarray,
-    h_LxKxK: np.ndarray,
-    step_LxN: np.ndarray,
-    bits: int,
-    *,
-    block_size: int = 128,
-    percdamp: float = 0.01,
-    act_order: bool = False,
-) -> jax.Array:
-    """:func:`gptq` of L independent matrices of one shape (e.g. one matrix of every layer) in
-    one batched sweep (float32): int8 codes [L, K, N].
-
-    The sweep is sequential over the K rows; batching L matrices makes each row step L times
-    larger, so the loop's fixed cost is paid once instead of L times (SmolLM2's 30 layers:
-    about 6x faster on 2 cores). Each matrix gets the same algorithm as :func:`gptq`; the
-    batched matmuls may round differently, so codes can differ from L separate calls where
-    ``w / s`` lies within float32 rounding of a rounding boundary.
-    """
-    w_LxKxN = np.asarray(w_LxKxN)
-    if w_LxKxN.ndim != 3 or np.shape(h_LxKxK)[:1] != w_LxKxN.shape[:1] or np.shape(step_LxN)[:1] != w_LxKxN.shape[:1]:
-        raise ValueError(f"need [L, K, N] weights with L Hessians and L steps, got {w_LxKxN.shape}, "
-                         f"{np.shape(h_LxKxK)}, {np.shape(step_LxN)}")
-    prepared = [_prepare(w_LxKxN[i], h_LxKxK[i], step_LxN[i], bits, block_size, percdamp, act_order, "float32")
-                for i in range(w_LxKxN.shape[0])]
-    sweep = jax.vmap(functools.partial(_gptq_sweep, bits=int(bits), block_size=int(min(block_size, w_LxKxN.shape[1]))))
-    codes = sweep(jnp.asarray(np.stack([p[0] for p in prepared])),
-                  jnp.asarray(np.stack([p[1] for p in prepared]), jnp.float32),
-                  jnp.asarray(np.asarray(step_LxN, np.float32)))
-    if act_order:
-        codes = jnp.stack([c[jnp.asarray(np.argsort(p[2]))] for c, p in zip(codes, prepared)])
-    return codes
 
 
 # ---------------------------------------------------------------------------
