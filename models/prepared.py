@@ -9,13 +9,14 @@ SHA-256, the recipe, the precision, the calibration data, the format version) ho
 - `arrays.bin`: every parameter in its most compact exact form, each one verified bit for bit
   when the entry is written: a weight matrix on its integer grid (GPTQ's and round-to-nearest's
   output is exactly `code * step`) as its codes, two INT4 codes per byte or one INT8 code; a
-  table on GGUF's Q8_0 grid (one step per 32 values of a row) as INT8 codes and its steps; the
-  residual rotation's embedding as the model file's table and the rotation, recomputed exactly
-  as the recipe computes it (`rotate_residual`); everything else (norms, biases, step sizes, any
-  leaf no exact form fits) as it is, float32.
+  table on GGUF's Q8_0 grid (one step per 32 values of a row) as INT8 codes and its steps;
+  everything else (norms, biases, step sizes, any leaf no exact form fits) as it is, float32.
+  Two leaves hold no array at all: the rotated embedding and the output layer's INT8 codes are
+  recomputed from the model file's embedding and final norm exactly as the recipe computes them
+  (`_derive`), which the entry's inputs name by the file's SHA-256.
 - `meta.json`: the format, the inputs, the model config, where each array lies in `arrays.bin`,
-  and one SHA-256 over the rest of `meta.json` (canonical JSON) and all of `arrays.bin`; the
-  recomputed embedding is checked against a SHA-256 of its own.
+  and one SHA-256 over the rest of `meta.json` (canonical JSON) and all of `arrays.bin`; each
+  recomputed leaf is checked against a SHA-256 of its own.
 
 A damaged entry (truncated, emptied, a byte changed anywhere, a file missing, meta edited) is
 reported in one line, removed and prepared again: it is never used. Entries are written to a
@@ -49,9 +50,9 @@ from models.config import ModelConfig
 from models.io.load import Model
 from models.train.data import Corpus, DataConfig, TrainStream
 from np_jax.cli import cache_dir
-from np_jax.quant import get_policy, hadamard
+from np_jax.quant import get_policy, gptq, hadamard
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 FORMAT = f"np_jax.prepared/{FORMAT_VERSION}"
 CALIB_SEQ_LEN = 256
 META, ARRAYS = "meta.json", "arrays.bin"
@@ -59,6 +60,8 @@ ALIGN = 64  # bytes: each array in arrays.bin starts on a multiple
 BLOCK = 32  # values per step of a Q8_0 table row (GGUF's block)
 STALE_TMP_S = 600  # a temporary folder this old is a killed run's: writing an entry takes seconds
 TMP_PREFIX = ".tmp-"
+DERIVED = ("rotated", "head")  # codecs recomputed from the model file (`_derive`): no array stored
+FILE_TENSORS = ("embed", "final_norm")  # the model file's tensors they read
 
 Log = Callable[[str], None]
 Path_ = tuple[str, ...]
@@ -126,10 +129,24 @@ def _unpack4(p: np.ndarray, n: int) -> np.ndarray:
     return (u[:n].view(np.int8) ^ 8) - 8  # 0..15 -> -8..7
 
 
-def _rotated(base: np.ndarray, rotation: dict) -> jax.Array:
-    """`base` times the residual rotation, computed as `recipe.rotate_residual` computes the embedding."""
-    q = jnp.asarray(hadamard.orthogonal(int(rotation["hadamard"]), int(rotation["seed"])), jnp.float32)
-    return jnp.asarray(base, jnp.float32) @ q
+def _rotation(rotation: dict) -> jax.Array:
+    return jnp.asarray(hadamard.orthogonal(int(rotation["hadamard"]), int(rotation["seed"])), jnp.float32)
+
+
+def _derive(rec: dict, files: dict[str, np.ndarray], step: np.ndarray | None = None) -> jax.Array:
+    """A leaf the entry holds no array for, recomputed from the model file's tensors (`files`)
+    exactly as the recipe computes it:
+    - "rotated": the embedding times the residual rotation (`recipe.rotate_residual`);
+    - "head": the output layer's codes times their steps: the embedding's transpose times the
+      final norm's gain (`recipe.fold_norms`), rotated (`rotate_residual`), rounded to its
+      `bits`-bit grid of steps `step` (`recipe` weights step: round-to-nearest)."""
+    if rec["codec"] == "rotated":
+        return jnp.asarray(files[rec["tensor"]], jnp.float32) @ _rotation(rec["rotation"])
+    w = jnp.asarray(files["embed"], jnp.float32).T * jnp.asarray(files["final_norm"], jnp.float32)[:, None]
+    if rec["rotation"] is not None:
+        w = _rotation(rec["rotation"]).T @ w
+    s = jnp.asarray(step)
+    return gptq.rtn(w, s, int(rec["bits"])).astype(jnp.float32) * s
 
 
 class _Writer:
@@ -164,8 +181,16 @@ def _encode_plain(a: np.ndarray) -> list[tuple[dict, list[np.ndarray]]]:
     return forms
 
 
-def _encode_leaf(path: Path_, a: np.ndarray, siblings: dict, derived: dict) -> tuple[dict, list[np.ndarray]]:
-    """The smallest exact form of one parameter: (record without buffers, arrays)."""
+def _encode_leaf(path: Path_, a: np.ndarray, siblings: dict, derived: dict,
+                 files: dict[str, np.ndarray]) -> tuple[dict, list[np.ndarray]]:
+    """The smallest exact form of one parameter: (record without buffers, arrays). A leaf of
+    `derived` (path -> a `_derive` record) that recomputes bit for bit from `files` is stored as
+    that record alone, with the SHA-256 its recomputation must match."""
+    if path in derived:
+        rec = derived[path]
+        got = np.asarray(_derive(rec, files, siblings.get("s_w")))
+        if _same(got, a):
+            return {**rec, "sha256": hashlib.sha256(_bits(a)).hexdigest()}, []
     forms = _encode_plain(a)
     step = siblings.get("s_w")
     if path[-1] == "w" and a.dtype == np.float32 and a.ndim >= 2 and step is not None \
@@ -175,13 +200,6 @@ def _encode_leaf(path: Path_, a: np.ndarray, siblings: dict, derived: dict) -> t
             bits = 4 if codes.min(initial=0) >= -8 and codes.max(initial=0) <= 7 else 8
             forms.append(({"codec": "grid", "bits": bits, "shape": list(a.shape), "step": list(path[:-1]) + ["s_w"]},
                           [_pack4(codes) if bits == 4 else codes]))
-    if path in derived:
-        base, rotation = derived[path]
-        rec, arrays = min(_encode_plain(np.asarray(base, np.float32)), key=lambda f: sum(x.nbytes for x in f[1]))
-        got = np.asarray(_rotated(_decode_plain(rec, arrays), rotation))
-        if _same(got, a):
-            forms.append(({"codec": "rotated", "rotation": rotation, "base": rec,
-                           "sha256": hashlib.sha256(_bits(a)).hexdigest()}, arrays))
     return min(forms, key=lambda f: sum(x.nbytes for x in f[1]))  # ties: the first, as it is
 
 
@@ -230,22 +248,20 @@ def _tmp_dir(root: Path) -> Path:
 
 
 def write_entry(d: Path, cfg: ModelConfig, params: llama.Params, inputs: dict,
-                derived: dict[Path_, tuple[np.ndarray, dict]] | None = None) -> dict:
-    """Write the entry `d` whole or not at all; returns its meta. `derived`: path -> (base array,
-    rotation) for a leaf that may be stored as its base times the residual rotation. Raises
-    OSError (disk full, not writable) with nothing left behind."""
+                derived: dict[Path_, dict] | None = None, files: dict[str, np.ndarray] | None = None) -> dict:
+    """Write the entry `d` whole or not at all; returns its meta. `derived`: path -> a `_derive`
+    record for a leaf that may be stored as its recomputation from the model file's tensors
+    `files` (the entry's inputs name the file by its SHA-256). Raises OSError (disk full, not
+    writable) with nothing left behind."""
     writer, records = _Writer(), []
     numpy_tree: dict = {}
     for path, _, x in _leaves(params):
         _set(numpy_tree, path, np.asarray(x))
     for path, parent, a in _leaves(numpy_tree):
-        rec, arrays = _encode_leaf(path, a, parent, derived or {})
+        rec, arrays = _encode_leaf(path, a, parent, derived or {}, files or {})
         rec = {"path": list(path), **rec}
-        bufs = [writer.add(x) for x in arrays]
-        if rec["codec"] == "rotated":
-            rec["base"] = {**rec["base"], "buffers": bufs}
-        else:
-            rec["buffers"] = bufs
+        if rec["codec"] not in DERIVED:
+            rec["buffers"] = [writer.add(x) for x in arrays]
         records.append(rec)
     meta = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "inputs": inputs,
             "model_config": dataclasses.asdict(cfg), "jax": jax.__version__, "leaves": records, "bytes": writer.size}
@@ -303,11 +319,14 @@ def _buffer(blob: bytes, spec: dict) -> np.ndarray:
     return np.frombuffer(blob, dt, count=math.prod(shape), offset=off).reshape(shape)
 
 
-def read_entry(d: Path, inputs: dict | None = None) -> tuple[ModelConfig, llama.Params, dict]:
+def read_entry(d: Path, inputs: dict | None = None,
+               files: Callable[[tuple[str, ...]], dict[str, np.ndarray]] | None = None
+               ) -> tuple[ModelConfig, llama.Params, dict]:
     """(config, parameters, meta) of the entry `d`, verified: DamagedEntry (with the reason) for
-    anything but the exact bytes written (and, given `inputs`, an entry made for other inputs)."""
+    anything but the exact bytes written (and, given `inputs`, an entry made for other inputs).
+    `files(names)` reads the model file's tensors that derived leaves are recomputed from."""
     try:
-        return _read_entry(d, inputs)
+        return _read_entry(d, inputs, files)
     except (DamagedEntry, MemoryError):
         raise
     except FileNotFoundError as e:
@@ -318,7 +337,7 @@ def read_entry(d: Path, inputs: dict | None = None) -> tuple[ModelConfig, llama.
         raise DamagedEntry(f"{type(e).__name__}: {e}"[:200]) from e
 
 
-def _read_entry(d: Path, inputs: dict | None) -> tuple[ModelConfig, llama.Params, dict]:
+def _read_entry(d: Path, inputs: dict | None, files) -> tuple[ModelConfig, llama.Params, dict]:
     meta = json.loads((d / META).read_bytes())
     if not isinstance(meta, dict):
         raise DamagedEntry(f"{META} is not an object")
@@ -336,18 +355,22 @@ def _read_entry(d: Path, inputs: dict | None) -> tuple[ModelConfig, llama.Params
         raise DamagedEntry("it was made for other inputs")
     cfg = ModelConfig(**meta["model_config"])
     tree: dict = {}
-    grid, rotated = [], []
+    grid, derived = [], []
     for rec in meta["leaves"]:
         path = tuple(rec["path"])
         if rec["codec"] == "grid":
             grid.append(rec)
-        elif rec["codec"] == "rotated":  # dispatched now, runs while the codes are decoded
-            base = rec["base"]
-            rotated.append((rec, _rotated(_decode_plain(base, [_buffer(blob, b) for b in base["buffers"]]),
-                                          rec["rotation"])))
-            _set(tree, path, rotated[-1][1])
+        elif rec["codec"] in DERIVED:
+            derived.append(rec)
         else:
             _set(tree, path, _decode_plain(rec, [_buffer(blob, b) for b in rec["buffers"]]))
+    if derived:
+        if files is None:
+            raise DamagedEntry("its derived leaves need the model file, which was not given")
+        tensors = files(FILE_TENSORS)
+        for rec in derived:  # dispatched now, runs while the codes are decoded
+            step = np.asarray(_get(tree, tuple(rec["path"][:-1]) + ("s_w",))) if rec["codec"] == "head" else None
+            _set(tree, tuple(rec["path"]), _derive(rec, tensors, step))
     for rec in grid:  # after their steps
         step = np.asarray(_get(tree, tuple(rec["step"])))
         shape = tuple(rec["shape"])
@@ -357,8 +380,8 @@ def _read_entry(d: Path, inputs: dict | None) -> tuple[ModelConfig, llama.Params
         w = (_unpack4(data, math.prod(shape)) if rec["bits"] == 4 else data).reshape(shape).astype(np.float32)
         np.multiply(w, step[..., None, :], out=w)  # codes * step, as written (in place: half the memory traffic)
         _set(tree, tuple(rec["path"]), w)
-    for rec, a in rotated:
-        if hashlib.sha256(_bits(np.asarray(a))).hexdigest() != rec["sha256"]:
+    for rec in derived:
+        if hashlib.sha256(_bits(np.asarray(_get(tree, tuple(rec["path"]))))).hexdigest() != rec["sha256"]:
             raise DamagedEntry(f"its {'.'.join(rec['path'])} does not recompute bit for bit with this JAX "
                                f"({jax.__version__}; the entry was made with {meta.get('jax')})")
     # device_put, not jnp.asarray: the latter compiles a conversion per shape (~0.5 s here)
@@ -466,12 +489,14 @@ def _unwritable(root: Path, cfg: ModelConfig) -> str | None:
 # --- preparing ----------------------------------------------------------------------------------------
 
 def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: DataConfig = DataConfig(),
-            seed: int = 0, log: Log = lambda m: None, use_cache: bool = True) -> tuple[ModelConfig, llama.Params, dict]:
+            seed: int = 0, log: Log | None = None, use_cache: bool = True) -> tuple[ModelConfig, llama.Params, dict]:
     """(config, parameters, info) of `model` prepared by `recipe` at `policy`, calibrated on the
     first windows of `data`'s training split in the order of `seed`; from the cache when a verified
     entry exists (info["cached"]), else made and stored. Models without a file hash (random init,
     checkpoints) are prepared and not cached; at a float policy the model is its own prepared form.
-    A cache hit never reads `model.params` (a lazy GGUF model's tensors stay on disk)."""
+    A cache hit never reads `model.params` (a lazy GGUF model's tensors stay on disk). `log`: each
+    step's line and the preparation's progress (none if None)."""
+    progress_log, log = log, log or (lambda m: None)
     recipe = recipes.get_recipe(recipe)
     key, inputs = cache_key(model, recipe, policy, data, seed)
     root = cache_root()
@@ -486,7 +511,7 @@ def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: Da
         if d.exists() or d.is_symlink():
             t0 = time.perf_counter()
             try:
-                cfg, params, _ = read_entry(d, inputs)
+                cfg, params, _ = read_entry(d, inputs, model.file_tensors)
                 log(f"prepared model from the cache {d} in {time.perf_counter() - t0:.1f} s")
                 return cfg, params, info | {"cached": True}
             except DamagedEntry as e:
@@ -501,15 +526,17 @@ def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: Da
     log(f"preparing {model.cfg.name} for {policy} with recipe {recipe.name} ({', '.join(recipe.steps(policy))}); "
         + ("this runs once and is cached" if cacheable else "not cached"))
     windows = calibration_windows(model, recipe.calib_windows, data, seed)
-    cfg, params = recipes.apply(model.params, model.cfg, recipe, policy, windows, log)
+    cfg, params = recipes.apply(model.params, model.cfg, recipe, policy, windows, progress_log)
     info["prepare_s"] = time.perf_counter() - t0
     if cacheable:
-        derived = {}
-        if recipe.rotate_residual:  # the embedding is the model file's table times the rotation
-            derived[("embed",)] = (np.asarray(model.params["embed"]),
-                                   {"hadamard": model.cfg.d_model, "seed": recipe.seed})
+        rotation = {"hadamard": model.cfg.d_model, "seed": recipe.seed} if recipe.rotate_residual else None
+        head = get_policy(policy).output("w")
+        derived: dict[Path_, dict] = {} if head.is_float else {
+            ("lm_head", "w"): {"codec": "head", "rotation": rotation, "bits": head.bits}}
+        if rotation is not None:  # the embedding is the model file's table times the rotation
+            derived[("embed",)] = {"codec": "rotated", "tensor": "embed", "rotation": rotation}
         try:
-            meta = write_entry(d, cfg, params, inputs, derived)
+            meta = write_entry(d, cfg, params, inputs, derived, model.file_tensors(FILE_TENSORS))
             as_is = [".".join(r["path"]) for r in meta["leaves"] if r["codec"] == "raw"
                      and sum(b["nbytes"] for b in r["buffers"]) > 1 << 20]
             log(f"cached the prepared model in {d} ({meta['bytes'] / 1e6:.0f} MB"

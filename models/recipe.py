@@ -41,6 +41,7 @@ import numpy as np
 from models import llama
 from models.config import ModelConfig
 from np_jax.quant import get_policy, gptq, hadamard, wants_qk_rotation
+from np_jax.progress import Progress
 from np_jax.quant.lsq import init_step_mse
 
 Log = Callable[[str], None]
@@ -196,7 +197,8 @@ class _Hessians(llama._Calib):
         self.xtx[path] = x.T @ x
 
 
-def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, batch: int = 4) -> dict:
+def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, batch: int = 4,
+                   log: Log | None = None) -> dict:
     """Per layer, X^T X of each linear's inputs over the calibration windows ([N, K, K] per input)."""
     prec = llama.Precision(get_policy("float"), jnp.float32, llama.resolve("float", cfg).tilings)
 
@@ -213,14 +215,16 @@ def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, 
         return jax.lax.scan(body, llama.embed(params, tokens, prec), params["layers"])[1]
 
     total = None
-    for i in range(0, len(windows), batch):
-        part = collect(params, jnp.asarray(windows[i:i + batch]))
-        total = part if total is None else jax.tree.map(jnp.add, total, part)
+    with Progress("input Hessians", len(windows), unit="window", log=log) as bar:
+        for i in range(0, len(windows), batch):
+            part = jax.block_until_ready(collect(params, jnp.asarray(windows[i:i + batch])))
+            total = part if total is None else jax.tree.map(jnp.add, total, part)
+            bar.update(len(windows[i:i + batch]))
     return {path: np.asarray(h, np.float64) for path, h in total.items()}
 
 
 def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str, hessians: dict | None,
-                     log: Log) -> llama.Params:
+                     log: Log, progress_log: Log | None = None) -> llama.Params:
     """Every layer matrix on its integer grid (codes x per-channel MSE steps): GPTQ with the
     layers' input Hessians, or round to nearest; the output layer at its width, round to nearest.
     The weights become `codes * step` (float, exactly on the grid), so the serving form (and
@@ -228,21 +232,24 @@ def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str
     prec = llama.resolve(policy, cfg)
     lay = params["layers"]
     t0 = time.perf_counter()
-    for hpath, names in _Hessians.PATHS.items():
-        for name in names:
-            tq = prec.layer(f"{name}.w")
-            w = np.asarray(_linear(lay, name)["w"], np.float32)
-            steps, out = [], []
-            for i in range(cfg.n_layers):
-                s = np.asarray(init_step_mse(w[i], tq), np.float32)
-                if method == "gptq":
-                    codes = np.asarray(gptq.gptq(w[i], hessians[hpath][i], s, tq.bits))
-                else:
-                    codes = np.asarray(gptq.rtn(w[i], s, tq.bits))
-                steps.append(s)
-                out.append(codes.astype(np.float32) * s)
-            lay = llama._set(lay, tuple(name.split(".")) + ("w",), jnp.asarray(np.stack(out)))
-            lay = llama._set(lay, tuple(name.split(".")) + ("s_w",), jnp.asarray(np.stack(steps)))
+    n_mats = sum(map(len, _Hessians.PATHS.values())) * cfg.n_layers
+    with Progress(f"weights: {method}", n_mats, unit="matrix", log=progress_log) as bar:
+        for hpath, names in _Hessians.PATHS.items():
+            for name in names:
+                tq = prec.layer(f"{name}.w")
+                w = np.asarray(_linear(lay, name)["w"], np.float32)
+                steps, out = [], []
+                for i in range(cfg.n_layers):
+                    s = np.asarray(init_step_mse(w[i], tq), np.float32)
+                    if method == "gptq":
+                        codes = np.asarray(gptq.gptq(w[i], hessians[hpath][i], s, tq.bits))
+                    else:
+                        codes = np.asarray(gptq.rtn(w[i], s, tq.bits))
+                    steps.append(s)
+                    out.append(codes.astype(np.float32) * s)
+                    bar.update()
+                lay = llama._set(lay, tuple(name.split(".")) + ("w",), jnp.asarray(np.stack(out)))
+                lay = llama._set(lay, tuple(name.split(".")) + ("s_w",), jnp.asarray(np.stack(steps)))
     log(f"weights: {method} for {cfg.n_layers} layers x 7 matrices in {time.perf_counter() - t0:.1f} s")
     out = {**params, "layers": lay}
     tq = prec.head("w")
@@ -282,12 +289,13 @@ def transform(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, poli
 
 
 def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, windows: np.ndarray,
-          log: Log = lambda m: None) -> tuple[ModelConfig, llama.Params]:
+          log: Log | None = None) -> tuple[ModelConfig, llama.Params]:
     """Run `recipe` on float `params`: (transformed config, parameters with every step set).
 
     `windows`: calibration token windows [n, L] from the training split (the first
-    `recipe.calib_windows` are used).
+    `recipe.calib_windows` are used). `log`: each stage's line and its progress (none if None).
     """
+    progress_log, log = log, log or (lambda m: None)
     recipe = get_recipe(recipe)
     policy = get_policy(policy)
     if policy.is_float:
@@ -299,11 +307,12 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
     hess = None
     if recipe.weights == "gptq":
         t0 = time.perf_counter()
-        hess = layer_hessians(params, cfg, windows)
+        hess = layer_hessians(params, cfg, windows, log=progress_log)
         log(f"recipe {recipe.name}: input Hessians of every layer on {len(windows)} windows in "
             f"{time.perf_counter() - t0:.1f} s")
-    params = quantize_weights(params, cfg, policy, recipe.weights, hess, log)
+    params = quantize_weights(params, cfg, policy, recipe.weights, hess, log, progress_log)
     t0 = time.perf_counter()
-    params = llama.calibrate(params, jnp.asarray(windows), cfg, policy, recipe.activations, weights=False)
+    with Progress(f"activation steps ({recipe.activations}), one pass over {len(windows)} windows", log=progress_log):
+        params = llama.calibrate(params, jnp.asarray(windows), cfg, policy, recipe.activations, weights=False)
     log(f"recipe {recipe.name}: activation steps ({recipe.activations}) in {time.perf_counter() - t0:.1f} s")
     return cfg, params

@@ -109,14 +109,15 @@ def test_an_entry_is_the_recipe_output_bit_for_bit_in_integer_codes(model, real,
     meta = json.loads((real.entry / "meta.json").read_text())
     forms = {".".join(r["path"]): (r["codec"], r.get("bits")) for r in meta["leaves"]}
     assert {forms[f"layers.{m}.w"] for m in llama.LINEARS} == {("grid", 4)}  # w4a4: two codes a byte
-    assert forms["lm_head.w"] == ("grid", 8) and forms["embed"] == ("rotated", None)
-    # the size, from the shapes alone: codes, the Q8_0 table the embedding is made of (INT8 and an
-    # FP16 step per 32 values), every other leaf as it is; each array padded to 64 bytes at most
+    # the embedding and the output layer's INT8 codes are recomputed from the model file
+    assert forms["lm_head.w"] == ("head", 8) and forms["embed"] == ("rotated", None)
+    # the size, from the shapes alone: the layers' codes, every other leaf but the two recomputed
+    # ones as it is; each array padded to 64 bytes at most
     p = leaves(real.params)
     grid = {f"['layers']['{b}']['{m}']['w']" for b, m in (n.split(".") for n in llama.LINEARS)}
-    want = sum(-(-a.size // 2) if k in grid else a.size if k == "['lm_head']['w']"
-               else a.size + a.size // 32 * 2 if k == "['embed']" else a.nbytes for k, a in p.items())
-    n_buffers = len(p) + 1
+    derived = {"['lm_head']['w']", "['embed']"}
+    want = sum(-(-a.size // 2) if k in grid else 0 if k in derived else a.nbytes for k, a in p.items())
+    n_buffers = len(p) - len(derived)
     assert want <= meta["bytes"] < want + 64 * n_buffers
     assert (real.entry / "arrays.bin").stat().st_size == meta["bytes"]
     assert meta["bytes"] < sum(a.nbytes for a in p.values()) / 3
@@ -232,6 +233,15 @@ def test_a_damaged_entry_is_reported_and_rebuilt(model, real, fast, fault):
     assert _check(model, real, fast, FAULTS[fault])
 
 
+def test_leaves_that_no_longer_recompute_from_the_model_file_are_rebuilt(model, real, fast):
+    """The embedding and the output layer are recomputed from the model file's tensors: a file
+    that gives other values (here its final norm) is caught by their SHA-256, never used."""
+    other = dataclasses.replace(model, params={**model.params, "final_norm": model.params["final_norm"] * 1.5})
+    assert _check(other, real, fast)
+    with pytest.raises(prepared.DamagedEntry, match="need the model file"):
+        prepared.read_entry(real.entry)
+
+
 # the function-scoped fixtures carry nothing from one example to the next: each copies a fresh entry
 @settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(file=st.sampled_from(["meta.json", "arrays.bin"]), where=st.floats(0, 1, exclude_max=True),
@@ -324,6 +334,8 @@ def gguf_file(tmp_path, monkeypatch):
 def test_a_gguf_model_decodes_its_tensors_only_when_used(gguf_file, monkeypatch):
     m = load_model(gguf=str(gguf_file))
     want_cfg, want = load_gguf(gguf_file, name="small-gguf")
+    # the tensors a cache entry is recomputed from, read alone
+    assert_identical(m.file_tensors(("embed", "final_norm")), {n: want[n] for n in ("embed", "final_norm")})
     assert not m.params_loaded and m.cfg == want_cfg and m.encoder.encode("ab") == [3 + 0x61, 3 + 0x62]
     assert_identical(m.params, want)
     assert m.params_loaded

@@ -18,6 +18,7 @@ from pathlib import Path
 from np_jax.cli import (Formatter, add_process_arguments, count, fraction, nonnegative_number, on_forced_exit,
                         positive_number)
 from np_jax.commands.perf import PRECISIONS
+from np_jax.progress import Progress
 
 # Spelled out so that `--help` needs no JAX import; tests/test_train.py keeps them equal to
 # models.recipe.RECIPES and models.llama.CALIBRATIONS.
@@ -344,7 +345,9 @@ def eval_command(args) -> int:
 
     def add(name, params, policy, cfg_=cfg, **extra):
         t0 = time.perf_counter()
-        r = evaluate(params, cfg_, policy, windows, args.batch_size, reference_top1=reference.get("top1"))
+        with Progress(f"held-out {name}", len(windows), unit="window", log=log) as bar:
+            r = evaluate(params, cfg_, policy, windows, args.batch_size, reference_top1=reference.get("top1"),
+                         progress=bar.update)
         top1 = r.pop("top1")
         reference.setdefault("top1", top1)  # the float row's predictions
         rows.append({"name": name, "precision": get_policy(policy).name, **extra, **r,
@@ -406,8 +409,11 @@ def eval_command(args) -> int:
         ck = cks[0]
         tc = ck.train_config
         metrics = T.read_metrics(ck.path.parent / "metrics.jsonl", ck.step)
-        refs = {f"held-out NLL: {r['name']} {r['precision']}": r["nll"] for r in rows[1:]}
-        refs["held-out NLL: float"] = rows[0]["nll"]
+        ref_name = lambda r: (f"{r['precision']} post-training quantized ({r['name'][4:]})"  # noqa: E731
+                              if r["name"].startswith("ptq") else
+                              f"this run at step {r['step']} ({'QAT ' + r['precision'] if r['qat'] else 'float training'})")
+        refs = {f"held-out NLL, {ref_name(r)}": r["nll"] for r in rows[1:]}
+        refs["held-out NLL, float model"] = rows[0]["nll"]
         title = (f"{cfg.name} {tc.precision}: {ck.step} steps x {tc.tokens_per_step} tokens"
                  + (f", distill {tc.distill:g}" if tc.distill else ""))
         report["plot"] = save_plot(lambda p: plot_loss(metrics, p, evals=refs, title=title), plot)

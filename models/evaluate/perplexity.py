@@ -32,10 +32,11 @@ def _nll_fn(cfg: ModelConfig, policy) -> Callable:
 
 
 def evaluate(params: llama.Params, cfg: ModelConfig, policy, windows_NxL1: np.ndarray, batch_size: int = 4,
-             reference_top1: np.ndarray | None = None) -> dict:
+             reference_top1: np.ndarray | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """Mean next-token NLL (nats/token), perplexity exp(NLL) over every target of the windows, the
     model's top-1 predictions (`top1`, [N, L]) and, given another model's (`reference_top1`), the
-    fraction of positions where they agree (`top1_agreement`)."""
+    fraction of positions where they agree (`top1_agreement`). `progress(n)` is called after each
+    batch with its count of windows."""
     policy = get_policy(policy)
     windows_NxL1 = np.asarray(windows_NxL1, np.int32)
     n = len(windows_NxL1)
@@ -50,6 +51,8 @@ def evaluate(params: llama.Params, cfg: ModelConfig, policy, windows_NxL1: np.nd
         nll_b, arg_b = f(params, jnp.asarray(chunk))
         total += float(np.asarray(nll_b, np.float64)[: b - pad].sum())
         top1.append(np.asarray(arg_b)[: b - pad])
+        if progress:
+            progress(b - pad)
     tokens = n * (windows_NxL1.shape[1] - 1)
     nll = total / tokens
     out = {"nll": nll, "perplexity": float(math.exp(min(nll, 700.0))), "tokens": tokens, "top1": np.concatenate(top1)}

@@ -38,7 +38,7 @@ import os
 import pathlib
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 from gguf import quants as _gguf_quants
@@ -703,8 +703,9 @@ def _dequantize(buf: Any, info: TensorInfo, name: str) -> np.ndarray:
     return out
 
 
-def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
-    """Read a Llama GGUF file and dequantise every tensor to float32.
+def read_gguf(path: str | os.PathLike[str], only: Collection[str] | None = None) -> GGUFModel:
+    """Read a Llama GGUF file and dequantise every tensor to float32 (`only`: just the tensors of
+    these standard names, e.g. ("embed", "final_norm"); the whole file is validated either way).
 
     See :class:`GGUFModel` for tensor names and orientation.  The file is parsed
     with bounded, validated reads; structure and shapes are checked before any
@@ -750,6 +751,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
 
         tensors: dict[str, np.ndarray] = {}
         for gguf_name, (std_name, _) in expected.items():
+            if only is not None and std_name not in only:
+                continue
             w = _dequantize(mm, infos[gguf_name], name)
             if std_name.endswith(".q"):
                 w = unpermute_qk(w, hp.n_heads)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from models import llama
 from models.config import ModelConfig, get_config
@@ -70,15 +71,25 @@ class Model:
 
     @classmethod
     def lazy(cls, cfg: ModelConfig, read_params: Callable[[], llama.Params], encoder: Encoder, source: str,
-             path: Path | None = None, sha256: str | None = None) -> "Model":
+             path: Path | None = None, sha256: str | None = None,
+             read_tensors: Callable[[tuple[str, ...]], dict] | None = None) -> "Model":
         m = cls(cfg, None, encoder, source, path, sha256)
         del m.params  # absent until first used: `__getattr__` reads it then
         m._read_params = read_params
+        m._read_tensors = read_tensors
         return m
 
     @property
     def params_loaded(self) -> bool:
         return "params" in self.__dict__
+
+    def file_tensors(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The model file's own float32 tensors of these top-level parameter names ("embed",
+        "final_norm"), without dequantizing the rest of a lazy GGUF model."""
+        read = self.__dict__.get("_read_tensors")
+        if self.params_loaded or read is None:
+            return {n: np.asarray(self.params[n], np.float32) for n in names}
+        return read(names)
 
     def __getattr__(self, name: str):
         # Reached only for attributes not set: `params` of a lazy model before its first use.
@@ -204,13 +215,21 @@ def load_model(model: str = DEFAULT_MODEL, gguf: str | None = None, *, seed: int
         digest = file_sha256(path, log)
         cfg, encoder = gguf_header(path, name)
 
-        def read_params() -> llama.Params:
+        def unchanged() -> None:
             now = os.stat(path)
             if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):  # its SHA-256 is no longer its own
                 raise GGUFError(f"{path} changed while in use; run again")
+
+        def read_params() -> llama.Params:
+            unchanged()
             return load_gguf(path, name=name)[1]
 
-        return Model.lazy(cfg, read_params, encoder, f"GGUF {path.name}", path, digest)
+        def read_tensors(names: tuple[str, ...]) -> dict[str, np.ndarray]:
+            unchanged()
+            t = _gguf.read_gguf(path, only=names).tensors
+            return {n: np.asarray(t[n], np.float32) for n in names}
+
+        return Model.lazy(cfg, read_params, encoder, f"GGUF {path.name}", path, digest, read_tensors)
     cfg = get_config(model)
     if serving_policy is not None and not llama.resolve(serving_policy).policy.is_float:
         serving = llama.init_serving_random(cfg, jax.random.key(seed), serving_policy)
