@@ -7,7 +7,7 @@ STAMP := $(VENV)/.np_jax-installed
 # Test processes (pytest-xdist); whole files go to one worker so module fixtures are built once.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test test-all test-quick bench clean
+.PHONY: setup run test test-all test-quick bench device-check clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,16 @@ bench: $(STAMP)
 	-$(BIN)/python -m benchmarks.bench_core_array
 	-$(BIN)/python -m benchmarks.bench_appliance
 	-$(BIN)/python -m benchmarks.bench_train_step
+
+# On a host whose JAX sees a GPU: the exact dot forms, the bit-exactness tests that matter there and the
+# benchmarks on random weights, within 8 minutes, into device_check.json (docs/benchmarks.md). Where an
+# NVIDIA driver is present and JAX sees no GPU, it first installs JAX's CUDA plugin for the installed jax
+# (JAX_GPU: the jax extra, cuda12 or cuda13). ARGS go to the check (e.g. ARGS="--platform cpu").
+JAX_GPU ?= cuda12
+device-check: $(STAMP)
+	@if command -v nvidia-smi >/dev/null 2>&1 && ! JAX_PLATFORMS=cuda $(BIN)/python -c "import jax; jax.devices()" >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q "jax[$(JAX_GPU)]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"; fi
+	$(BIN)/python -m benchmarks.device_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

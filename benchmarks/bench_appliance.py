@@ -1,7 +1,7 @@
 """A decode step of the emulated appliance vs a good plain-JAX float32 decode step of the same model.
 
 Run: `python -m benchmarks.bench_appliance [--cases smollm2:1:512 smollm2:28:128 granite3b:28:128]
-[--layers scan unrolled] [--float-forms scan unrolled]
+[--layers scan unrolled] [--float-forms scan unrolled] [--weights real|random]
 [--devices N] [--rounds 3] [--json]`.
 
 Each case is MODEL:USERS:CACHE. For each, one decode step for every user: the appliance (w4a4,
@@ -14,8 +14,11 @@ faster one is the baseline). The appliance runs in the layer forms of `--layers`
 rounds in this process (noise hits all); the ratio is the faster appliance form's median time
 over the faster float form's (`ratio_same_form`: each form against its float twin).
 SmolLM2 uses its real weights (the default recipe's serving form, from the prepared-model
-cache when present); the 3B shape uses random integer weights, whose float reference is their
-dequantized values (the same model).
+cache when present), or with `--weights random` (no model file needed) random weights of its
+shape through the recipe's transforms, steps calibrated on random tokens: the same programs, other
+values (as `bench_forward`); its float reference is the float model either way. The 3B shape
+always uses random integer weights, whose float reference is their dequantized values (the same
+model).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def main(argv=None) -> int:
                     help="the appliance's layer forms to time (Appliance(layers=...); one device only for unrolled)")
     ap.add_argument("--float-forms", nargs="+", default=["scan", "unrolled"], choices=["scan", "unrolled"],
                     help="the float32 baseline's layer forms (each holds its own copy of the weights)")
+    ap.add_argument("--weights", choices=["real", "random"], default="real",
+                    help="SmolLM2's prepared model, or random weights of its shape (no model file)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
@@ -71,7 +76,15 @@ def main(argv=None) -> int:
     for case in a.cases:
         name, users, S = case.split(":")
         name, users, S = ALIASES.get(name, name), int(users), int(S)
-        if name == "smollm2-135m":
+        if name == "smollm2-135m" and a.weights == "random":
+            from models import recipe as R
+
+            fcfg = get_config(name)
+            fparams = llama.init_params(fcfg, jax.random.key(0))
+            cfg, qparams = R.transform(fparams, fcfg, R.DEFAULT_RECIPE, "w4a4")
+            calib = jax.random.randint(jax.random.key(1), (4, 256), 0, fcfg.vocab_size)
+            qparams = llama.calibrate(qparams, calib, cfg, "w4a4", "lsq")
+        elif name == "smollm2-135m":
             from models.io.load import load_model
             from models.prepared import prepare
             from models.recipe import DEFAULT_RECIPE
@@ -142,7 +155,8 @@ def main(argv=None) -> int:
         med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         best_f = min((k for k in med if k.startswith("float32_")), key=med.get)  # the baseline: the faster form
         best_a = min((k for k in med if k.startswith("appliance_")), key=med.get)
-        rows.append({"model": cfg.name, "users": users, "cache_len": S, "micro_batches": M,
+        rows.append({"model": cfg.name, "weights": "random" if qparams is None else a.weights, "users": users,
+                     "cache_len": S, "micro_batches": M,
                      "devices": gen.runtime.devices, "mapping": mapping.one_line(),
                      "appliance_decode_ms": med[best_a], "appliance_form": best_a.split("_", 1)[1],
                      "float32_decode_ms": med[best_f], "float32_form": best_f.split("_", 1)[1],

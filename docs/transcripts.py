@@ -8,9 +8,10 @@ A transcript is the fenced block right after a marker line:
     (what the command prints)
     ```
 
-`python docs/transcripts.py` runs every marked command in-process (`np_jax.cli.main`, from the
-repository root, stdout and stderr together) and rewrites its block; `--check` rewrites nothing
-(the commands run in a scratch folder) and exits 1 naming the blocks that differ. It masks
+`python docs/transcripts.py` runs every marked command in-process (`np_jax.cli.main`, in a
+scratch folder, so that what a command writes never lands in the repository; stdout and stderr
+together) and rewrites its block; `--check` rewrites nothing and exits 1 naming the blocks
+that differ. It masks
 what the machine decides: measured times (the DSE's compile and run times), and the end points
 of the DSE's gradient search, whose 300 steps amplify float rounding that differs between XLA
 builds (jax 0.10 and 0.12 end at 520 and 516 MHz). A command that exits non-zero is an error: a
@@ -117,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     files = args.files or sorted((ROOT / "docs").glob("*.md"))
     stale = []
     with tempfile.TemporaryDirectory() as scratch:
-        cwd = scratch_tree(Path(scratch))  # --check: what the commands write goes there
+        cwd = scratch_tree(Path(scratch))  # what the commands write goes there
         for path in files:
             if args.check:
                 stale += [f"{path}: {t.command}" for t in transcripts(path)
                           if masked(run(t.command, cwd)) != masked(t.body)]
             else:
-                stale += [f"{path}: {c}" for c in regenerate(path)]
+                stale += [f"{path}: {c}" for c in regenerate(path, cwd)]
     for s in stale:
         print(("differs: " if args.check else "rewrote: ") + s)
     return 1 if args.check and stale else 0

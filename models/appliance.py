@@ -98,7 +98,9 @@ def build_cards(serving: llama.Params, cfg: ModelConfig, policy, mapping: Mappin
     output_slot = _output_slots(serving, cfg, policy, mapping, form)
     slots = [output_slot(c.vocab_slice) for c in cards]
     out = jax.tree.map(lambda *xs: jnp.stack(xs), *slots)
-    return {"layers": layer_slot, "n_layers": jnp.asarray(counts), "output": out,
+    # a per-layer policy: each slot's layer index picks its widths (`llama.layer_at`)
+    ids = {"layer_ids": jnp.asarray(idx)} if llama.resolve(policy, cfg).mixed else {}
+    return {"layers": layer_slot, "n_layers": jnp.asarray(counts), **ids, "output": out,
             "final_norm": jnp.broadcast_to(serving["final_norm"], (len(cards), cfg.d_model))}
 
 
@@ -119,12 +121,14 @@ def card_list(serving: llama.Params, cfg: ModelConfig, policy, mapping: Mapping,
     if layers not in LAYER_FORMS:
         raise ValueError(f"layers must be one of {LAYER_FORMS}, got {layers!r}")
     output_slot = _output_slots(serving, cfg, policy, mapping, form)
+    mixed = llama.resolve(policy, cfg).mixed
     out = []
     for c in cards_of(mapping):
         if c.role == "layers":
             idx = np.asarray(c.layers, np.int32)
             stack = jax.tree.map(lambda a: a[idx], serving["layers"])
-            out.append({"layers": stack if layers == "scan" else llama.unstack_layers(stack)})
+            out.append({"layers": stack if layers == "scan" else llama.unstack_layers(stack)}
+                       | ({"layer_ids": idx} if mixed else {}))
         elif c.role == "output":
             out.append({"output": output_slot(c.vocab_slice), "final_norm": serving["final_norm"]})
         else:
@@ -161,7 +165,7 @@ def card_programs(cfg: ModelConfig, policy, mapping: Mapping, with_cache: bool =
     def layer_fn(p, x, aux, st):
         """The card's layers on one micro-batch; `st` is its KV cache [layers, users, S, Kv, E]."""
         x, cache = llama.run_layers(p["layers"], x, aux["pos"], st if with_cache else None, cfg, prec,
-                                    n_valid=p.get("n_layers"))
+                                    n_valid=p.get("n_layers"), layer_ids=p.get("layer_ids"))
         return x, (cache if with_cache else st)
 
     def output_fn(p, x, aux):

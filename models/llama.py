@@ -22,6 +22,7 @@ so prefill of a padded prompt followed by decode steps equals a full-sequence fo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ from np_jax.chip import vector_unit as vu
 from np_jax.quant import PrecisionPolicy, TensorQuant, get_policy
 from models.config import ModelConfig, get_config
 from np_jax.appliance.mapping import LAYER_MATRICES, kv_cache_bytes, matrix_tilings, output_tiling
-from np_jax.chip.array import Tiling
+from np_jax.chip.array import TiledWeights, Tiling
 
 Params = dict[str, Any]
 
@@ -71,16 +72,27 @@ class ModelInputError(ValueError):
 
 @dataclass(frozen=True)
 class Precision:
-    """The policy resolved for one model: uniform over layers (required by the layer scan), the
-    tilings of its matrices on the core array (the mapping's objects; "lm_head" for the output
-    layer), and an optional override of the vector-unit dtype (calibration runs in float32)."""
+    """The policy resolved for one model: its layer groups (runs of layers with equal widths,
+    each group scanned as one compiled layer), the tilings of its matrices on the core array
+    (the mapping's objects; "lm_head" for the output layer), and an optional override of the
+    vector-unit dtype (calibration runs in float32). `layer(role)` is the width in the layer the
+    view speaks of (`at(i)`; layer 0 unless asked)."""
 
     policy: PrecisionPolicy
     compute_dtype: Any = None
     tilings: tuple[tuple[str, Tiling], ...] = ()
+    groups: tuple[tuple[int, ...], ...] = ()  # () : one group, every layer
 
     def layer(self, role: str) -> TensorQuant:
         return self.policy.layer(role)
+
+    def at(self, i: int) -> "Precision":
+        """Layer i's view (`layer(role)` is layer i's width)."""
+        return dataclasses.replace(self, policy=self.policy.at(i))
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.groups) > 1
 
     def head(self, role: str) -> TensorQuant:
         return self.policy.output(role)
@@ -102,6 +114,12 @@ class Precision:
 LAYER_ROLES = tuple(f"{m}.w" for m in LAYER_MATRICES)
 
 
+def layer_roles(cfg: ModelConfig) -> tuple[str, ...]:
+    """Every policy role of one layer of `cfg` (weights, activations, KV cache, the rotations')."""
+    return LAYER_ROLES + tuple(sorted(set(act_steps(cfg).values()) - {"sink"})) + (
+        ("attn.rot.w",) if cfg.qk_rotation else ()) + (("mlp.rot.w",) if cfg.down_rotation else ())
+
+
 def model_tilings(cfg: ModelConfig) -> dict[str, Tiling]:
     """The tilings the sequential model uses: every layer matrix and the whole output layer, by
     the mapper's own rule (np_jax.appliance.mapping)."""
@@ -113,10 +131,65 @@ def resolve(policy: str | PrecisionPolicy | Precision, cfg: ModelConfig | None =
     if isinstance(policy, Precision):
         return policy
     p = get_policy(policy)
+    groups = ()
     if cfg is not None:
-        p.check_uniform(cfg.n_layers, LAYER_ROLES + tuple(sorted(set(act_steps(cfg).values()) - {"sink"})))
+        roles = layer_roles(cfg)
+        p.check(cfg.n_layers, roles)
+        groups = p.layer_groups(cfg.n_layers, roles)
+        groups = groups if len(groups) > 1 else ()
     t = tilings if tilings is not None else (model_tilings(cfg) if cfg is not None else {})
-    return Precision(p, tilings=tuple(sorted(t.items())))
+    return Precision(p, tilings=tuple(sorted(t.items())), groups=groups)
+
+
+def layer_groups(prec: Precision, cfg: ModelConfig) -> tuple[tuple[int, ...], ...]:
+    """The runs of layers that share every width (one group of every layer if the policy is uniform)."""
+    return prec.groups or (tuple(range(cfg.n_layers)),)
+
+
+def _layer_group_table(prec: Precision, n_layers: int) -> np.ndarray:
+    """Each layer's group index (`Precision.groups`)."""
+    out = np.zeros((n_layers,), np.int32)
+    for g, layers in enumerate(prec.groups):
+        out[list(layers)] = g
+    return out
+
+
+def _with_widths(lp: Params, prec: Precision) -> Params:
+    """A layer's resident weights labelled with this layer's widths: a stack of layers of several
+    widths holds each layer's codes at its own width (their `TiledWeights.bits` the widest)."""
+    lay = lp
+    for name in LINEARS:
+        blk, lin = name.split(".")
+        tw = lp.get(blk, {}).get(lin, {}).get("tw")
+        tq = prec.layer(f"{name}.w")
+        if isinstance(tw, TiledWeights) and not tq.is_float and tw.bits != tq.bits:
+            lay = _set(lay, (blk, lin, "tw"), TiledWeights(tw.w_RxKbxCxNb, tw.tiling, tq.bits, tw.signed))
+    return lay
+
+
+def layer_at(lp: Params, x, pos, kv, cfg: ModelConfig, prec: Precision, layer_id, calib=None):
+    """`layer` at the widths of layer `layer_id` (a traced or concrete global index): one branch
+    per layer group, the layer's group chosen at run time (`lax.switch`) when the policy is mixed."""
+    if not prec.mixed:
+        return layer(lp, x, pos, kv, cfg, prec, calib)
+    table = _layer_group_table(prec, cfg.n_layers)
+    if isinstance(layer_id, (int, np.integer)):
+        p = prec.at(prec.groups[table[layer_id]][0])
+        return layer(_with_widths(lp, p), x, pos, kv, cfg, p, calib)
+
+    def branch(g):
+        p = prec.at(prec.groups[g][0])
+
+        def run(lp, x, kv):
+            c = None if calib is None else _Calib(calib.method)
+            y, kv_new = layer(_with_widths(lp, p), x, pos, kv, cfg, p, c)
+            return (y.astype(x.dtype), kv_new) + ((c.steps,) if c is not None else ())
+        return run
+
+    out = jax.lax.switch(jnp.asarray(table)[layer_id], [branch(g) for g in range(len(prec.groups))], lp, x, kv)
+    if calib is not None:
+        calib.steps.update(out[2])
+    return out[0], out[1]
 
 
 # --- parameters ------------------------------------------------------------------------------------
@@ -188,11 +261,15 @@ def init_weight_steps(params: Params, cfg: ModelConfig, policy, method: str = "l
     lay = params["layers"]
     for name in LINEARS:
         blk, lin = name.split(".")
-        tq = prec.layer(f"{name}.w")
-        if tq.is_float:
-            continue
-        s = jax.lax.map(lambda w: init(w, tq), lay[blk][lin]["w"])
-        lay = _set(lay, (blk, lin, "s_w"), jnp.broadcast_to(s[:, None] if s.ndim == 1 else s, lay[blk][lin]["s_w"].shape))
+        s_w = lay[blk][lin]["s_w"]
+        for g in layer_groups(prec, cfg):
+            tq = prec.at(g[0]).layer(f"{name}.w")
+            if tq.is_float:
+                continue
+            idx = np.asarray(g)
+            s = jax.lax.map(lambda w: init(w, tq), lay[blk][lin]["w"][idx])
+            s_w = s_w.at[idx].set(jnp.broadcast_to(s[:, None] if s.ndim == 1 else s, s_w[idx].shape))
+        lay = _set(lay, (blk, lin, "s_w"), s_w)
     params = {**params, "layers": lay}
     tq = prec.head("w")
     if not tq.is_float:
@@ -228,6 +305,7 @@ class _Calib:
 
     def __init__(self, method: str = "lsq"):
         self.steps: dict[tuple, jax.Array] = {}
+        self.method = method
         self.init = CALIBRATIONS[method]
 
     MAX_VALUES = 1 << 20  # a larger tensor is searched on an evenly strided sample of its values
@@ -453,7 +531,8 @@ def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, c
     return x, (None if kv is None else (k_new, v_new))
 
 
-_layer_jit = jax.jit(layer, static_argnums=(4, 5))
+_layer_jit = jax.jit(layer_at, static_argnums=(4, 5))  # the layer's index traced (a card's)
+_layer_jit_at = jax.jit(layer_at, static_argnums=(4, 5, 6))  # ... or known: one program per width
 
 
 def check_tokens(tokens, cfg: ModelConfig) -> None:
@@ -484,7 +563,7 @@ def head(params: Params, x_BxLxD: jax.Array, cfg: ModelConfig, prec: Precision, 
 
 
 def run_layers(layers: Params, x_BxLxD, pos_BxL, cache: dict | None, cfg: ModelConfig, prec: Precision,
-               n_valid=None):
+               n_valid=None, layer_ids=None):
     """Run the layers; returns (x, new cache or None).
 
     `layers` is either stacked ([layers, ...] leaves, scanned: one layer compiled) or a list of
@@ -494,23 +573,33 @@ def run_layers(layers: Params, x_BxLxD, pos_BxL, cache: dict | None, cfg: ModelC
 
     `n_valid` (traced int, stacked layers only): only the first n_valid layers run, the rest pass
     the activation and their cache through unchanged (a card holding fewer layers than the
-    stack's slots).
+    stack's slots). `layer_ids`: the model's index of each given layer (default 0, 1, ...; a
+    card's own), which sets its widths under a per-layer policy (`layer_at`).
     """
+    n = len(layers) if isinstance(layers, (list, tuple)) else jax.tree.leaves(layers)[0].shape[0]
+    if layer_ids is None:
+        layer_ids = np.arange(n, dtype=np.int32)
     if isinstance(layers, (list, tuple)):
         ks, vs = [], []
         for i, lp in enumerate(layers):
             kv = None if cache is None else (cache["k"][i], cache["v"][i])
-            y, kv = _layer_jit(lp, x_BxLxD, pos_BxL, kv, cfg, prec)  # traced once, inlined per layer
+            lid = layer_ids[i] if prec.mixed else 0
+            if isinstance(lid, (int, np.integer)):  # traced once per width, inlined per layer
+                lid = int(prec.groups[_layer_group_table(prec, cfg.n_layers)[lid]][0]) if prec.mixed else 0
+                y, kv = _layer_jit_at(lp, x_BxLxD, pos_BxL, kv, cfg, prec, lid)
+            else:
+                y, kv = _layer_jit(lp, x_BxLxD, pos_BxL, kv, cfg, prec, lid)
             x_BxLxD = y.astype(x_BxLxD.dtype)
             if kv is not None:
                 ks.append(kv[0])
                 vs.append(kv[1])
         return x_BxLxD, (None if cache is None else {"k": ks, "v": vs})
+
     def body(x, xs):
-        i, lp, kv = xs
+        i, lid, lp, kv = xs
 
         def run(x, kv):
-            y, kv_new = layer(lp, x, pos_BxL, kv, cfg, prec, None)
+            y, kv_new = layer_at(lp, x, pos_BxL, kv, cfg, prec, lid)
             return y.astype(x.dtype), kv_new
 
         if n_valid is None:
@@ -518,8 +607,7 @@ def run_layers(layers: Params, x_BxLxD, pos_BxL, cache: dict | None, cfg: ModelC
         return jax.lax.cond(i < n_valid, run, lambda x, kv: (x, kv), x, kv)
 
     kv = None if cache is None else (cache["k"], cache["v"])
-    n = jax.tree.leaves(layers)[0].shape[0]
-    x, kv_new = jax.lax.scan(body, x_BxLxD, (jnp.arange(n), layers, kv))
+    x, kv_new = jax.lax.scan(body, x_BxLxD, (jnp.arange(n), jnp.asarray(layer_ids, jnp.int32), layers, kv))
     return x, (None if cache is None else {"k": kv_new[0], "v": kv_new[1]})
 
 
@@ -560,20 +648,21 @@ def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, m
         return params
     check_tokens(tokens_BxL, cfg)
     fprec = resolve("float")
-    prec = Precision(prec.policy, jnp.float32, prec.tilings)
+    prec = dataclasses.replace(prec, compute_dtype=jnp.float32)
 
     @jax.jit
     def collect(params, tokens):
         B, L = tokens.shape
         pos = jnp.broadcast_to(jnp.arange(L), (B, L))
 
-        def body(x, lp):
+        def body(x, xs):
+            lid, lp = xs
             calib = _Calib(method)
-            # quantization roles from the real policy, arithmetic in float
-            x_new, _ = layer(lp, x, pos, None, cfg, prec, calib)
+            # quantization roles from the real policy (each layer's widths), arithmetic in float
+            x_new, _ = layer_at(lp, x, pos, None, cfg, prec, lid, calib)
             return x_new.astype(jnp.float32), calib.steps
 
-        x, steps = jax.lax.scan(body, embed(params, tokens, fprec), params["layers"])
+        x, steps = jax.lax.scan(body, embed(params, tokens, fprec), (jnp.arange(cfg.n_layers), params["layers"]))
         calib = _Calib(method)
         head(params, x, cfg, prec, calib)
         return steps, calib.steps
@@ -599,12 +688,17 @@ def prepare_serving(params: Params, cfg: ModelConfig, policy, tilings: dict[str,
     lay = params["layers"]
     for name in LINEARS:
         blk, lin = name.split(".")
-        tq = prec.layer(f"{name}.w")
         p = lay[blk][lin]
         for key in ("s_w",) + (("s_x",) if "s_x" in p else ()):
             quant.check_step(p[key])
         t = prec.tiling(name)
-        served = jax.vmap(lambda p: qlayers.prepare_linear({**p, "s_x": jnp.float32(1.0)}, tq, tiling=t))(p)
+        parts = []
+        for g in layer_groups(prec, cfg):  # each layer's codes at its own width
+            tq = prec.at(g[0]).layer(f"{name}.w")
+            sub = jax.tree.map(lambda a: a[np.asarray(g)], p)
+            parts.append((g, jax.vmap(lambda p: qlayers.prepare_linear({**p, "s_x": jnp.float32(1.0)}, tq,
+                                                                       tiling=t))(sub)))
+        served = parts[0][1] if len(parts) == 1 else _merge_groups(parts, cfg.n_layers)
         served = {k: v for k, v in served.items() if k != "s_x"} | ({"s_x": p["s_x"]} if "s_x" in p else {})
         lay = _set(lay, (blk, lin), served)
     for path in act_steps(cfg):
@@ -613,6 +707,22 @@ def prepare_serving(params: Params, cfg: ModelConfig, policy, tilings: dict[str,
     out = {**params, "layers": lay,
            "lm_head": qlayers.prepare_linear(lh, prec.head("w"), tiling=prec.tiling("lm_head"), name="lm_head")}
     return out
+
+
+def _merge_groups(parts: list, n: int) -> Params:
+    """One stack of n layers from the layer groups' stacks [(layers, stack)]: every leaf put at its
+    layers; resident codes held in the widest group's form, labelled with the widest width (each
+    layer's own width is restored when it runs: `_with_widths`)."""
+    def merge(*leaves):
+        if isinstance(leaves[0], TiledWeights):
+            widest = max(leaves, key=lambda tw: tw.bits)
+            w = merge(*[tw.w_RxKbxCxNb.astype(widest.w_RxKbxCxNb.dtype) for tw in leaves])
+            return TiledWeights(w, widest.tiling, widest.bits, widest.signed)
+        out = jnp.zeros((n, *leaves[0].shape[1:]), leaves[0].dtype)
+        for (g, _), a in zip(parts, leaves):
+            out = out.at[np.asarray(g)].set(a)
+        return out
+    return jax.tree.map(merge, *[stack for _, stack in parts], is_leaf=lambda v: isinstance(v, TiledWeights))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, policy, layers: int | None = None, xp=jnp) -> dict:
@@ -627,8 +737,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, policy, layers: int | 
 
 
 def cache_bytes(cfg: ModelConfig, users: int, context: int, policy) -> int:
-    """Bytes of the whole model's KV cache (np_jax.appliance.mapping.kv_cache_bytes, at the policy's width)."""
-    return kv_cache_bytes(users, context, cfg.kv_dim, resolve(policy).kv.bits, layers=cfg.n_layers)
+    """Bytes of the whole model's KV cache (np_jax.appliance.mapping.kv_cache_bytes, at each layer's width)."""
+    p = get_policy(policy)
+    return sum(kv_cache_bytes(users, context, cfg.kv_dim, p.at(i).layer("attn.kv").bits, layers=1)
+               for i in range(cfg.n_layers))
 
 
 def step(params: Params, tokens_BxL: jax.Array, positions_BxL: jax.Array, cache: dict, cfg: ModelConfig,
@@ -665,26 +777,30 @@ def init_serving_random(cfg: ModelConfig | str, key: jax.Array, policy="w4a4") -
         u = rng.integers(0, 2**tq.bits, size=shape, dtype=np.uint8)
         return (u.astype(np.int16) - tq.q_n).astype(np.int8)
 
-    def served(name, tq, bias):
+    def served(name, bias):
         k_in, k_out = cfg.layer_matrices()[name]
         t = prec.tiling(name)
-        tile = jax.jit(lambda w: tile_weights(w, bits=tq.bits, signed=tq.signed, tiling=t, form="int8"))
-        tws = [tile(codes((k_in, k_out), tq)) for _ in range(n)]  # billions of codes: compact
+        tqs = [prec.at(i).layer(f"{name}.w") for i in range(n)]
+        widest = max(tq.bits for tq in tqs)
+        tile = jax.jit(lambda w: tile_weights(w, bits=widest, signed=True, tiling=t, form="int8"))
+        # billions of codes: compact; each layer's at its own width (labelled with the widest: `_with_widths`)
+        tws = [tile(codes((k_in, k_out), tq)) for tq in tqs]
         tw = jax.tree.map(lambda *xs: jnp.stack(xs), *tws)
-        p = {"tw": tw, "s_w": jnp.full((n, k_out), 1.0 / (tq.q_p * math.sqrt(k_in)), jnp.float32)}
+        p = {"tw": tw, "s_w": jnp.asarray(np.stack([np.full((k_out,), 1.0 / (tq.q_p * math.sqrt(k_in)), np.float32)
+                                                    for tq in tqs]))}
         if bias:
             p["b"] = jnp.zeros((n, k_out), jnp.float32)
         return p
 
     d = cfg.d_model
-    act = lambda role: jnp.full((n,), 4.0 / prec.layer(role).q_p, jnp.float32)
+    act = lambda role, c=4.0: jnp.asarray([c / prec.at(i).layer(role).q_p for i in range(n)], jnp.float32)
     lay: dict = {"attn_norm": jnp.ones((n, d), jnp.float32), "mlp_norm": jnp.ones((n, d), jnp.float32),
                  "attn": {"s_x": act("attn.x"), "s_q": act("attn.qk.q"), "s_k": act("attn.kv"), "s_v": act("attn.kv"),
-                          "s_p": jnp.full((n,), 1.0 / prec.layer("attn.probs").q_p, jnp.float32)},
+                          "s_p": act("attn.probs", 1.0)},
                  "mlp": {"s_x": act("mlp.x"), "s_in": act("mlp.silu"), "s_out": act("mlp.silu")}}
     for name in LINEARS:
         blk, lin = name.split(".")
-        lay[blk][lin] = served(name, prec.layer(f"{name}.w"), cfg.attn_bias if blk == "attn" else cfg.mlp_bias)
+        lay[blk][lin] = served(name, cfg.attn_bias if blk == "attn" else cfg.mlp_bias)
     lay["attn"]["o"]["s_x"] = act("attn.o.x")
     lay["mlp"]["down"]["s_x"] = act("mlp.down.x")
     lay = with_act_steps(lay, cfg)

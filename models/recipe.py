@@ -236,10 +236,10 @@ def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str
     with Progress(f"weights: {method}", n_mats, unit="matrix", log=progress_log) as bar:
         for hpath, names in _Hessians.PATHS.items():
             for name in names:
-                tq = prec.layer(f"{name}.w")
                 w = np.asarray(_linear(lay, name)["w"], np.float32)
                 steps, out = [], []
                 for i in range(cfg.n_layers):
+                    tq = prec.at(i).layer(f"{name}.w")  # each layer at its own width
                     s = np.asarray(init_step_mse(w[i], tq), np.float32)
                     if method == "gptq":
                         codes = np.asarray(gptq.gptq(w[i], hessians[hpath][i], s, tq.bits))

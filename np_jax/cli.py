@@ -174,6 +174,30 @@ def shape_with_rotations(shape, policy, rotations: str):
         raise ValueError(f"model {shape.name} has no online-rotation settings (qk_rotation, down_rotation)") from None
 
 
+# The integer precision policies (np_jax.quant.policy.POLICIES less "float"), spelled out so that
+# `--help` needs no JAX import; tests/test_perf.py keeps the list equal to the policies.
+PRECISIONS = ("w4a4", "a8c8w4", "w8a8", "w4a4-p8", "w4a4-p8d8", "a8c8w4-dyn", "w8a8-dyn")
+
+
+def precision_type(names: tuple[str, ...]):
+    """An argparse type: one of the precision `names`, or a policy file (.json, checked now:
+    np_jax.quant.policy.load_policy)."""
+    def precision(value: str) -> str:
+        if value in names:
+            return value
+        if value.endswith(".json"):
+            from np_jax.quant.policy import load_policy  # imports JAX: only when a file is given
+            try:
+                load_policy(value)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+            return value
+        raise argparse.ArgumentTypeError(f"unknown precision {value!r}; choose one of {', '.join(names)}, or a "
+                                         "policy file (.json; docs/codesign.md)")
+    precision.__name__ = "precision"
+    return precision
+
+
 def add_process_arguments(parser) -> None:
     """The multi-process flags shared by the CLI commands (`np-jax run`, `np-jax train`)."""
     parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",

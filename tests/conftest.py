@@ -1,17 +1,26 @@
-"""Test configuration: 16 virtual CPU devices (one per appliance card), hypothesis profiles."""
+"""Test configuration: 16 virtual CPU devices (one per appliance card), hypothesis profiles.
+
+NP_JAX_TEST_PLATFORM=cuda (any JAX platform but cpu) runs the tests on that backend instead, as it
+is (no virtual devices): `benchmarks/device_check.py` selects the tests that need one device.
+"""
 
 import os
 import tempfile
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite compiles with LLVM's optimizations off: most of its time is compiling small programs
-# (~25 % less). Results are unchanged: XLA CPU never reassociates float arithmetic (no fast math)
-# at any level, and integer results are exact anyway. A caller's XLA_FLAGS win (XLA_FLAGS= for
-# the defaults: `XLA_FLAGS= make test`).
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+_PLATFORM = os.environ.get("NP_JAX_TEST_PLATFORM", "cpu")
+if _PLATFORM == "cpu":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # The suite compiles with LLVM's optimizations off: most of its time is compiling small programs
+    # (~25 % less). Results are unchanged: XLA CPU never reassociates float arithmetic (no fast math)
+    # at any level, and integer results are exact anyway. A caller's XLA_FLAGS win (XLA_FLAGS= for
+    # the defaults: `XLA_FLAGS= make test`).
+    os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+else:
+    os.environ["JAX_PLATFORMS"] = _PLATFORM  # the backend's own compiler settings: what serving there runs
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 16)
+if _PLATFORM == "cpu":
+    jax.config.update("jax_num_cpu_devices", 16)
 
 # A persistent XLA compilation cache shared by this run's tests and the subprocesses they start
 # (killed-and-resumed training, the 2-process mesh). Many tests compile the same programs (a fresh
@@ -30,7 +39,8 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 if not os.environ.get("NP_JAX_CACHE"):
     os.environ["NP_JAX_CACHE"] = os.environ.get("NP_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="np_jax_cache_")
     os.environ["NP_JAX_TEST_CACHE"] = os.environ["NP_JAX_CACHE"]
-assert len(jax.devices()) == 16  # start the backend now: CLI commands run in-process cannot change the count
+# start the backend now: CLI commands run in-process cannot change the count
+assert len(jax.devices()) == 16 or _PLATFORM != "cpu"
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -505,7 +505,7 @@ def test_search_limits_are_inclusive():
 @pytest.mark.parametrize("command", ["perf", "dse", "plan"])
 def test_help_states_every_default_and_the_choices(command):
     from np_jax.cli import build_parser
-    from np_jax.commands.perf import PRECISIONS
+    from np_jax.cli import PRECISIONS
     from np_jax.quant.policy import POLICIES, get_policy
 
     assert set(PRECISIONS) == {n for n in POLICIES if not get_policy(n).is_float}

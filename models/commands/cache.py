@@ -16,8 +16,8 @@ from np_jax.cli import Formatter
 def register(sub) -> None:
     p = sub.add_parser(
         "cache", help="list or free the prepared-model cache",
-        description="List the prepared-model cache: each quantized model a recipe made once (about 112 MB for "
-                    "SmolLM2 at 4-bit weights, 165 MB at w8a8), kept under $NP_JAX_CACHE/prepared (default "
+        description="List the prepared-model cache: each quantized model a recipe made once (about 54 MB for "
+                    "SmolLM2 at 4-bit weights, 107 MB at w8a8), kept under $NP_JAX_CACHE/prepared (default "
                     "~/.cache/np_jax/prepared) and reused by np-jax run, eval and train. `np-jax cache clear` frees it.",
         formatter_class=Formatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from np_jax.cli import Formatter, add_mapping_arguments, add_process_arguments, count, nonnegative_number, positive
+from np_jax.cli import (PRECISIONS, Formatter, add_mapping_arguments, add_process_arguments, count, nonnegative_number,
+                        positive, precision_type)
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_CACHE = 512
@@ -63,8 +64,9 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", default=None,
                    help=f"prompt text, not empty; repeat for several users (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--new-tokens", type=count, default=48, help="tokens to generate per user")
-    p.add_argument("--precision", default=None,
-                   help="precision policy: w4a4 (the paper's), w4a4-p8d8, a8c8w4, w8a8, float, ... (default: the "
+    p.add_argument("--precision", default=None, type=precision_type(("float",) + PRECISIONS),
+                   help="precision policy: w4a4 (the paper's), w4a4-p8d8, a8c8w4, w8a8, float, ..., or a policy "
+                        "file (.json) (default: the "
                         "checkpoint's; w8a8 for a pretrained GGUF model, the narrowest that writes sensible code "
                         "without QAT; w4a4 for the named shapes with random weights)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",

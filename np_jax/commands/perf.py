@@ -12,14 +12,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from np_jax.cli import (Formatter, add_mapping_arguments, add_rotation_argument, count, get_shape, model_shapes,
-                        positive, shape_with_rotations)
+from np_jax.cli import (PRECISIONS, Formatter, add_mapping_arguments, add_rotation_argument, count, get_shape,
+                        model_shapes, positive, precision_type, shape_with_rotations)
 from np_jax.commands.map import mapping_from_args
 from np_jax.spec import GPU_POINTS, MIB, PUBLISHED_RUN, RACK
 
-# The integer precision policies (np_jax.quant.policy.POLICIES less "float"), spelled out so that
-# `--help` needs no JAX import; tests/test_perf.py keeps the list equal to the policies.
-PRECISIONS = ("w4a4", "a8c8w4", "w8a8", "w4a4-p8", "w4a4-p8d8", "a8c8w4-dyn", "w8a8-dyn")
 
 
 def _choices(names) -> str:
@@ -42,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--prompt-tokens", type=int, default=PUBLISHED_RUN.prompt_tokens, help="prompt tokens per user")
     p.add_argument("--gen-tokens", type=int, default=PUBLISHED_RUN.generated_tokens, help="generated tokens per user")
     p.add_argument("--context", type=count, default=None, help="KV-cache positions per user (default: prompt + generated)")
-    p.add_argument("--precision", default="w4a4", help=f"precision policy: {precisions}")
+    p.add_argument("--precision", default="w4a4", type=precision_type(PRECISIONS),
+                   help=f"precision policy: {precisions}, or a policy file (.json)")
     p.add_argument("--prefill-chunk", type=count, default=None,
                    help="prompt tokens per user per pipeline pass (default: as many as the free core memory allows)")
     p.add_argument("--allow-overflow", action="store_true",
@@ -61,7 +59,8 @@ def register(sub) -> None:
                     "d log(parameter) at the published design.",
         formatter_class=Formatter)
     d.add_argument("--model", default=PUBLISHED_RUN.model, help=f"named model config: {models}")
-    d.add_argument("--precision", default="w4a4", help=f"precision policy: {precisions}")
+    d.add_argument("--precision", default="w4a4", type=precision_type(PRECISIONS),
+                   help=f"precision policy: {precisions}, or a policy file (.json)")
     d.add_argument("--objective", default="energy", choices=["energy", "space", "throughput", "throughput-card"],
                    help="metric to maximise")
     d.add_argument("--latency-bound-ms", type=float, default=1.0, help="latency bound (ms/token)")
@@ -87,7 +86,8 @@ def register(sub) -> None:
     q.add_argument("--cards", type=count, default=RACK.cards, help=f"cards in the rack (at most {RACK.cards})")
     q.add_argument("--cards-per-server", type=count, default=RACK.cards_per_server,
                    help="cards per server (at most --cards)")
-    q.add_argument("--precision", default=RACK.precision, help=f"precision policy: {precisions}")
+    q.add_argument("--precision", default=RACK.precision, type=precision_type(PRECISIONS),
+                   help=f"precision policy: {precisions}, or a policy file (.json)")
     q.add_argument("--users", type=count, default=RACK.users, help="users per instance")
     q.add_argument("--context", type=count, default=RACK.context, help="context positions per user")
     q.add_argument("--micro-batches", type=count, default=None, help="micro-batches (default: the best divisor of the users)")
@@ -263,7 +263,7 @@ def dse_command(args) -> int:
     gs = dse.gradient_search(cfg, objective=objective, latency_bound_ms=args.latency_bound_ms, steps=args.steps,
                              starts=args.starts, seed=args.seed, bits=bits)
     if args.plot:
-        args.plot = plot_pareto(sw, args.plot, search=gs, baseline=base)
+        args.plot = plot_pareto(sw, args.plot, model=f"{cfg.name} {args.precision}", search=gs, baseline=base)
     if args.json:
         out = {"model": cfg.name, "precision": args.precision, "objective": objective,
                "latency_bound_ms": args.latency_bound_ms, "baseline": {k: base[k] for k in dse.KEY_METRICS},

@@ -51,15 +51,20 @@ def mapping_structure(mapping: Mapping) -> dict:
     if not lcards:
         raise ValueError("the mapping has no layer cards")
     n = len(mapping.cards)
-    work, lat = np.zeros((n, N_PHASES), np.float32), np.zeros((n, N_PHASES), np.float32)
+    n_layers = len({i for c in lcards for i in c.layers})
+    groups = _groups(mapping.policy_object, n_layers)
+    group_of = {i: g for g, layers in enumerate(groups) for i in layers}
+    work_g, lat_g = np.zeros((len(groups), n, N_PHASES), np.float32), np.zeros((len(groups), n, N_PHASES), np.float32)
     free = []
     for row, c in enumerate(lcards):
         if c.parts:
             for ph, f in c.parts:
-                work[row, ph] += f
-                lat[row, ph] += 1
+                work_g[group_of[c.layers[0]], row, ph] += f
+                lat_g[group_of[c.layers[0]], row, ph] += 1
         else:
-            work[row], lat[row] = len(c.layers), len(c.layers)
+            for i in c.layers:
+                work_g[group_of[i], row] += 1
+                lat_g[group_of[i], row] += 1
         if c.memory is not None:
             act = sum((a.bytes_RxC for a in c.memory.allocations if a.kind == "activations"), 0)
             free.append(int((c.memory.capacity_bytes - (c.memory.used_RxC - act)).min()))
@@ -72,9 +77,16 @@ def mapping_structure(mapping: Mapping) -> dict:
         "out_cols": mapping.output_tiling.n,
         "free": min(free) if free else 0,
         "cards": n,
-        "card_work": work,
-        "card_latency": lat,
+        "card_work": work_g.sum(0),
+        "card_latency": lat_g.sum(0),
+        "card_work_groups": work_g,  # [layer groups, cards, phases]: a card's multiples per width group
+        "card_latency_groups": lat_g,
     }
+
+
+def _groups(policy, n_layers: int) -> tuple[tuple[int, ...], ...]:
+    """The layers grouped by their cost-model widths (`Bits.layer_groups`); a float policy: one group."""
+    return (tuple(range(n_layers)),) if get_policy(policy).is_float else Bits.layer_groups(policy, n_layers)[0]
 
 
 def pack_layer(resident, work, capacity: float, latency: float) -> list[float]:
@@ -85,9 +97,11 @@ def pack_layer(resident, work, capacity: float, latency: float) -> list[float]:
 
 
 @jax.jit
-def _jit_metrics(d, w, bits, s, n_stages, output_cards, out_cols, free, card_work, card_latency, n_eth, eth_return):
+def _jit_metrics(d, w, bits, s, n_stages, output_cards, out_cols, free, card_work, card_latency, n_eth, eth_return,
+                 group_bits=None):
     return metrics(d, w, bits, s, n_stages=n_stages, output_cards=output_cards, out_cols=out_cols, free=free,
-                   card_work=card_work, card_latency=card_latency, n_ethernet_hops=n_eth, ethernet_return=eth_return)
+                   card_work=card_work, card_latency=card_latency, n_ethernet_hops=n_eth, ethernet_return=eth_return,
+                   group_bits=group_bits)
 
 
 def _inputs(mapping: Mapping, shape, w: Workload | None, d: Design | None):
@@ -100,7 +114,7 @@ def _inputs(mapping: Mapping, shape, w: Workload | None, d: Design | None):
     if not mapping.accounted:
         raise ValueError("the chip computes in integers: a float placement has no chip memory plan; the performance "
                          "model needs a quantized precision (w4a4, a8c8w4, w8a8)")
-    bits = Bits.from_policy(mapping.policy)
+    bits = Bits.widest(mapping.policy_object, s.n_layers)
     d = d or Design.from_appliance(mapping.appliance)
     w = (w or Workload()).replace(users=float(mapping.users), micro_batches=float(mapping.micro_batches),
                                   cards=float(st["cards"]), context=float(mapping.context))
@@ -116,9 +130,14 @@ def evaluate_mapping(mapping: Mapping, shape, w: Workload | None = None, d: Desi
     """
     s, st, bits, d, w = _inputs(mapping, shape, w, d)
     pad = lambda a: jnp.asarray(np.pad(a, ((0, _bucket(a.shape[0]) - a.shape[0]), (0, 0))))  # noqa: E731 - one compile per size bucket
-    return _jit_metrics(d, w, bits, s, *(jnp.float32(st[k]) for k in ("n_stages", "output_cards", "out_cols", "free")),
-                        pad(st["card_work"]), pad(st["card_latency"]), jnp.float32(n_ethernet_hops),
-                        jnp.float32(ethernet_return))
+    scalars = [jnp.float32(st[k]) for k in ("n_stages", "output_cards", "out_cols", "free")]
+    if len(st["card_work_groups"]) == 1:  # one width for every layer
+        return _jit_metrics(d, w, bits, s, *scalars, pad(st["card_work"]), pad(st["card_latency"]),
+                            jnp.float32(n_ethernet_hops), jnp.float32(ethernet_return))
+    gpad = lambda a: jnp.asarray(np.pad(a, ((0, 0), (0, _bucket(a.shape[1]) - a.shape[1]), (0, 0))))  # noqa: E731
+    group_bits = Bits.stack(Bits.layer_groups(mapping.policy_object, s.n_layers)[1])
+    return _jit_metrics(d, w, bits, s, *scalars, gpad(st["card_work_groups"]), gpad(st["card_latency_groups"]),
+                        jnp.float32(n_ethernet_hops), jnp.float32(ethernet_return), group_bits)
 
 
 # --- relaxed structure (design-space exploration) -----------------------------------------------
@@ -221,8 +240,15 @@ def candidate_structures(shape, policy, *, users: int, context: int, cards: int,
     policy = get_policy(policy)
     chip = appliance.chip
     grid, cap = (chip.grid_rows, chip.grid_cols), chip.core_sram_bytes
-    phases = layer_phase_bytes(shape, policy, users, context, chip)
-    layer = sum(phases)
+    groups = _groups(policy, shape.n_layers)
+    if len(groups) == 1:
+        layer_bytes = [sum(layer_phase_bytes(shape, policy, users, context, chip))] * shape.n_layers
+    else:  # each layer at its own widths
+        layer_bytes = [sum(layer_phase_bytes(shape, policy, users, context, chip, layer=i))
+                       for i in range(shape.n_layers)]
+    group_of = np.zeros(shape.n_layers, np.int64)
+    for g, layers in enumerate(groups):
+        group_of[list(layers)] = g
     ms = [micro_batches] if micro_batches else divisors(users, MAX_CANDIDATE_MICRO_BATCHES)
     out = []
     w_bits, x_bits, fb = policy.output("w").bits, policy.output("x").bits, chip.frame_buffer_bytes
@@ -235,22 +261,27 @@ def candidate_structures(shape, policy, *, users: int, context: int, cards: int,
             out_over = max(output_core_bytes(shape.d_model, cols, grid, chip.n_cores, w_bits, x_bits, mb) - cap,
                            frame_bytes(mb, shape.d_model, cols) - fb)
             for n_lc in range(1, min(cards - h, shape.n_layers) + 1):
-                per_card = [len(b) for b in layer_blocks(shape.n_layers, n_lc)]
-                lmax = max(per_card)
-                over = int(max(0, out_over, layer_frames_over, lmax * layer + scratch - cap))
-                work = np.zeros((cards, N_PHASES), np.float32)
-                work[:n_lc] = np.asarray(per_card, np.float32)[:, None]
+                blocks = layer_blocks(shape.n_layers, n_lc)
+                lmax = max(len(b) for b in blocks)
+                fullest = max(sum(layer_bytes[i] for i in b) for b in blocks)
+                over = int(max(0, out_over, layer_frames_over, fullest + scratch - cap))
+                work_g = np.zeros((len(groups), cards, N_PHASES), np.float32)
+                for c, b in enumerate(blocks):
+                    for i in b:
+                        work_g[group_of[i], c] += 1
+                work = work_g.sum(0)
                 out.append({"micro_batches": m, "output_cards": h, "layer_cards": n_lc, "fits": over == 0,
                             "bytes_over": over, "n_stages": n_lc, "layers_max": lmax, "out_cols": cols,
-                            "free": cap - lmax * layer, "cards": cards, "card_work": work, "card_latency": work})
+                            "free": cap - fullest, "cards": cards, "card_work": work, "card_latency": work,
+                            "card_work_groups": work_g, "card_latency_groups": work_g})
     return out
 
 
 @jax.jit
-def _jit_many(d, w, bits, s, n_stages, output_cards, out_cols, free, card_work, card_latency):
+def _jit_many(d, w, bits, s, n_stages, output_cards, out_cols, free, card_work, card_latency, group_bits=None):
     def one(w_, n_st, h, c, f, cw, cl):
         return metrics(d, w_, bits, s, n_stages=n_st, output_cards=h, out_cols=c, free=f, card_work=cw,
-                       card_latency=cl)
+                       card_latency=cl, group_bits=group_bits)
 
     return jax.vmap(one)(w, n_stages, output_cards, out_cols, free, card_work, card_latency)
 
@@ -262,17 +293,23 @@ def evaluate_structures(structs: list[dict], shape, policy, w: Workload, d: Desi
     cards), so that searches of other sizes reuse the compiled call.
     """
     s = ModelShape.from_decoder(shape)
-    bits = Bits.from_policy(policy)
+    bits = Bits.widest(policy, s.n_layers)
     n = len(structs)
     rows = structs + [structs[0]] * (_bucket(n, 512) - n)
     cards = _bucket(max(st["card_work"].shape[0] for st in rows))
-    pad = lambda a: np.pad(a, ((0, cards - a.shape[0]), (0, 0)))  # noqa: E731
+    pad = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, cards - a.shape[-2]), (0, 0)])  # noqa: E731
     stack = lambda k: jnp.asarray(np.array([st[k] for st in rows], np.float32))  # noqa: E731
     ws = jax.tree.map(lambda x: jnp.full((len(rows),), x, jnp.float32), w)
     ws = ws.replace(micro_batches=stack("micro_batches"), cards=stack("cards"))
+    mixed = len(rows[0].get("card_work_groups", [()])) > 1
+    key, group_bits = ("card_work_groups", "card_latency_groups"), None
+    if mixed:
+        group_bits = Bits.stack(Bits.layer_groups(policy, s.n_layers)[1])
+    else:
+        key = ("card_work", "card_latency")
     out = _jit_many(d, ws, bits, s, stack("n_stages"), stack("output_cards"), stack("out_cols"), stack("free"),
-                    jnp.asarray(np.stack([pad(st["card_work"]) for st in rows])),
-                    jnp.asarray(np.stack([pad(st["card_latency"]) for st in rows])))
+                    jnp.asarray(np.stack([pad(st[key[0]]) for st in rows])),
+                    jnp.asarray(np.stack([pad(st[key[1]]) for st in rows])), group_bits)
     return floats({k: np.asarray(v)[:n] for k, v in out.items()})
 
 

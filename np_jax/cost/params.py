@@ -211,10 +211,12 @@ class Bits:
         return dataclasses.replace(self, **kw)
 
     @classmethod
-    def from_policy(cls, policy: str | PrecisionPolicy) -> "Bits":
+    def from_policy(cls, policy: str | PrecisionPolicy, layer: int = 0) -> "Bits":
+        """Layer `layer`'s widths (every layer's, for a policy uniform over layers)."""
         p = get_policy(policy)
         if p.is_float:
             raise ValueError("the chip computes in integers: the model needs a quantized precision (w4a4, a8c8w4, w8a8)")
+        p = p.at(layer)
         r = lambda role: p.layer(role).bits  # noqa: E731
         w = max(r(f"{m}.w") for m in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"))
         a = max(r(x) for x in ("attn.x", "attn.o.x", "mlp.x", "mlp.down.x"))
@@ -222,6 +224,25 @@ class Bits:
         attn = max(kv, r("attn.qk.q"), r("attn.probs"))
         return cls(float(w), float(a), float(kv), float(attn), float(p.output("w").bits), float(p.output("x").bits),
                    float(p.layer("attn.rot.w").bits), float(p.layer("attn.rot.x").bits))
+
+    @classmethod
+    def layer_groups(cls, policy: str | PrecisionPolicy, n_layers: int) -> tuple[tuple[tuple[int, ...], ...], list]:
+        """(groups, their Bits): the layers grouped by equal widths (in order of first layer)."""
+        groups: dict = {}
+        for i in range(n_layers):
+            groups.setdefault(cls.from_policy(policy, i), []).append(i)
+        return tuple(tuple(g) for g in groups.values()), list(groups)
+
+    @classmethod
+    def widest(cls, policy: str | PrecisionPolicy, n_layers: int) -> "Bits":
+        """Every width the widest over the layers (what bounds a card whatever layers it holds)."""
+        _, bits = cls.layer_groups(policy, n_layers)
+        return cls(*(max(getattr(b, f.name) for b in bits) for f in dataclasses.fields(cls)))
+
+    @staticmethod
+    def stack(bits: list) -> "Bits":
+        """Bits with a leading axis (one entry per layer group), for `jax.vmap`."""
+        return jax.tree.map(lambda *xs: jnp.asarray(xs, jnp.float32), *bits)
 
 
 @dataclass(frozen=True)

@@ -116,13 +116,26 @@ def _stage_times(ph, d: Design, card_work, card_latency):
     return jnp.sum(cyc) / d.clock_hz, jnp.max(cyc) / d.clock_hz
 
 
+def _group_stage_times(ph, d: Design, card_work, card_latency):
+    """`_stage_times` for layers of several widths: `ph` per layer group (leading axis G), the
+    cards' multiples per group ([G, cards, phases])."""
+    cyc = (jnp.einsum("gcp,gp->c", card_work, ph.work_cycles)
+           + jnp.einsum("gcp,gp->c", card_latency, ph.active * d.phase_latency_cycles))
+    return jnp.sum(cyc) / d.clock_hz, jnp.max(cyc) / d.clock_hz
+
+
 def metrics(d: Design, w: Workload, bits: Bits, s: ModelShape, *, n_stages, output_cards, out_cols, free,
-            layers_max=None, card_work=None, card_latency=None, n_ethernet_hops=0.0, ethernet_return=0.0) -> dict:
+            layers_max=None, card_work=None, card_latency=None, n_ethernet_hops=0.0, ethernet_return=0.0,
+            group_bits: Bits | None = None) -> dict:
     """Layer and output-layer phases -> stage times -> schedule and metrics.
 
     Stage times come either from the layer cards' phase multiples (`card_work`, `card_latency`,
     [cards, phases], as a mapping assigns them; zero rows are ignored) or, in the relaxed form,
-    from identical stages of `layers_max` layers (sum = n_layers x layer time).
+    from identical stages of `layers_max` layers (sum = n_layers x layer time). Layers of several
+    widths (a per-layer policy): `group_bits` holds each layer group's widths (a leading axis G)
+    and `card_work`, `card_latency` each card's multiples per group ([G, cards, phases]), so that
+    a card's time follows its own layers' widths; `bits` is then every width's widest (the
+    activation scratch, the reported per-layer times).
     """
     mb = w.users / w.micro_batches
     ctx = w.context_positions()
@@ -133,6 +146,13 @@ def metrics(d: Design, w: Workload, bits: Bits, s: ModelShape, *, n_stages, outp
     td, tp, th = dec.seconds(d), pre.seconds(d), out.seconds(d)
     if card_work is None:
         dec_st, pre_st = Stages(s.n_layers * td, layers_max * td, th), Stages(s.n_layers * tp, layers_max * tp, th)
+    elif group_bits is not None:
+        def phases_of(b, n_tokens, t):
+            return layer_phases(s, b, d, b=n_tokens, mb=mb, users=w.users, context=ctx, t=t)
+        dec_g = jax.vmap(lambda b: phases_of(b, mb, w.prompt_tokens + w.gen_tokens / 2))(group_bits)
+        pre_g = jax.vmap(lambda b: phases_of(b, mb * chunk, w.prompt_tokens / 2))(group_bits)
+        dec_st = Stages(*_group_stage_times(dec_g, d, card_work, card_latency), th)
+        pre_st = Stages(*_group_stage_times(pre_g, d, card_work, card_latency), th)
     else:
         dec_st = Stages(*_stage_times(dec, d, card_work, card_latency), th)
         pre_st = Stages(*_stage_times(pre, d, card_work, card_latency), th)

@@ -6,51 +6,111 @@ The policy is data: an ordered list of (pattern, TensorQuant) rules; the first p
 projections; `attn.o.x`, `mlp.x` (gate and up), `mlp.down.x` likewise),
 `layers.3.attn.kv` (the KV cache), `layers.3.attn.qk.q` (the query entering Q K^T),
 `layers.3.attn.probs` (attention probabilities entering P V), `layers.3.mlp.silu` (SiLU input
-and output), `lm_head.w`, `lm_head.x`. `PrecisionPolicy.layer(role)` resolves a role of
-"every layer" (the decoder's layers share one precision, checked by `check_uniform`).
+and output), `lm_head.w`, `lm_head.x`. Each layer may have its own widths (as each card of the
+appliance may): `PrecisionPolicy.at(i)` is layer i's view, `layer_groups` the runs of layers
+that share every width (the model scans each run as one compiled layer).
+
+A policy is a named preset (`POLICIES`) or a JSON file with the same rules (`load_policy`), e.g.
+
+    {"name": "w4a4-l0l29w8", "base": "w4a4",
+     "rules": [["layers.0.*", "w8a8"], ["layers.29.mlp.*", "w8a8"]]}
+
+whose rules come before the base's: a rule's width is a preset's name (the role gets that
+preset's width) or {"bits": 8, "signed": true, "per_channel": false, "dynamic": false}.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from np_jax.quant.lsq import FLOAT, TensorQuant
 
 
 @dataclass(frozen=True)
 class PrecisionPolicy:
-    """Which tensors get which width: ordered (fnmatch pattern, TensorQuant) rules, first match wins."""
+    """Which tensors get which width: ordered (fnmatch pattern, width) rules, first match wins; a
+    rule's width is a `TensorQuant` or another policy (the role gets that policy's width)."""
 
     name: str
-    rules: tuple[tuple[str, TensorQuant], ...]
+    rules: tuple[tuple[str, "TensorQuant | PrecisionPolicy"], ...]
     description: str = ""
+    layer_index: int = 0  # the layer `layer` speaks of (`at`)
 
     def __call__(self, role: str) -> TensorQuant:
         for pattern, tq in self.rules:
             if fnmatch.fnmatchcase(role, pattern):
-                return tq
+                return tq(role) if isinstance(tq, PrecisionPolicy) else tq
         raise KeyError(f"precision policy {self.name!r} has no rule for tensor {role!r}")
 
     @property
     def is_float(self) -> bool:
         return all(tq.is_float for _, tq in self.rules)
 
+    def at(self, i: int) -> "PrecisionPolicy":
+        """Layer i's view: `layer(role)` is layer i's width."""
+        return self if i == self.layer_index else dataclasses.replace(self, layer_index=i)
+
     def layer(self, role: str) -> TensorQuant:
-        """The width of `role` in every transformer layer (e.g. "attn.q.w", "mlp.down.x")."""
-        return self(f"layers.0.{role}")
+        """The width of `role` in this view's layer (`at`; layer 0 by default), e.g. "attn.q.w"."""
+        return self(f"layers.{self.layer_index}.{role}")
 
     def output(self, role: str) -> TensorQuant:
         """The width of the output layer's "w" (weights) or "x" (input)."""
         return self(f"lm_head.{role}")
 
-    def check_uniform(self, n_layers: int, roles) -> None:
-        """Raise unless layers 1..n-1 have layer 0's width for every role (the layer scan needs it)."""
-        for i in range(1, n_layers):
-            for r in roles:
-                if self(f"layers.{i}.{r}") != self.layer(r):
-                    raise ValueError(f"policy {self.name!r} gives layer {i} a different {r} precision; "
-                                     "per-layer precision must be uniform")
+    def widths(self, i: int, roles) -> tuple[TensorQuant, ...]:
+        """Layer i's widths of `roles`."""
+        return tuple(self(f"layers.{i}.{r}") for r in roles)
+
+    def layer_groups(self, n_layers: int, roles) -> tuple[tuple[int, ...], ...]:
+        """The layers grouped by their widths over `roles` (each group's layers in order; groups in
+        the order of their first layer). One group: the policy is uniform over the layers."""
+        groups: dict[tuple, list[int]] = {}
+        for i in range(n_layers):
+            groups.setdefault(self.widths(i, roles), []).append(i)
+        return tuple(tuple(g) for g in groups.values())
+
+    def check(self, n_layers: int, roles) -> None:
+        """Raise (ValueError, naming the layer and role) unless every layer's roles resolve and
+        each role keeps, across layers, whether it is float and whether it is dynamic: what a layer
+        holds (its step sizes, its KV cache's type) must not change from layer to layer."""
+        for r in roles:
+            try:
+                first = self(f"layers.0.{r}")
+            except KeyError as e:
+                raise ValueError(str(e.args[0])) from None
+            for i in range(1, n_layers):
+                try:
+                    tq = self(f"layers.{i}.{r}")
+                except KeyError as e:
+                    raise ValueError(str(e.args[0])) from None
+                if (tq.is_float, tq.dynamic) != (first.is_float, first.dynamic):
+                    raise ValueError(f"policy {self.name!r} makes layer {i}'s {r} "
+                                     f"{'float' if tq.is_float else 'dynamic' if tq.dynamic else 'static'} and "
+                                     f"layer 0's {'float' if first.is_float else 'dynamic' if first.dynamic else 'static'}"
+                                     "; layers may differ in widths, not in what they hold")
+        for r in ("w", "x"):
+            try:
+                self.output(r)
+            except KeyError as e:
+                raise ValueError(str(e.args[0])) from None
+
+    def key(self) -> str:
+        """What identifies the policy's widths (a preset: its name; a file: its name and rules' hash)."""
+        if POLICIES.get(self.name) == self.at(0):
+            return self.name
+        return f"{self.name}-{hashlib.sha256(_canonical(self).encode()).hexdigest()[:16]}"
+
+
+def _canonical(p: "PrecisionPolicy") -> str:
+    def spec(tq):
+        return {"policy": _canonical(tq)} if isinstance(tq, PrecisionPolicy) else dataclasses.asdict(tq)
+    return json.dumps([[pat, spec(tq)] for pat, tq in p.rules], sort_keys=True)
 
 
 def _w(bits):  # weights: per-output-channel steps
@@ -125,9 +185,64 @@ def wants_qk_rotation(policy) -> bool:
 
 
 def get_policy(name: str | PrecisionPolicy) -> PrecisionPolicy:
+    """A preset by name, or the policy of a JSON file (a path ending in .json; `load_policy`)."""
     if isinstance(name, PrecisionPolicy):
         return name
+    if isinstance(name, (str, Path)) and str(name).endswith(".json"):
+        return load_policy(name)
     try:
         return POLICIES[name]
     except KeyError:
-        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(POLICIES)}") from None
+        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(POLICIES)} "
+                         "or a policy file (.json)") from None
+
+
+_TQ_FIELDS = {f.name for f in dataclasses.fields(TensorQuant)}
+
+
+def _rule_target(v, where: str):
+    if isinstance(v, str):
+        if v not in POLICIES:
+            raise ValueError(f"{where}: unknown preset {v!r}; choose one of {', '.join(POLICIES)}")
+        return POLICIES[v]
+    if isinstance(v, dict) and set(v) <= _TQ_FIELDS and "bits" in v:
+        bits = v["bits"]
+        if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or bits not in (2, 4, 8)):
+            raise ValueError(f"{where}: bits must be 2, 4, 8 or null (float), got {bits!r}")
+        if not all(isinstance(v.get(k, False), bool) for k in _TQ_FIELDS - {"bits"}):
+            raise ValueError(f"{where}: signed, per_channel and dynamic must be true or false")
+        return TensorQuant(**v)
+    raise ValueError(f"{where}: a width is a preset's name or an object with \"bits\" (and optionally "
+                     f"\"signed\", \"per_channel\", \"dynamic\"), got {v!r}")
+
+
+def load_policy(path: str | Path) -> PrecisionPolicy:
+    """The policy of a JSON file (module docstring): {"name", "description", "base", "rules"}.
+    Rules are (fnmatch pattern, width) pairs, first match wins, before the base preset's rules;
+    without a base, the file's rules must cover every role. Raises ValueError naming the file and
+    the fault."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"policy file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"policy file {path} is not readable JSON ({e})") from None
+    if not isinstance(data, dict) or not set(data) <= {"name", "description", "base", "rules"}:
+        raise ValueError(f"policy file {path}: expected an object with name, description, base and rules")
+    rules = data.get("rules", [])
+    if not isinstance(rules, list) or not all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
+                                              for r in rules):
+        raise ValueError(f"policy file {path}: rules must be a list of [pattern, width] pairs")
+    out = tuple((pat, _rule_target(v, f"policy file {path}, rule {pat!r}")) for pat, v in rules)
+    base = data.get("base")
+    if base is not None:
+        out += _rule_target(base, f"policy file {path}, base").rules
+    elif not out:
+        raise ValueError(f"policy file {path}: no rules and no base")
+    # the online rotations' widths are the chip's (exact ±1 INT2 weights, INT8 inputs): every policy's
+    out = TRANSFORM_RULES + out if not all(tq.is_float for _, tq in out if isinstance(tq, TensorQuant)) else out
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"policy file {path}: name must be a non-empty string")
+    return PrecisionPolicy(name, out, str(data.get("description", f"from {path}")))
