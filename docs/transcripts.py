@@ -83,10 +83,13 @@ def run(command: str, cwd: Path = ROOT) -> str:
 
 
 def scratch_tree(into: Path) -> Path:
-    """`into` with the repository's docs folders, empty: a working directory where the commands'
-    relative output paths (docs/img/...) resolve without touching the repository."""
+    """`into` with the repository's docs folders, empty but for the example policy files the
+    commands read (docs/policies): a working directory where the commands' relative paths
+    (docs/img/..., docs/policies/...) resolve without touching the repository."""
     for d in [ROOT / "docs", *(p for p in (ROOT / "docs").rglob("*") if p.is_dir())]:
         (into / d.relative_to(ROOT)).mkdir(parents=True, exist_ok=True)
+    for f in (ROOT / "docs" / "policies").glob("*.json"):
+        (into / f.relative_to(ROOT)).write_bytes(f.read_bytes())
     return into
 
 

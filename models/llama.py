@@ -23,6 +23,7 @@ so prefill of a padded prompt followed by decode steps equals a full-sequence fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -696,8 +697,7 @@ def prepare_serving(params: Params, cfg: ModelConfig, policy, tilings: dict[str,
         for g in layer_groups(prec, cfg):  # each layer's codes at its own width
             tq = prec.at(g[0]).layer(f"{name}.w")
             sub = jax.tree.map(lambda a: a[np.asarray(g)], p)
-            parts.append((g, jax.vmap(lambda p: qlayers.prepare_linear({**p, "s_x": jnp.float32(1.0)}, tq,
-                                                                       tiling=t))(sub)))
+            parts.append((g, _serve_stack(tq, t)(sub)))
         served = parts[0][1] if len(parts) == 1 else _merge_groups(parts, cfg.n_layers)
         served = {k: v for k, v in served.items() if k != "s_x"} | ({"s_x": p["s_x"]} if "s_x" in p else {})
         lay = _set(lay, (blk, lin), served)
@@ -707,6 +707,13 @@ def prepare_serving(params: Params, cfg: ModelConfig, policy, tilings: dict[str,
     out = {**params, "layers": lay,
            "lm_head": qlayers.prepare_linear(lh, prec.head("w"), tiling=prec.tiling("lm_head"), name="lm_head")}
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _serve_stack(tq: TensorQuant, tiling: Tiling | None):
+    """A stack of one linear's layers quantized and tiled at `tq` (one compiled program per shape
+    and width, which JAX's persistent cache keeps across runs)."""
+    return jax.jit(jax.vmap(lambda p: qlayers.prepare_linear({**p, "s_x": jnp.float32(1.0)}, tq, tiling=tiling)))
 
 
 def _merge_groups(parts: list, n: int) -> Params:

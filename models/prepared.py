@@ -90,6 +90,7 @@ def cache_key(model: Model, recipe: recipes.Recipe, policy: str, data: DataConfi
               seed: int = 0) -> tuple[str, dict]:
     inputs = {"format": FORMAT, "model": model.cfg.name, "gguf_sha256": model.sha256, "source": model.source,
               "recipe": recipe.to_json(), "precision": get_policy(policy).key(),
+              "transforms": recipe.steps(policy, model.cfg.n_layers),
               "calibration": {"windows": recipe.calib_windows, "seq_len": calib_seq_len(model.cfg),
                               "data": data.describe(), "seed": seed}}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32], inputs
@@ -501,7 +502,7 @@ def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: Da
     key, inputs = cache_key(model, recipe, policy, data, seed)
     root = cache_root()
     d = root / key
-    info = {"recipe": recipe.name, "calibration": inputs["calibration"], "steps": recipe.steps(policy), "cache": str(d),
+    info = {"recipe": recipe.name, "calibration": inputs["calibration"], "steps": recipe.steps(policy, model.cfg.n_layers), "cache": str(d),
             "cached": False}
     if get_policy(policy).is_float:  # recipes.apply is the identity there: nothing to store
         return model.cfg, model.params, info | {"cache": None}
@@ -523,7 +524,7 @@ def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: Da
                 "cached; set NP_JAX_CACHE to a writable folder to keep it")
             cacheable = False
     t0 = time.perf_counter()
-    log(f"preparing {model.cfg.name} for {get_policy(policy).name} with recipe {recipe.name} ({', '.join(recipe.steps(policy))}); "
+    log(f"preparing {model.cfg.name} for {get_policy(policy).name} with recipe {recipe.name} ({', '.join(recipe.steps(policy, model.cfg.n_layers))}); "
         + ("this runs once and is cached" if cacheable else "not cached"))
     windows = calibration_windows(model, recipe.calib_windows, data, seed)
     cfg, params = recipes.apply(model.params, model.cfg, recipe, policy, windows, progress_log)

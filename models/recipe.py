@@ -72,12 +72,12 @@ class Recipe:
         if (self.rotate_residual or self.rotate_vo) and not self.fold_norms:
             raise ValueError("rotations need folded norms (RMSNorm commutes with a rotation only at unit gain)")
 
-    def qk_rotation_for(self, policy) -> bool:
-        return self.qk_rotation if self.qk_rotation is not None else wants_qk_rotation(policy)
+    def qk_rotation_for(self, policy, n_layers: int = 1) -> bool:
+        return self.qk_rotation if self.qk_rotation is not None else wants_qk_rotation(policy, n_layers)
 
-    def steps(self, policy=None) -> list[str]:
-        """The transforms applied, in order (for reports)."""
-        qk = self.qk_rotation_for(policy) if policy is not None else bool(self.qk_rotation)
+    def steps(self, policy=None, n_layers: int = 1) -> list[str]:
+        """The transforms applied to a model of `n_layers` layers, in order (for reports)."""
+        qk = self.qk_rotation_for(policy, n_layers) if policy is not None else bool(self.qk_rotation)
         on = [k for k in ("fold_norms", "rotate_residual", "rotate_vo", "qk_rotation", "down_rotation")
               if (qk if k == "qk_rotation" else getattr(self, k))]
         return on + ([f"sink{self.sink}"] if self.sink else []) + [f"weights:{self.weights}",
@@ -267,7 +267,7 @@ def transformed_config(cfg: ModelConfig, recipe: str | Recipe, policy) -> ModelC
     """The config a recipe makes of `cfg` at `policy` (to map a model before its weights are loaded)."""
     recipe = get_recipe(recipe)
     return cfg.replace(tied_embeddings=cfg.tied_embeddings and not recipe.fold_norms,
-                       qk_rotation=recipe.qk_rotation_for(policy),
+                       qk_rotation=recipe.qk_rotation_for(policy, cfg.n_layers),
                        down_rotation=hadamard.factors(cfg.d_ff) if recipe.down_rotation else (),
                        sink_positions=recipe.sink)
 
@@ -284,7 +284,7 @@ def transform(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, poli
         params = rotate_vo(params, cfg)
     if recipe.down_rotation:
         cfg, params = fold_down_rotation(params, cfg, recipe.seed)
-    cfg = cfg.replace(qk_rotation=recipe.qk_rotation_for(policy), sink_positions=recipe.sink)
+    cfg = cfg.replace(qk_rotation=recipe.qk_rotation_for(policy, cfg.n_layers), sink_positions=recipe.sink)
     return cfg, {**params, "layers": llama.with_act_steps(params["layers"], cfg)}
 
 
@@ -303,7 +303,7 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
     windows = np.asarray(windows)[: recipe.calib_windows]
     t0 = time.perf_counter()
     cfg, params = transform(params, cfg, recipe, policy)
-    log(f"recipe {recipe.name}: transforms {', '.join(recipe.steps(policy)[:-2]) or 'none'} in {time.perf_counter() - t0:.1f} s")
+    log(f"recipe {recipe.name}: transforms {', '.join(recipe.steps(policy, cfg.n_layers)[:-2]) or 'none'} in {time.perf_counter() - t0:.1f} s")
     hess = None
     if recipe.weights == "gptq":
         t0 = time.perf_counter()

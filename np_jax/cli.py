@@ -169,7 +169,8 @@ def shape_with_rotations(shape, policy, rotations: str):
     from np_jax.quant import hadamard, wants_qk_rotation
 
     try:
-        return dataclasses.replace(shape, qk_rotation=wants_qk_rotation(policy), down_rotation=hadamard.factors(shape.d_ff))
+        return dataclasses.replace(shape, qk_rotation=wants_qk_rotation(policy, shape.n_layers),
+                                   down_rotation=hadamard.factors(shape.d_ff))
     except TypeError:
         raise ValueError(f"model {shape.name} has no online-rotation settings (qk_rotation, down_rotation)") from None
 
@@ -428,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     # JAX's persistent compilation cache makes a command's second run start in seconds (it stores
     # compiled executables only: results are unchanged). An explicit JAX setting wins.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
+    # every program, the small ones too: a second run's load is mostly many small compilations
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
     with _interrupt_handling(command) as st:
         try:
