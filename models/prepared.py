@@ -130,6 +130,24 @@ def _unpack4(p: np.ndarray, n: int) -> np.ndarray:
     return (u[:n].view(np.int8) ^ 8) - 8  # 0..15 -> -8..7
 
 
+def _grid_decode(data: np.ndarray, bits, shape: tuple[int, ...]) -> np.ndarray:
+    """INT8 codes of `shape` from a grid record's buffer: packed at `bits` (4 or 8), or, for a stack
+    of layers of several widths, `bits` per layer (each layer packed at its own, in order)."""
+    if not isinstance(bits, list):
+        return (_unpack4(data, math.prod(shape)) if bits == 4 else data.view(np.int8)).reshape(shape)
+    if len(bits) != shape[0] or any(b not in (4, 8) for b in bits):
+        raise DamagedEntry("a per-layer grid record does not fit its shape")
+    m, out, at = math.prod(shape[1:]), [], 0
+    for b in bits:
+        n = -(-m // 2) if b == 4 else m
+        part = data[at:at + n].view(np.uint8)
+        out.append(_unpack4(part, m) if b == 4 else part.view(np.int8))
+        at += n
+    if at != data.size:
+        raise DamagedEntry("a per-layer grid record does not fit its buffer")
+    return np.stack(out).reshape(shape)
+
+
 def _rotation(rotation: dict) -> jax.Array:
     return jnp.asarray(hadamard.orthogonal(int(rotation["hadamard"]), int(rotation["seed"])), jnp.float32)
 
@@ -199,8 +217,13 @@ def _encode_leaf(path: Path_, a: np.ndarray, siblings: dict, derived: dict,
         codes = _grid_codes(a, step[..., None, :])
         if codes is not None:
             bits = 4 if codes.min(initial=0) >= -8 and codes.max(initial=0) <= 7 else 8
-            forms.append(({"codec": "grid", "bits": bits, "shape": list(a.shape), "step": list(path[:-1]) + ["s_w"]},
-                          [_pack4(codes) if bits == 4 else codes]))
+            rec = {"codec": "grid", "bits": bits, "shape": list(a.shape), "step": list(path[:-1]) + ["s_w"]}
+            forms.append((rec, [_pack4(codes) if bits == 4 else codes]))
+            if bits == 8 and codes.ndim >= 3:  # a stack of layers of several widths: each at its own
+                per = [4 if c.min(initial=0) >= -8 and c.max(initial=0) <= 7 else 8 for c in codes]
+                if 4 in per:
+                    forms.append(({**rec, "bits": per}, [np.concatenate(
+                        [_pack4(c) if b == 4 else c.reshape(-1).view(np.uint8) for c, b in zip(codes, per)])]))
     return min(forms, key=lambda f: sum(x.nbytes for x in f[1]))  # ties: the first, as it is
 
 
@@ -378,7 +401,7 @@ def _read_entry(d: Path, inputs: dict | None, files) -> tuple[ModelConfig, llama
         if step.shape != shape[:-2] + shape[-1:]:
             raise DamagedEntry(f"the steps of {'.'.join(rec['path'])} do not fit its shape")
         data = _buffer(blob, rec["buffers"][0])
-        w = (_unpack4(data, math.prod(shape)) if rec["bits"] == 4 else data).reshape(shape).astype(np.float32)
+        w = _grid_decode(data, rec["bits"], shape).astype(np.float32)
         np.multiply(w, step[..., None, :], out=w)  # codes * step, as written (in place: half the memory traffic)
         _set(tree, tuple(rec["path"]), w)
     for rec in derived:

@@ -405,3 +405,22 @@ def test_cache_command_lists_and_frees(real, monkeypatch, tmp_path, capsys):
     assert main(["cache", "clear", "--all", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["removed"] == ["old"]
     assert list(root.iterdir()) == []
+
+
+@settings(max_examples=10, deadline=None)
+@given(widths=st.lists(st.sampled_from([4, 8]), min_size=2, max_size=4).filter(lambda w: 4 in w and 8 in w),
+       k=st.integers(2, 5), m=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))  # >= 2 codes: packing saves
+def test_a_stack_of_layers_of_several_widths_keeps_each_at_its_own(widths, k, m, seed):
+    """A per-layer policy's weight stack: every layer's codes packed at its own width, exact."""
+    rng = np.random.default_rng(seed)
+    codes = np.stack([rng.integers(-8, 8, (k, m)) if b == 4 else rng.integers(-128, 128, (k, m)) for b in widths])
+    codes[[i for i, b in enumerate(widths) if b == 8][0], 0, 0] = -128  # an 8-bit layer needs its 8 bits
+    step = rng.uniform(0.5, 2, (len(widths), m)).astype(np.float32)
+    tree = {"lin": {"w": codes.astype(np.float32) * step[:, None, :], "s_w": step}}
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = prepared.write_entry(Path(tmp) / "e", CFG, tree, {"x": 1})
+        _, got, _ = prepared.read_entry(Path(tmp) / "e", {"x": 1})
+    assert_identical(got, tree)
+    rec = next(r for r in meta["leaves"] if r["path"] == ["lin", "w"])
+    assert rec["codec"] == "grid" and rec["bits"] == widths
+    assert rec["buffers"][0]["nbytes"] == sum(-(-k * m // 2) if b == 4 else k * m for b in widths)

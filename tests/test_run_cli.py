@@ -197,7 +197,7 @@ def test_the_mapping_is_explained_in_one_line(capsys):
     assert "11 idle cards" in why and "predicted throughput" not in why
 
 
-COMMANDS = ["run", "train", "eval", "map", "perf", "dse", "plan", "spec", "cache"]
+COMMANDS = ["run", "train", "eval", "map", "perf", "dse", "plan", "spec", "cache", "sensitivity"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

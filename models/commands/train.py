@@ -201,6 +201,11 @@ def register(sub) -> None:
                    help="fraction of files held out (default: the checkpoint's, else 0.05)")
     p.add_argument("--split-seed", type=int, default=None, help="seed of the split (default: the checkpoint's, else 0)")
     p.add_argument("--no-ptq", action="store_true", help="skip the PTQ row(s)")
+    p.add_argument("--agreement-prompts", type=count_or_zero, default=32,
+                   help="held-out code prompts for 'same as float': the mean number of leading greedy tokens "
+                        "identical to float's continuation (0: skip)")
+    p.add_argument("--agreement-tokens", type=count, default=64,
+                   help="greedy tokens generated per agreement prompt")
     p.add_argument("--plot-loss", default=None, metavar="FILE.png",
                    help="draw the (single) checkpoint's training loss with the held-out NLLs as reference lines "
                         "(default: no plot)")
@@ -288,13 +293,26 @@ def _model_context(kw: dict, default_model: str) -> tuple[int, str] | None:
     return None if named is None else (named.max_seq_len, named.name)
 
 
+def count_or_zero(text: str) -> int:
+    """argparse type of a count where 0 turns the work off: a whole number >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
 def eval_command(args) -> int:
     from models import train as T
-    from models.evaluate.perplexity import evaluate, held_out
+    from models.evaluate.agreement import (BATCH, PROMPT_TOKENS, common_prefix_lengths, greedy_continuations,
+                                            held_out_prompts)
+    from models.evaluate.perplexity import evaluate
     from models.io.load import DEFAULT_MODEL
     from models.prepared import prepare
     from models.recipe import DEFAULT_RECIPE, get_recipe
-    from models.train.data import DataConfig
+    from models.train.data import Corpus, DataConfig, held_out_windows
     from np_jax.plots import plot_loss
     from np_jax.quant import get_policy
 
@@ -326,7 +344,16 @@ def eval_command(args) -> int:
         args.seq_len = first.seq_len if first is not None else min(256, cfg.max_seq_len)
     if args.seq_len > cfg.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the context of {cfg.name} ({cfg.max_seq_len})")
-    windows, described = held_out(base.encoder, data, args.seq_len, args.windows)
+    n_agree, t_agree = args.agreement_prompts, args.agreement_tokens
+    if n_agree and PROMPT_TOKENS + t_agree - 1 > cfg.max_seq_len:
+        raise ValueError(f"--agreement-tokens {t_agree} after a prompt of up to {PROMPT_TOKENS} tokens exceeds the "
+                         f"context of {cfg.name} ({cfg.max_seq_len}); give at most "
+                         f"{cfg.max_seq_len - PROMPT_TOKENS + 1} or --agreement-prompts 0")
+    corpus = Corpus(data, base.encoder)
+    windows, described = held_out_windows(corpus, args.seq_len, args.windows), corpus.describe()
+    prompts = held_out_prompts(corpus, n_agree) if n_agree else []
+    if len(prompts) < n_agree:
+        log(f"note: the held-out files give {len(prompts)} agreement prompts, not {n_agree}")
     for ck in cks:
         if ck.train_config.data != data:
             log(f"warning: {ck.path} was trained on another data split ({ck.train_config.data.describe()}); "
@@ -342,20 +369,36 @@ def eval_command(args) -> int:
         he_settings = dict(samples=args.samples, temperature=temperature, ks=ks, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, timeout_s=args.exec_timeout)
 
-    reference = {}
+    reference = {}  # the float row's top-1 predictions and greedy continuations, for the rows after it
 
     def add(name, params, policy, cfg_=cfg, **extra):
+        is_float_row = not reference
         t0 = time.perf_counter()
         with Progress(f"held-out {name}", len(windows), unit="window", log=log) as bar:
             r = evaluate(params, cfg_, policy, windows, args.batch_size, reference_top1=reference.get("top1"),
-                         progress=bar.update)
+                         progress=bar.update, reference_params=None if is_float_row else base.params,
+                         reference_cfg=cfg)
         top1 = r.pop("top1")
-        reference.setdefault("top1", top1)  # the float row's predictions
         rows.append({"name": name, "precision": get_policy(policy).name, **extra, **r,
                      "seconds": time.perf_counter() - t0})
+        cont = None
+        if prompts:
+            t0 = time.perf_counter()
+            steps = -(-len(prompts) // BATCH) * t_agree
+            with Progress(f"greedy {name}", steps, unit="step", log=log) as bar:
+                cont = greedy_continuations(params, cfg_, policy, prompts, t_agree, progress=bar.update)
+            if not is_float_row:
+                rows[-1]["same_as_float_tokens"] = float(common_prefix_lengths(reference["continuations"], cont).mean())
+            rows[-1]["agreement_seconds"] = time.perf_counter() - t0
+        if is_float_row:
+            reference.update(top1=top1, continuations=cont)
         log(f"{name}: perplexity {r['perplexity']:.3f}"
             + (f", top-1 agreement with float {r['top1_agreement']:.3f}" if "top1_agreement" in r else "")
-            + f" ({rows[-1]['seconds']:.0f} s)")
+            + (f", KL(float || {name}) {r['kl']:.4f} nats/token" if "kl" in r else "")
+            + (f", {rows[-1]['same_as_float_tokens']:.1f} of {t_agree} greedy tokens as float's"
+               if "same_as_float_tokens" in rows[-1] else "")
+            + f" ({rows[-1]['seconds']:.0f} s" + (f" + {rows[-1]['agreement_seconds']:.0f} s generating)"
+                                                  if prompts else ")"))
         if he_problems is not None:
             from tqdm import tqdm
 
@@ -405,6 +448,8 @@ def eval_command(args) -> int:
         r["vs_float"] = r["perplexity"] / fl
     report = {"model": cfg.name, "model_sha256": getattr(base, "sha256", None), "held_out": {**described, "windows": len(windows), "seq_len": args.seq_len,
                                               "tokens": int(len(windows) * args.seq_len)},
+              "agreement": {"prompts": len(prompts), "tokens": t_agree, "prompt_tokens": PROMPT_TOKENS}
+              if prompts else None,
               "rows": rows, "minutes": (time.perf_counter() - t_start) / 60}
     if plot:
         ck = cks[0]
@@ -424,8 +469,13 @@ def eval_command(args) -> int:
     h = report["held_out"]
     print(f"held-out perplexity of {cfg.name}: {h['windows']} windows x {h['seq_len']} tokens = {h['tokens']} tokens "
           f"from {h['held_out_files']} held-out files ({', '.join(h['dirs'])}, tokenizer {h['tokenizer']})")
-    print("top-1: the fraction of positions where the row's most likely next token is float's")
-    print(f"{'model':<20} {'precision':<9} {'step':>6} {'train tokens':>12} {'NLL':>8} {'perplexity':>12} {'vs float':>9} {'top-1':>6}")
+    print("top-1: the fraction of positions where the row's most likely next token is float's; "
+          "KL: mean KL(float || row) per position, nats")
+    if prompts:
+        print(f"same: mean leading greedy tokens (of {t_agree}) identical to float's continuation, over "
+              f"{len(prompts)} held-out prompts")
+    print(f"{'model':<20} {'precision':<9} {'step':>6} {'train tokens':>12} {'NLL':>8} {'perplexity':>12} "
+          f"{'vs float':>9} {'top-1':>6} {'KL':>7}" + (f" {'same':>5}" if prompts else ""))
     for r in rows:
         step = r.get("step")
         tt = r.get("train_tokens")
@@ -433,5 +483,8 @@ def eval_command(args) -> int:
         print(f"{r['name']:<20} {r['precision']:<9} {'-' if step is None else step:>6} {'-' if tt is None else tt:>12} "
               f"{r['nll']:8.4f} {r['perplexity']:12.3f} {r['vs_float']:8.2f}x "
               + (f"{r['top1_agreement']:6.3f}" if "top1_agreement" in r else f"{'-':>6}")
+              + (f" {r['kl']:7.4f}" if "kl" in r else f" {'-':>7}")
+              + ((f" {r['same_as_float_tokens']:5.1f}" if "same_as_float_tokens" in r else f" {'-':>5}")
+                 if prompts else "")
               + ("  HumanEval " + ", ".join(f"{k} {v:.4f}" for k, v in he["pass_at_k"].items()) if he else ""))
     return 0

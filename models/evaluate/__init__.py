@@ -1,8 +1,10 @@
-"""Evaluation: held-out perplexity and top-1 agreement with float (the rows of `np-jax eval`) and
-HumanEval pass@k.
+"""Evaluation: held-out perplexity, top-1 agreement and KL with float, greedy tokens identical to
+float's (the rows of `np-jax eval`) and HumanEval pass@k.
 
-- `perplexity`: `evaluate` (mean NLL, perplexity, top-1 agreement; its jitted step `nll_fn`), `held_out` (the held-out
-  windows), `token_nll`.
+- `perplexity`: `evaluate` (mean NLL, perplexity, top-1 agreement, KL(float || model); its jitted step `nll_fn`),
+  `held_out` (the held-out windows), `token_nll`, `token_kl`.
+- `agreement`: `held_out_prompts`, `greedy_continuations`, `common_prefix_lengths` (the "same code as
+  float" measure), `PROMPT_TOKENS`.
 - `humaneval`: `load_problems`, `sampling_settings`, `truncate`, `check` (runs a completion's
   tests in a child process), `pass_at_k`, `HumanEvalResult`, and its own `humaneval.evaluate`
   (the package's `evaluate` is the perplexity one).
@@ -13,8 +15,10 @@ Names are imported on first use.
 from models import _lazy
 
 _EXPORTS = {
-    **{m: f"models.evaluate.{m}" for m in ("humaneval", "perplexity")},
-    **dict.fromkeys(("evaluate", "held_out", "nll_fn", "token_nll"), "models.evaluate.perplexity"),
+    **{m: f"models.evaluate.{m}" for m in ("agreement", "humaneval", "perplexity")},
+    **dict.fromkeys(("evaluate", "held_out", "nll_fn", "token_kl", "token_nll"), "models.evaluate.perplexity"),
+    **dict.fromkeys(("BATCH", "PROMPT_TOKENS", "common_prefix_lengths", "greedy_continuations", "held_out_prompts"),
+                    "models.evaluate.agreement"),
     **dict.fromkeys(("HumanEvalResult", "STOP_SEQUENCES", "check", "load_problems", "pass_at_k", "sampling_settings",
                      "truncate"), "models.evaluate.humaneval"),
 }

@@ -8,7 +8,8 @@ the FP16 vector unit and the activation-function unit.
   `TiledWeights`, `tile_weights`, `array_vmm`, `network_never_saturates`, the code forms
   (`dot_form`, `with_form`).
 - `memory`: `CoreMemory`, the byte ledger of one card's cores, and `CoreMemoryError`.
-- `vector_unit`: FP16 elementwise math, fixed-order reductions, `quantize` (the one definition).
+- `vector_unit`: FP16 elementwise math, fixed-order reductions, `quantize` (the one definition;
+  `quantize_between`: its range by element, rows of two widths in one pass).
 - `activation_unit`: lookup-table activations (`build_lut`, `apply_lut`).
 
 The modules themselves are offered too (`from np_jax.chip import core`).
@@ -23,8 +24,8 @@ from np_jax.chip.core import (INT32_MAX, INT32_MIN, PSUM_BYTES, SUPPORTED_BITS, 
                               int_dot, int_range, pack_bits, saturating_add, saturating_sum, stored_bytes, unpack_bits,
                               vmm_cycles)
 from np_jax.chip.memory import Allocation, CoreMemory, CoreMemoryError
-from np_jax.chip.vector_unit import (FP16_BYTES, VECTOR_DTYPE, code_range, dequantize, quantize, rmsnorm,
-                                     scale_accumulator, softmax, tree_sum)
+from np_jax.chip.vector_unit import (FP16_BYTES, VECTOR_DTYPE, code_range, dequantize, quantize, quantize_between,
+                                     rmsnorm, scale_accumulator, softmax, tree_sum)
 
 __all__ = [
     "AccumulatorOverflowError",
@@ -63,6 +64,7 @@ __all__ = [
     "network_never_saturates",
     "pack_bits",
     "quantize",
+    "quantize_between",
     "rmsnorm",
     "saturating_add",
     "saturating_sum",

@@ -87,6 +87,12 @@ def quantize(v: jax.Array, step: jax.Array, bits: int, signed: bool = True) -> j
     (0..255) is rejected: the chip's INT8 lanes are signed.
     """
     lo, hi = code_range(bits, signed)
+    return quantize_between(v, step, lo, hi)
+
+
+def quantize_between(v: jax.Array, step: jax.Array, lo, hi) -> jax.Array:
+    """`quantize` with the range given as its ends, which may vary by element like `step` (rows of
+    two widths in one pass); `quantize` is this at one width's `code_range`."""
     r = jnp.round(v.astype(jnp.float32) / jnp.asarray(step, jnp.float32))
     r = jnp.where(jnp.isnan(r), 0.0, r)
     return jnp.clip(r, lo, hi).astype(jnp.int8)
