@@ -318,7 +318,9 @@ def run_tests(runner: Runner, node_ids: list[str]) -> dict:
             kind = next((t for t in ("failure", "error", "skipped") if c.find(t) is not None), None)
             counts[{"failure": "failed", "error": "errors", "skipped": "skipped", None: "passed"}[kind]] += 1
             if kind in ("failure", "error"):
-                failures.append(f"{c.get('classname')}::{c.get('name')}")
+                # the module's name: junit's classname is its path from pytest's rootdir, which
+                # depends on where the tests and the checkout lie
+                failures.append(f"{(c.get('classname') or '').rsplit('.', 1)[-1]}::{c.get('name')}")
         out["stdout_tail"] = r["stdout"][-1500:]
         return out | counts | {"failures": failures, "status": "timed out" if r["timed_out"] else "ran",
                                "all_passed": r["rc"] == 0 and counts["passed"] >= len(node_ids)

@@ -697,7 +697,11 @@ def prepare_serving(params: Params, cfg: ModelConfig, policy, tilings: dict[str,
         for g in layer_groups(prec, cfg):  # each layer's codes at its own width
             tq = prec.at(g[0]).layer(f"{name}.w")
             sub = jax.tree.map(lambda a: a[np.asarray(g)], p)
-            parts.append((g, _serve_stack(tq, t)(sub)))
+            served = _serve_stack(tq, t)(sub)
+            if t is not None:  # the mapping's own tiling object (the compiled program holds an equal one)
+                tw = served["tw"]
+                served = {**served, "tw": TiledWeights(tw.w_RxKbxCxNb, t, tw.bits, tw.signed)}
+            parts.append((g, served))
         served = parts[0][1] if len(parts) == 1 else _merge_groups(parts, cfg.n_layers)
         served = {k: v for k, v in served.items() if k != "s_x"} | ({"s_x": p["s_x"]} if "s_x" in p else {})
         lay = _set(lay, (blk, lin), served)
