@@ -109,15 +109,24 @@ def positive(name: str, value, *, upper: int | None = None, why: str = "") -> in
     return int(value)
 
 
-def count(text: str) -> int:
-    """argparse type of a count flag: a whole number >= 1 (zero is never silently a default)."""
+def _whole(text: str, least: int) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    if v < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {v}")
     return v
+
+
+def count(text: str) -> int:
+    """argparse type of a count flag: a whole number >= 1 (zero is never silently a default)."""
+    return _whole(text, 1)
+
+
+def count_or_zero(text: str) -> int:
+    """argparse type of a count where 0 turns the work off: a whole number >= 0."""
+    return _whole(text, 0)
 
 
 def _number(text: str) -> float:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from np_jax.cli import (Formatter, add_process_arguments, count, fraction, nonnegative_number, on_forced_exit,
-                        positive_number, precision_type, PRECISIONS)
+                        positive_number, precision_type, PRECISIONS, count_or_zero)
 from np_jax.progress import Progress
 
 # Spelled out so that `--help` needs no JAX import; tests/test_train.py keeps them equal to
@@ -291,17 +291,6 @@ def _model_context(kw: dict, default_model: str) -> tuple[int, str] | None:
 
     named = CONFIGS.get(kw.get("model", default_model))
     return None if named is None else (named.max_seq_len, named.name)
-
-
-def count_or_zero(text: str) -> int:
-    """argparse type of a count where 0 turns the work off: a whole number >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def eval_command(args) -> int:
