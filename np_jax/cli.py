@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="np-jax", description=DESCRIPTION, epilog=EPILOG, formatter_class=Formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # the main job first, then the rest in the order a newcomer meets them; unknown plug-ins last
-    order = ("run", "train", "map", "perf", "spec", "cache", "sensitivity")
+    order = ("run", "train", "map", "perf", "spec", "cache", "sensitivity", "search")
     for ep in sorted(entry_points(group="np_jax.commands"),
                      key=lambda e: (order.index(e.name) if e.name in order else len(order), e.name)):
         ep.load()(sub)
