@@ -184,12 +184,13 @@ def layer_at(lp: Params, x, pos, kv, cfg: ModelConfig, prec: Precision, layer_id
         def run(lp, x, kv):
             c = None if calib is None else _Calib(calib.method)
             y, kv_new = layer(_with_widths(lp, p), x, pos, kv, cfg, p, c)
-            return (y.astype(x.dtype), kv_new) + ((c.steps,) if c is not None else ())
+            return (y.astype(x.dtype), kv_new) + (((c.steps, c.token_max),) if c is not None else ())
         return run
 
     out = jax.lax.switch(jnp.asarray(table)[layer_id], [branch(g) for g in range(len(prec.groups))], lp, x, kv)
     if calib is not None:
-        calib.steps.update(out[2])
+        calib.steps.update(out[2][0])
+        calib.token_max.update(out[2][1])
     return out[0], out[1]
 
 
@@ -308,6 +309,10 @@ class _Calib:
         self.steps: dict[tuple, jax.Array] = {}
         self.method = method
         self.init = CALIBRATIONS[method]
+        self.token_max: dict[tuple, jax.Array] = {}  # OUTLIER_PATHS: each token's largest |value|
+
+    # where token-wise outliers show (PrefixQuant, arXiv 2410.05265: the down-projection input)
+    OUTLIER_PATHS = (("mlp", "down", "s_x"),)
 
     MAX_VALUES = 1 << 20  # a larger tensor is searched on an evenly strided sample of its values
 
@@ -323,6 +328,8 @@ class _Calib:
         if tq.is_float or path is None:
             return
         v = v.astype(jnp.float32)
+        if path in self.OUTLIER_PATHS:
+            self.token_max[path] = jnp.abs(v).max(-1)
         if sink is None:
             self.steps[path] = self.init(self._sample(v), TensorQuant(tq.bits, tq.signed))
             return
@@ -632,13 +639,16 @@ def forward(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy="flo
 
 
 def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, method: str = "lsq",
-              weights: bool = True) -> Params:
+              weights: bool = True, stats: dict | None = None) -> Params:
     """Initialise every step size: weights from the weights (unless `weights=False`, e.g. after
     GPTQ set them), activations from one batch.
 
     Runs the float forward over `tokens_BxL` and sets each activation step from the tensor it
     quantizes (per layer): method "lsq" is the paper's `2 mean|v| / sqrt(Q_P)`; "mse"
     minimises the quantization error (better without quantization-aware training).
+
+    `stats` (a dict, filled when given): "down_input_token_max", each layer's largest |value| of
+    each token's down-projection input, [layers, B, L] (`outlier_tokens`).
     """
     if method not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {method!r}; choose one of {', '.join(CALIBRATIONS)}")
@@ -661,14 +671,17 @@ def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, m
             calib = _Calib(method)
             # quantization roles from the real policy (each layer's widths), arithmetic in float
             x_new, _ = layer_at(lp, x, pos, None, cfg, prec, lid, calib)
-            return x_new.astype(jnp.float32), calib.steps
+            return x_new.astype(jnp.float32), (calib.steps, calib.token_max)
 
-        x, steps = jax.lax.scan(body, embed(params, tokens, fprec), (jnp.arange(cfg.n_layers), params["layers"]))
+        x, (steps, token_max) = jax.lax.scan(body, embed(params, tokens, fprec),
+                                             (jnp.arange(cfg.n_layers), params["layers"]))
         calib = _Calib(method)
         head(params, x, cfg, prec, calib)
-        return steps, calib.steps
+        return steps, calib.steps, token_max
 
-    layer_steps, head_steps = jax.block_until_ready(collect(params, jnp.asarray(tokens_BxL)))
+    layer_steps, head_steps, token_max = jax.block_until_ready(collect(params, jnp.asarray(tokens_BxL)))
+    if stats is not None and _Calib.OUTLIER_PATHS[0] in token_max:
+        stats["down_input_token_max"] = np.asarray(token_max[_Calib.OUTLIER_PATHS[0]])
     lay = params["layers"]
     for path, s in layer_steps.items():
         lay = _set(lay, path, s.astype(jnp.float32))

@@ -312,7 +312,39 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
             f"{time.perf_counter() - t0:.1f} s")
     params = quantize_weights(params, cfg, policy, recipe.weights, hess, log, progress_log)
     t0 = time.perf_counter()
+    stats: dict = {}
     with Progress(f"activation steps ({recipe.activations}), one pass over {len(windows)} windows", log=progress_log):
-        params = llama.calibrate(params, jnp.asarray(windows), cfg, policy, recipe.activations, weights=False)
+        params = llama.calibrate(params, jnp.asarray(windows), cfg, policy, recipe.activations, weights=False,
+                                 stats=stats)
     log(f"recipe {recipe.name}: activation steps ({recipe.activations}) in {time.perf_counter() - t0:.1f} s")
+    if "down_input_token_max" in stats:
+        found = outlier_tokens(stats["down_input_token_max"], cfg.sink_positions)
+        log(f"recipe {recipe.name}: {describe_outliers(found, windows, cfg.sink_positions)}")
     return cfg, params
+
+
+OUTLIER_RATIO = 64.0  # PrefixQuant's (arXiv 2410.05265) outlier-token threshold: 64x the median token
+
+
+def outlier_tokens(token_max_LxBxT: np.ndarray, sink: int = 0, ratio: float = OUTLIER_RATIO) -> list[tuple[int, int, int]]:
+    """The outlier tokens the sink prefix does not cover: (layer, window, position) of every token at
+    position >= `sink` whose largest |down-projection input| exceeds `ratio` times that layer's
+    median token's (`llama.calibrate`'s "down_input_token_max")."""
+    m = np.asarray(token_max_LxBxT, np.float64)
+    med = np.median(m.reshape(m.shape[0], -1), axis=1)[:, None, None]
+    hit = m > ratio * np.maximum(med, np.finfo(np.float64).tiny)
+    hit[:, :, :sink] = False
+    return [tuple(int(v) for v in t) for t in np.argwhere(hit)]
+
+
+def describe_outliers(found: list[tuple[int, int, int]], windows: np.ndarray, sink: int) -> str:
+    """One line: how many outlier tokens beyond the sink the calibration windows hold, and which."""
+    n_tok = int(np.asarray(windows).shape[0] * np.asarray(windows).shape[1])
+    head = f"outlier tokens (down-projection input > {OUTLIER_RATIO:g}x the median token) after the {sink}-position sink"
+    if not found:
+        return f"{head}: none in {n_tok} calibration tokens"
+    tokens = sorted({(w, t) for _, w, t in found})
+    ids = sorted({int(np.asarray(windows)[w, t]) for w, t in tokens})
+    layers = sorted({l for l, _, _ in found})
+    return (f"{head}: {len(tokens)} of {n_tok} calibration tokens (token ids {', '.join(map(str, ids[:8]))}"
+            f"{', ...' if len(ids) > 8 else ''}; layers {', '.join(map(str, layers))}); they share the other tokens' static steps")

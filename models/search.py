@@ -102,13 +102,15 @@ def describe(options: Sequence[str], assignment: Sequence[int]) -> str:
 
 # --- the spliced models --------------------------------------------------------------------------------
 
-def shared_recipe(recipe, options: Sequence[str], n_layers: int) -> recipes.Recipe:
-    """The recipe every option is prepared with for the table: one set of transforms (the q/k
-    rotation on when any option wants it, as a mixed model with that option's layers has it)."""
+def shared_recipe(recipe, options: Sequence[str], n_layers: int, option: str | None = None) -> recipes.Recipe:
+    """The recipe `option` is prepared with for the table: one set of transforms for every option
+    (the q/k rotation on when any option wants it, as a mixed model with that option's layers has
+    it); the recipe itself where it already decides so (the prepared cache then holds the option)."""
     r = recipes.get_recipe(recipe)
-    if r.qk_rotation is not None:
+    qk = any(r.qk_rotation_for(o, n_layers) for o in options)
+    if option is not None and r.qk_rotation_for(option, n_layers) == qk:
         return r
-    return dataclasses.replace(r, qk_rotation=any(wants_qk_rotation(o, n_layers) for o in options))
+    return dataclasses.replace(r, qk_rotation=qk)
 
 
 def splice(params_by_option: Sequence[llama.Params], assignment: Sequence[int]) -> llama.Params:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from models import llama, prepared, recipe as R
 from models.config import get_config
@@ -138,3 +139,33 @@ def test_prepared_cache_round_trip_and_corrupt_entry(model, quantized, tmp_path,
     assert not info3["cached"] and any("damaged" in m for m in logs) and same(p3, p1)
     (d / "arrays.bin").write_bytes(b"not the arrays")
     assert not prepared.prepare(model, RECIPE, "w4a4", log=logs.append)[2]["cached"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2 ** 31 - 1), st.integers(0, 3))
+def test_outlier_tokens_are_the_spikes_beyond_the_sink(seed, sink):
+    rng = np.random.default_rng(seed)
+    m = rng.uniform(0.5, 2.0, (3, 2, 10))  # [layers, windows, positions], median about 1.25
+    spikes = {(int(rng.integers(3)), int(rng.integers(2)), int(rng.integers(10))) for _ in range(rng.integers(0, 4))}
+    for l, w, t in spikes:
+        m[l, w, t] = 1e3  # > 64 x any median here
+    want = sorted(s for s in spikes if s[2] >= sink)
+    assert sorted(R.outlier_tokens(m, sink)) == want
+    line = R.describe_outliers(R.outlier_tokens(m, sink), np.zeros((2, 10), np.int32), sink)
+    assert ("none in 20" in line) == (not want)
+
+
+def test_calibration_reports_each_tokens_down_input_maximum(base):
+    cfg, p = R.transform(base, CFG, RECIPE, "w4a4")
+    stats = {}
+    llama.calibrate(p, jnp.asarray(TOKS), cfg, "w4a4", "mse", stats=stats)
+    m = stats["down_input_token_max"]
+    assert m.shape == (CFG.n_layers, *TOKS.shape) and np.all(m >= 0) and np.all(np.isfinite(m))
+    # the oracle: the float forward's own down-projection input, taken layer by layer
+    prec = dataclasses.replace(llama.resolve("w4a4", cfg), compute_dtype=jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(TOKS.shape[1]), TOKS.shape)
+    x = llama.embed(p, jnp.asarray(TOKS), llama.resolve("float"))
+    for i, lp in enumerate(llama.unstack_layers(p["layers"])):
+        c = llama._Calib("mse")
+        x, _ = llama.layer(lp, x, pos, None, cfg, prec, c)
+        np.testing.assert_allclose(m[i], np.asarray(c.token_max[("mlp", "down", "s_x")]), rtol=1e-5)

@@ -97,7 +97,7 @@ def search_command(args) -> int:
     # 1. each option prepared once, with the transforms the mixed models share
     prepared = []
     for o in options:
-        cfg, params, _ = prepare(model, shared, o, log=log)
+        cfg, params, _ = prepare(model, S.shared_recipe(recipe, options, cfg0.n_layers, o), o, log=log)
         prepared.append((cfg, params))
     cfg = prepared[-1][0]
     if any(c != cfg for c, _ in prepared):
