@@ -495,17 +495,17 @@ def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, c
                 o = (qlayers.quantized_product(pp, vp, at["s_p0"], at["s_v0"], sp[0])
                      + qlayers.quantized_product(pr, vr, at["s_p"], at["s_v"], sp[1]))
             else:
+                pr_codes, s_pr = qlayers.act_codes(pr, at["s_p"], sp[1])  # a dynamic step: each row's own
                 o = (qlayers.scaled_int_product(vu.quantize(pp, at["s_p0"], SINK.bits), vp, at["s_p0"], at["s_v0"], sp[0])
-                     + qlayers.scaled_int_product(vu.quantize(pr, at["s_p"], p_tq.bits, p_tq.signed), vr, at["s_p"],
-                                                  at["s_v"], sp[1]))
+                     + qlayers.scaled_int_product(pr_codes, vr, s_pr, at["s_v"], sp[1]))
             o = o.astype(dtype)
         else:
             pv_spec = qlayers.ProductSpec("pv", p_tq, kv_tq, dtype)
             if kv is None:
                 o = qlayers.quantized_product(probs, vals, at["s_p"], at["s_v"], pv_spec)
             else:
-                p_codes = vu.quantize(probs, at["s_p"], p_tq.bits, p_tq.signed)
-                o = qlayers.scaled_int_product(p_codes, vals, at["s_p"], at["s_v"], pv_spec)
+                p_codes, s_p = qlayers.act_codes(probs, at["s_p"], pv_spec)
+                o = qlayers.scaled_int_product(p_codes, vals, s_p, at["s_v"], pv_spec)
     else:
         o = jnp.einsum("bklt,bkte->bkle", probs.astype(jnp.float32), vals.astype(jnp.float32)).astype(dtype)
     o = o.reshape(B, Kv, G, L, E).transpose(0, 3, 1, 2, 4).reshape(B, L, H * E)

@@ -6,15 +6,18 @@ default w4a4, a8c8w4, w8a8: the cost model charges a layer by its widest weight,
 linear input and its KV cache, so options finer than a layer's class change its cost little). The
 output layer and the online rotations keep the widest option's widths.
 
-1. **The table.** For every (layer, option), the held-out-loss change of that one layer at that
-   option, every other layer at the widest option, measured (not estimated) on training windows
-   the recipe did not calibrate on. No model is prepared per entry: a recipe prepares each layer
-   from that layer's calibration inputs alone (GPTQ's Hessians and the activation steps come from
-   the float forward), so the layer prepared inside a uniform model of one option is the layer a
-   mixed model holds; the options are prepared once each, with the transforms the mixed models
-   share, and spliced (`splice`). The forward runs layer by layer at each layer's option, each
-   option's layer compiled once (`LayerwiseModel`), from the widest model's cached activations:
-   an entry costs the layers after it.
+1. **The table.** For every (layer, option), the loss change of that one layer at that option,
+   every other layer at the widest option, measured (not estimated) on held-out windows apart
+   from those that verify. No model is prepared per entry: a recipe prepares each layer's weights
+   from that layer's calibration inputs alone (GPTQ's Hessians come from the float forward), so
+   the options are prepared once each, with the transforms the mixed models share, and spliced
+   (`splice`; a layer's activation steps are calibrated behind the earlier layers' quantized
+   weights, which the splice takes from the uniform model: the verification measures the
+   difference). The forward runs layer by layer at each layer's option, each option's layer
+   compiled once (`LayerwiseModel`), from the widest model's cached activations: an entry costs
+   the layers after it. The recipe rotates q and k when any layer has a 4-bit KV cache: the
+   candidates with such a layer are read from a table measured with the rotation, the others from
+   one without it (`tables_needed`).
 2. **The candidates.** Assuming the changes add (checked below), the assignment with the least
    total change for each count of layers per option comes from one dynamic program over the layers
    (`count_optimal`): exact, for every count vector at once.
@@ -51,7 +54,6 @@ from models import llama
 from models import recipe as recipes
 from models.config import ModelConfig
 from models.evaluate.perplexity import token_nll
-from np_jax.quant import get_policy, wants_qk_rotation
 from np_jax.quant.policy import POLICIES, TRANSFORM_RULES, PrecisionPolicy
 
 DEFAULT_OPTIONS = ("w4a4", "a8c8w4", "w8a8")
@@ -101,17 +103,6 @@ def describe(options: Sequence[str], assignment: Sequence[int]) -> str:
 
 
 # --- the spliced models --------------------------------------------------------------------------------
-
-def shared_recipe(recipe, options: Sequence[str], n_layers: int, option: str | None = None) -> recipes.Recipe:
-    """The recipe `option` is prepared with for the table: one set of transforms for every option
-    (the q/k rotation on when any option wants it, as a mixed model with that option's layers has
-    it); the recipe itself where it already decides so (the prepared cache then holds the option)."""
-    r = recipes.get_recipe(recipe)
-    qk = any(r.qk_rotation_for(o, n_layers) for o in options)
-    if option is not None and r.qk_rotation_for(option, n_layers) == qk:
-        return r
-    return dataclasses.replace(r, qk_rotation=qk)
-
 
 def splice(params_by_option: Sequence[llama.Params], assignment: Sequence[int]) -> llama.Params:
     """The training-form parameters of a mixed model: layer i from `params_by_option[assignment[i]]`'s
@@ -247,22 +238,65 @@ def choose(points: list[dict], *, max_ratio: float | None = None, min_throughput
     return min(ok, key=lambda p: (p["ratio"], -p["throughput"]), default=None)
 
 
-def search(delta_LxO: np.ndarray, options: Sequence[str], *, base_nll: float, float_nll: float, shape,
-           users: int, context: int, cards: int, progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Every count vector's quality-optimal candidate with its predicted ratio to float (additive
-    changes) and its predicted appliance figures."""
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A measured table: `delta` [layers, len(options)] for the search's options `options` (indices,
+    the last the base), from models prepared with the q/k rotation on or off (`qk_rotation`): each
+    candidate is read from the table whose transforms its own model has."""
+
+    options: tuple[int, ...]
+    delta: np.ndarray
+    base_nll: float
+    qk_rotation: bool
+
+
+def tables_needed(recipe, options: Sequence[str], n_layers: int) -> list[tuple[bool, tuple[int, ...]]]:
+    """(q/k rotation, option indices) of each table the search measures. The recipe rotates q and k
+    when any layer has a 4-bit KV cache (unless it fixes the choice): candidates with such a layer
+    are measured with the rotation and every option; when the base has no 4-bit cache, those
+    without one are measured without it, on the options without one."""
+    r = recipes.get_recipe(recipe)
+    wants = [r.qk_rotation_for(o, n_layers) for o in options]
+    if r.qk_rotation is not None or all(wants) or not any(wants) or wants[-1]:
+        return [(any(wants), tuple(range(len(options))))]
+    return [(True, tuple(range(len(options)))), (False, tuple(k for k, w in enumerate(wants) if not w))]
+
+
+def search(tables: Sequence[Table], options: Sequence[str], *, float_nll: float, shape, users: int, context: int,
+           cards: int, progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Every count vector's quality-optimal candidate, from the table whose transforms it has, with its
+    predicted ratio to float (changes added) and its predicted appliance figures."""
+    plain = [t for t in tables if not t.qk_rotation]
+    picked: list[tuple[Table, float, tuple[int, ...]]] = []
+    for t in tables:
+        for counts, (d, assign) in sorted(count_optimal(t.delta).items()):
+            full = tuple(t.options[a] for a in assign)
+            if t.qk_rotation and plain and set(full) <= set(plain[0].options):
+                continue  # no 4-bit cache: the table without the rotation has it
+            picked.append((t, d, full))
     out = []
-    for counts, (d, assign) in sorted(count_optimal(delta_LxO).items()):
-        pol = assignment_policy(options, assign)
+    for t, d, full in picked:
+        pol = assignment_policy(options, full)
         c = cost_of(shape, pol, users=users, context=context, cards=cards)
-        out.append({"counts": dict(zip(options, counts)), "assignment": [options[a] for a in assign],
-                    "describe": describe(options, assign), "delta_nll": d,
-                    "ratio": math.exp(base_nll + d - float_nll), "throughput": c["system_throughput_tok_s"],
+        counts = np.bincount(np.asarray(full, int), minlength=len(options))
+        out.append({"counts": dict(zip(options, (int(v) for v in counts))), "assignment": [options[a] for a in full],
+                    "describe": describe(options, full), "qk_rotation": t.qk_rotation, "delta_nll": d,
+                    "ratio": math.exp(t.base_nll + d - float_nll), "throughput": c["system_throughput_tok_s"],
                     "energy_tok_s_W": c["energy_tok_s_W"], "latency_ms": c["latency_ms"], "fits": c["fits"],
                     "mapping": c["mapping"]})
         if progress:
             progress(1)
     return out
+
+
+def n_candidates(tables: Sequence[Table]) -> int:
+    plain = [t for t in tables if not t.qk_rotation]
+    n = 0
+    for t in tables:
+        for _, (_, assign) in count_optimal(t.delta).items():
+            full = {t.options[a] for a in assign}
+            n += not (t.qk_rotation and plain and full <= set(plain[0].options))
+    return n
 
 
 def front_figure(result: dict):

@@ -39,7 +39,7 @@ class Progress:
         self._thread.start()
 
     def line(self) -> str:
-        units = {"matrix": "matrices"}.get(self.unit, self.unit + "s")
+        units = {"matrix": "matrices", "entry": "entries"}.get(self.unit, self.unit + "s")
         done = f"{self.n}/{self.total} {units}" if self.total else (f"{self.n} {units}" if self.n else "")
         return f"{self.desc}: {done + ', ' if done else ''}{time.monotonic() - self.t0:.0f} s"
 

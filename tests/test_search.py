@@ -5,6 +5,7 @@ the policy file read back by np_jax.quant.load_policy; the recipe run on the mix
 (the splice); the model's own forward of the mixed policy (the layer-by-layer forward and the table).
 """
 
+import dataclasses
 import itertools
 import json
 
@@ -92,7 +93,7 @@ def test_policy_file_reads_back_as_the_same_policy(tmp_path):
 def prepared():
     params = llama.init_params(CFG, jax.random.key(0))
     windows = np.asarray(jax.random.randint(jax.random.key(1), (4, 33), 0, CFG.vocab_size), np.int32)
-    rec = S.shared_recipe("plain", OPTIONS, CFG.n_layers)
+    rec = dataclasses.replace(R.get_recipe("plain"), qk_rotation=False)
     outs = [R.apply(params, CFG, rec, o, windows) for o in OPTIONS]
     return params, windows, rec, outs
 
@@ -143,7 +144,8 @@ def test_search_command_on_tiny(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     cands = r["candidates"]
     assert len(cands) == CFG.n_layers + 1  # count vectors of 2 options over the layers
-    assert np.all(np.asarray(r["table"]["delta_nll"])[:, -1] == 0)
+    assert [t["qk_rotation"] for t in r["tables"]] == [True, False]  # w8a8 alone: no 4-bit cache, no rotation
+    assert all(np.all(np.asarray(t["delta_nll"])[:, -1] == 0) for t in r["tables"])
     front = [cands[k] for k in r["front"]]
     for c in cands:  # nothing fitting beats a front point on both axes
         assert not any(c["fits"] and c["ratio"] < f["ratio"] and c["throughput"] > f["throughput"] for f in front)
@@ -159,3 +161,27 @@ def test_search_command_on_tiny(tmp_path, capsys):
     assert r["verified"] and all(v["measured"]["vs_float"] > 0 for v in r["verified"])
     with Image.open(out / "front.png") as im:
         assert im.size[0] >= 1200
+
+
+def test_each_candidate_is_read_from_the_table_of_its_own_transforms():
+    assert S.tables_needed("rotate-gptq", OPTIONS, 30) == [(True, (0, 1, 2)), (False, (1, 2))]
+    fixed = dataclasses.replace(R.get_recipe("rotate-gptq"), qk_rotation=False)
+    assert S.tables_needed(fixed, OPTIONS, 30) == [(False, (0, 1, 2))]
+    assert S.tables_needed("rotate-gptq", ("a8c8w4", "w8a8"), 30) == [(False, (0, 1))]
+    rng = np.random.default_rng(0)
+    qk = S.Table((0, 1, 2), rng.normal(size=(CFG.n_layers, 3)) * 0.1, 2.0, True)
+    plain = S.Table((1, 2), rng.normal(size=(CFG.n_layers, 2)) * 0.1, 1.9, False)
+    qk.delta[:, -1] = plain.delta[:, -1] = 0
+    cands = S.search([qk, plain], OPTIONS, float_nll=1.8, shape=CFG, users=4, context=2048, cards=4)
+    counts = {tuple(c["counts"].values()) for c in cands}
+    assert len(cands) == len(counts) == len(S.count_optimal(qk.delta))  # every count vector, once
+    for c in cands:
+        t = qk if "w4a4" in c["assignment"] else plain
+        assert c["qk_rotation"] == t.qk_rotation
+        idx = [t.options.index(OPTIONS.index(o)) for o in c["assignment"]]
+        d = sum(t.delta[i, k] for i, k in enumerate(idx))
+        assert c["delta_nll"] == pytest.approx(d) and c["ratio"] == pytest.approx(np.exp(t.base_nll + d - 1.8))
+        assert c["delta_nll"] == pytest.approx(min(
+            sum(t.delta[i, k] for i, k in enumerate(a)) for a in itertools.product(range(len(t.options)),
+                                                                                     repeat=CFG.n_layers)
+            if sorted(a) == sorted(idx)))

@@ -6,6 +6,7 @@ Registered into the `np-jax` CLI through the `np_jax.commands` entry point (`reg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -35,7 +36,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "search", help="choose per-layer widths: measured sensitivities x the cost model, the Pareto front",
         description="Measure what each layer alone at each option (a preset for the whole layer) costs in loss "
-                    "on training windows the recipe did not calibrate on, find for every count of layers per "
+                    "on held-out windows apart from the verification's, find for every count of layers per "
                     "option the layers that cost least (an exact dynamic program), predict every candidate's "
                     "appliance throughput and energy with the planner and cost model, and keep the Pareto front. "
                     "The constraint picks a point; its policy file and those of the verified points go to "
@@ -58,7 +59,7 @@ def register(sub) -> None:
     p.add_argument("--context", type=count, default=2048, help="KV-cache positions per user")
     p.add_argument("--cards", type=count, default=16, help="cards of the appliance")
     p.add_argument("--windows", type=count, default=8,
-                   help="training windows (256 tokens, after the calibration windows) of the sensitivity table")
+                   help="held-out windows (256 tokens, after the verification's) of the loss table")
     p.add_argument("--batch-size", type=count, default=4, help="windows per forward")
     p.add_argument("--verify", type=count_or_zero, default=3,
                    help="front points (evenly spread, the chosen one added) prepared and evaluated for real")
@@ -76,10 +77,11 @@ def search_command(args) -> int:
     from models.config import get_config
     from models.evaluate.perplexity import evaluate, held_out
     from models.io.load import load_model
-    from models.prepared import calibration_windows, prepare
+    from models.prepared import prepare
     from models.recipe import get_recipe
     from models.train.data import DataConfig
     from np_jax.progress import Progress
+    from np_jax.quant import get_policy
     from np_jax.quant.policy import load_policy
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -92,39 +94,49 @@ def search_command(args) -> int:
     model = load_model(args.model, args.gguf, log=log)
     cfg0 = model.cfg
     recipe = get_recipe(args.recipe)
-    shared = S.shared_recipe(recipe, options, cfg0.n_layers)
-
-    # 1. each option prepared once, with the transforms the mixed models share
-    prepared = []
-    for o in options:
-        cfg, params, _ = prepare(model, S.shared_recipe(recipe, options, cfg0.n_layers, o), o, log=log)
-        prepared.append((cfg, params))
-    cfg = prepared[-1][0]
-    if any(c != cfg for c, _ in prepared):
-        raise ValueError("the options' prepared models differ in their transforms; give --recipe with them fixed")
-    windows = calibration_windows(model, shared.calib_windows + args.windows)[shared.calib_windows:]
+    seq = min(256, cfg0.max_seq_len)
+    # held-out windows: the first --eval-windows verify, the next --windows make the table (disjoint)
+    held, described = held_out(model.encoder, DataConfig(), seq, args.eval_windows + args.windows)
+    if len(held) < args.eval_windows + 1:
+        raise ValueError(f"the held-out set has only {len(held)} windows of {seq} tokens")
+    verify_windows, windows = held[: args.eval_windows], held[args.eval_windows:]
     t0 = time.perf_counter()
     float_nll = evaluate(model.params, model.cfg, "float", windows, args.batch_size)["nll"]
-    lm = S.LayerwiseModel(cfg, options, [p for _, p in prepared])
-    entries = cfg.n_layers * (len(options) - 1) * -(-len(windows) // args.batch_size)
-    with Progress(f"sensitivity table ({cfg.n_layers} layers x {len(options) - 1} options)", entries, unit="entry",
-                  log=log) as bar:
-        base_nll, delta = lm.table(windows, args.batch_size, progress=bar.update)
+
+    # 1. each table's options prepared once, with that table's transforms; the table measured
+    tables, cfg = [], None
+    for qk, idx in S.tables_needed(recipe, options, cfg0.n_layers):
+        opts = [options[k] for k in idx]
+        rec = dataclasses.replace(recipe, qk_rotation=qk)
+        prepared = []
+        for o in opts:  # the recipe itself where it decides so (the prepared cache then holds the option)
+            r = recipe if recipe.qk_rotation_for(o, cfg0.n_layers) == qk else rec
+            prepared.append(prepare(model, r, o, log=log)[:2])
+        cfg = prepared[-1][0]
+        if any(c != cfg for c, _ in prepared):
+            raise ValueError("the options' prepared models differ in their transforms; give --recipe with them fixed")
+        lm = S.LayerwiseModel(cfg, opts, [p for _, p in prepared])
+        n = cfg.n_layers * (len(opts) - 1) * -(-len(windows) // args.batch_size)
+        label = f"{'with' if qk else 'without'} the q/k rotation"
+        with Progress(f"table {label} ({cfg.n_layers} layers x {len(opts) - 1} options)", n, unit="entry",
+                      log=log) as bar:
+            base_nll, delta = lm.table(windows, args.batch_size, progress=bar.update)
+        tables.append(S.Table(tuple(idx), delta, base_nll, qk))
+        log(f"table {label}: base {options[-1]} {base_nll:.4f} nats/token (float {float_nll:.4f}) on "
+            f"{len(windows)} held-out windows")
+        del lm, prepared
     t_table = time.perf_counter() - t0
-    log(f"table: base {options[-1]} {base_nll:.4f} nats/token, float {float_nll:.4f}, on {len(windows)} training "
-        f"windows in {t_table:.0f} s")
 
     # 2-3. candidates, their predicted cost, the front
     t0 = time.perf_counter()
-    n_cand = len(S.count_optimal(delta))
     shape = get_config(args.model) if args.gguf is None else model.cfg
-    with Progress("cost of every candidate", n_cand, unit="candidate", log=log) as bar:
-        cands = S.search(delta, options, base_nll=base_nll, float_nll=float_nll, shape=shape, users=args.users,
-                         context=args.context, cards=args.cards, progress=bar.update)
+    with Progress("cost of every candidate", S.n_candidates(tables), unit="candidate", log=log) as bar:
+        cands = S.search(tables, options, float_nll=float_nll, shape=shape, users=args.users, context=args.context,
+                         cards=args.cards, progress=bar.update)
     t_cost = time.perf_counter() - t0
     front = S.pareto([c["ratio"] for c in cands], [c["throughput"] if c["fits"] else -1.0 for c in cands])
     front = [k for k in front if cands[k]["fits"]]
-    uniform = {o: next(c for c in cands if c["counts"][o] == cfg.n_layers) for o in options}
+    uniform = {o: next(c for c in cands if c["counts"][o] == cfg0.n_layers) for o in options}
     if args.max_ratio is not None:
         constraint, chosen = f"ratio <= {args.max_ratio:g}", S.choose(cands, max_ratio=args.max_ratio)
     else:
@@ -148,19 +160,21 @@ def search_command(args) -> int:
         c["policy_file"] = str(files[name])
     verified = []
     if args.verify and picks:
-        held, described = held_out(model.encoder, DataConfig(), min(256, cfg0.max_seq_len), args.eval_windows)
-        fl = evaluate(model.params, model.cfg, "float", held, args.batch_size)
-        for name, c in picks:
-            pol = load_policy(files[name])
+        fl = evaluate(model.params, model.cfg, "float", verify_windows, args.batch_size)
+        base_name = f"{tag}-uniform-{options[-1]}"
+        base = [] if any(c["assignment"] == uniform[options[-1]]["assignment"] for _, c in picks) else \
+            [(base_name, uniform[options[-1]])]  # the uniform base measured too, unless a pick is it
+        for name, c in base + picks:
+            pol = load_policy(files[name]) if name in files else get_policy(options[-1])
             t0 = time.perf_counter()
             cfg_v, params_v, _ = prepare(model, recipe, pol, log=log)
-            with Progress(f"held-out {name}", len(held), unit="window", log=log) as bar:
-                r = evaluate(params_v, cfg_v, pol, held, args.batch_size, reference_top1=fl["top1"],
+            with Progress(f"held-out {name}", len(verify_windows), unit="window", log=log) as bar:
+                r = evaluate(params_v, cfg_v, pol, verify_windows, args.batch_size, reference_top1=fl["top1"],
                              progress=bar.update, reference_params=model.params, reference_cfg=model.cfg)
             m = {"perplexity": r["perplexity"], "vs_float": r["perplexity"] / fl["perplexity"], "kl": r["kl"],
                  "top1_agreement": r["top1_agreement"], "tokens": r["tokens"], "seconds": time.perf_counter() - t0}
-            verified.append({"name": name, **{k: c[k] for k in ("describe", "ratio", "throughput", "policy_file")},
-                             "measured": m})
+            verified.append({"name": name, "policy_file": files.get(name) and str(files[name]),
+                             **{k: c[k] for k in ("describe", "ratio", "throughput")}, "measured": m})
             log(f"{name}: predicted {c['ratio']:.3f}x, measured {m['vs_float']:.3f}x held out (KL {m['kl']:.4f}, "
                 f"top-1 {m['top1_agreement']:.3f}) at {c['throughput']:.0f} tokens/s: {c['describe']}")
     result = {
@@ -170,12 +184,14 @@ def search_command(args) -> int:
              "windows", "batch_size", "verify", "eval_windows") if getattr(args, k) is not None),
         "model": cfg0.name, "recipe": recipe.name, "options": list(options), "users": args.users,
         "context": args.context, "cards": args.cards, "constraint": constraint,
-        "table": {"windows": int(len(windows)), "seq_len": int(windows.shape[1] - 1), "split": "training, after the "
-                  f"{shared.calib_windows} calibration windows", "float_nll": float_nll, "base_nll": base_nll,
-                  "delta_nll": delta.tolist(), "seconds": t_table},
+        "tables": [{"options": [options[k] for k in t.options], "qk_rotation": t.qk_rotation,
+                    "base_nll": t.base_nll, "delta_nll": t.delta.tolist()} for t in tables],
+        "table_windows": {"windows": int(len(windows)), "seq_len": int(windows.shape[1] - 1),
+                          "split": f"held out, after the {len(verify_windows)} verification windows",
+                          "float_nll": float_nll},
         "uniform": {o: {k: u[k] for k in ("ratio", "throughput", "energy_tok_s_W", "fits")} for o, u in uniform.items()},
         "chosen": chosen, "front": front, "candidates": cands, "verified": verified,
-        "held_out": described if verified else None,
+        "held_out": described,
         "seconds": {"table": t_table, "cost": t_cost, "total": time.perf_counter() - t_start},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
