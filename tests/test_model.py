@@ -150,3 +150,33 @@ def test_random_serving_weights_cover_the_code_range_and_follow_the_key():
     logits, _ = llama.step(a, jnp.array([[1, 2]]), jnp.array([[0, 1]]), llama.init_cache(CFG, 1, 8, "w4a4"), CFG,
                            "w4a4")
     assert logits.shape == (1, 2, CFG.vocab_size) and bool(jnp.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("sink", [0, 1])
+def test_dynamic_probability_steps_decode_as_the_full_forward_bit_exact(tmp_path, sink):
+    """Each probability row at its own step (max over the row / Q_P): the cached decode path and the
+    window forward quantize the same rows the same way; serving equals training."""
+    from np_jax.quant.policy import load_policy
+
+    f = tmp_path / "pdyn.json"
+    f.write_text('{"name": "w8a8-pdyn", "base": "w8a8", "rules": [["*.attn.probs", {"bits": 8, "dynamic": true}]]}')
+    pol = load_policy(f)
+    cfg = CFG.replace(sink_positions=sink)
+    p = llama.init_params(cfg, jax.random.key(0))
+    p = llama.calibrate({**p, "layers": llama.with_act_steps(p["layers"], cfg)},
+                        jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size), cfg, pol)
+    toks = jax.random.randint(jax.random.key(2), (3, 14), 0, cfg.vocab_size)
+    full = llama.forward(p, toks, cfg, pol)
+    static = llama.forward(p, toks, cfg, "w8a8")
+    assert not np.array_equal(np.asarray(full), np.asarray(static))  # the dynamic steps are in use
+    np.testing.assert_array_equal(np.asarray(llama.forward(llama.prepare_serving(p, cfg, pol), toks, cfg, pol)),
+                                  np.asarray(full))
+    sp = llama.prepare_serving(p, cfg, pol)
+    cache = llama.init_cache(cfg, 3, 64, pol)
+    step = jax.jit(lambda p, t, pos, c: llama.step(p, t, pos, c, cfg, pol))
+    logits, cache = step(sp, toks[:, :9], jnp.broadcast_to(jnp.arange(9), (3, 9)), cache)
+    outs = [logits]
+    for t in range(9, 14):
+        lg, cache = step(sp, toks[:, t:t + 1], jnp.full((3, 1), t), cache)
+        outs.append(lg)
+    np.testing.assert_array_equal(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full))

@@ -199,9 +199,15 @@ class Bits:
     out_a: float = 8.0  # and input
     rot_w: float = 2.0  # the online rotations' ±1 matrices
     rot_a: float = 8.0  # and their inputs
+    probs_dynamic: float = 0.0  # 1: each probability row takes its own step (a max-reduce per row)
 
     def __post_init__(self):
+        a = _concrete(self, "probs_dynamic")
+        if a is not None and not np.all(np.isin(a, (0.0, 1.0))):
+            raise ValueError(f"Bits.probs_dynamic must be 0 or 1, got {self.probs_dynamic!r}")
         for f in dataclasses.fields(self):
+            if f.name == "probs_dynamic":
+                continue
             a = _concrete(self, f.name)
             if a is not None and not np.all(np.isin(a, SUPPORTED_BITS)):
                 raise ValueError(f"Bits.{f.name} must be one of {SUPPORTED_BITS} (the VMM's INT2/INT4/INT8 operand "
@@ -223,7 +229,8 @@ class Bits:
         kv = r("attn.kv")
         attn = max(kv, r("attn.qk.q"), r("attn.probs"))
         return cls(float(w), float(a), float(kv), float(attn), float(p.output("w").bits), float(p.output("x").bits),
-                   float(p.layer("attn.rot.w").bits), float(p.layer("attn.rot.x").bits))
+                   float(p.layer("attn.rot.w").bits), float(p.layer("attn.rot.x").bits),
+                   float(p.layer("attn.probs").dynamic))
 
     @classmethod
     def layer_groups(cls, policy: str | PrecisionPolicy, n_layers: int) -> tuple[tuple[tuple[int, ...], ...], list]:
