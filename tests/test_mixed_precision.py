@@ -229,3 +229,12 @@ def test_the_commands_take_a_policy_file(tmp_path, capsys):
     assert w["latency_ms"] >= n["latency_ms"]
     assert main(["map", "--precision", str(tmp_path / "missing.json")]) == 2
     assert "missing.json does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("role", ["attn.probs", "attn.kv", "attn.qk.q"])
+def test_float_and_integer_attention_operands_do_not_mix(tmp_path, role):
+    f = tmp_path / "mix.json"
+    f.write_text(json.dumps({"name": "mix", "base": "w8a8", "rules": [[f"*.{role}", "float"]]}))
+    with pytest.raises(ValueError, match=r"layer 0's .*attention products' operands"):
+        llama.resolve(load_policy(f), CFG)
+    llama.resolve("w8a8", CFG)  # a preset passes

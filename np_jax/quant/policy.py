@@ -94,6 +94,14 @@ class PrecisionPolicy:
                                      f"{'float' if tq.is_float else 'dynamic' if tq.dynamic else 'static'} and "
                                      f"layer 0's {'float' if first.is_float else 'dynamic' if first.dynamic else 'static'}"
                                      "; layers may differ in widths, not in what they hold")
+        attn = [r for r in ("attn.qk.q", "attn.kv", "attn.probs") if r in roles]
+        for i in range(n_layers):  # Q K^T and P V run on the VMM: their operands are integer, or all float
+            kinds = {r: self(f"layers.{i}.{r}").is_float for r in attn}
+            if len(set(kinds.values())) > 1:
+                raise ValueError(f"policy {self.name!r} makes layer {i}'s "
+                                 + ", ".join(f"{r} {'float' if f else 'integer'}" for r, f in kinds.items())
+                                 + "; the attention products' operands (attn.qk.q, attn.kv, attn.probs) must be all "
+                                 "integer (the VMM's) or all float")
         for r in ("w", "x"):
             try:
                 self.output(r)
