@@ -2,7 +2,7 @@
 appliance's cost model, with the Pareto front of quality against predicted throughput.
 
 Each layer takes one of a few options, each a preset applied to the whole layer (`--options`, by
-default w4a4, a8c8w4, w8a8: the cost model charges a layer by its widest weight, its widest
+default w4a4-pd, a8c8w4-pd, w8a8-pd: the cost model charges a layer by its widest weight, its widest
 linear input and its KV cache, so options finer than a layer's class change its cost little). The
 output layer and the online rotations keep the widest option's widths.
 
@@ -56,7 +56,7 @@ from models.config import ModelConfig
 from models.evaluate.perplexity import token_nll
 from np_jax.quant.policy import POLICIES, TRANSFORM_RULES, PrecisionPolicy
 
-DEFAULT_OPTIONS = ("w4a4", "a8c8w4", "w8a8")
+DEFAULT_OPTIONS = ("w4a4-pd", "a8c8w4-pd", "w8a8-pd")
 Log = Callable[[str], None]
 
 
@@ -301,39 +301,63 @@ def n_candidates(tables: Sequence[Table]) -> int:
 
 def front_figure(result: dict):
     """Predicted ratio to float against predicted tokens/s: every candidate, the front, the uniform
-    options, the chosen point and the verified ones."""
+    options, the chosen point; a second panel zoomed on the front with the verified points (their
+    prediction joined to their measurement)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     cands = result["candidates"]
-    fig = Figure(figsize=(11.0, 6.5), dpi=120)
-    ax = fig.add_subplot()
-    ax.scatter([c["throughput"] for c in cands], [c["ratio"] for c in cands], s=10, color="0.7",
-               label=f"candidates ({len(cands)}: the best layers for each count per option)")
     fr = [cands[k] for k in result["front"]]
-    ax.plot([c["throughput"] for c in fr], [c["ratio"] for c in fr], "o-", color="tab:blue", ms=5,
-            label="Pareto front (predicted)")
-    for o in result["options"]:
-        u = next(c for c in cands if c["counts"][o] == len(c["assignment"]))
-        ax.scatter([u["throughput"]], [u["ratio"]], marker="s", s=60, color="tab:orange", zorder=3)
-        ax.annotate(f"uniform {o}", (u["throughput"], u["ratio"]), textcoords="offset points", xytext=(6, 6),
-                    fontsize=9)
-    for v in result.get("verified", []):
-        ax.scatter([v["throughput"]], [v["measured"]["vs_float"]], marker="x", s=70, color="tab:red", zorder=4)
-        ax.annotate(f"{v['name']}: measured {v['measured']['vs_float']:.3f}x", (v["throughput"],
-                    v["measured"]["vs_float"]), textcoords="offset points", xytext=(6, -12), fontsize=8, color="tab:red")
-    ch = result.get("chosen")
-    if ch:
-        ax.scatter([ch["throughput"]], [ch["ratio"]], marker="*", s=220, color="tab:green", zorder=5,
-                   label=f"chosen ({result['constraint']})")
-    ax.set_xlabel(f"predicted appliance throughput (tokens/s; {result['users']} users, {result['cards']} cards, "
-                  f"context {result['context']})")
-    ax.set_ylabel("perplexity / float (predicted from the table; x: measured held out)")
-    ax.set_yscale("log")
-    ax.annotate("better", xy=(0.97, 0.05), xytext=(0.80, 0.18), xycoords="axes fraction",
-                arrowprops=dict(arrowstyle="->", color="0.3"), color="0.3", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"{result['model']}: per-layer widths ({', '.join(result['options'])}), recipe {result['recipe']}")
-    ax.legend(loc="upper left", fontsize=9)
+    fig = Figure(figsize=(15.0, 6.5), dpi=100)
+    axes = fig.subplots(1, 2)
+    for n, ax in enumerate(axes):
+        ax.scatter([c["throughput"] for c in cands], [c["ratio"] for c in cands], s=9, color="0.7",
+                   label=f"candidates ({len(cands)}: the best layers for each count per option)")
+        ax.plot([c["throughput"] for c in fr], [c["ratio"] for c in fr], "o-", color="tab:blue", ms=4,
+                label="Pareto front (predicted)")
+        for o in result["options"]:
+            u = next(c for c in cands if c["counts"][o] == len(c["assignment"]))
+            ax.scatter([u["throughput"]], [u["ratio"]], marker="s", s=50, color="tab:orange", zorder=3,
+                       label="uniform options (predicted)" if o == result["options"][0] else None)
+            ax.annotate(f"uniform {o}", (u["throughput"], u["ratio"]), textcoords="offset points",
+                        xytext=(6, 4), fontsize=9)
+        ch = result.get("chosen")
+        if ch:
+            ax.scatter([ch["throughput"]], [ch["ratio"]], marker="*", s=200, color="tab:green", zorder=5,
+                       label=f"chosen by the prediction ({result['constraint']})")
+        ax.grid(True, alpha=0.3)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("predicted throughput (tokens/s)")
+        ax.set_ylabel("perplexity / float")
+    ax0, ax1 = axes
+    ax0.set_title(f"all candidates ({result['users']} users, {result['cards']} cards, context {result['context']})")
+    ax0.legend(loc="center", fontsize=8)
+    ax0.annotate("better", xy=(0.97, 0.05), xytext=(0.78, 0.2), xycoords="axes fraction",
+                 arrowprops=dict(arrowstyle="->", color="0.3"), color="0.3", fontsize=10)
+    ver = result.get("verified", [])
+    pts = fr + [{"throughput": v["throughput"], "ratio": v["measured"]["vs_float"]} for v in ver]
+    if pts:
+        xs, ys = [p["throughput"] for p in pts], [p["ratio"] for p in pts] + [v["ratio"] for v in ver]
+        dx = max(max(xs) - min(xs), 1.0) * 0.15
+        ax1.set_xlim(min(xs) - dx, max(xs) + 4 * dx)
+        dy = max(max(ys) - min(ys), 0.01) * 0.1
+        ax1.set_ylim(min(ys) - dy, max(ys) + 4 * dy)  # room for the legend above the points
+    lines = []
+    for j, v in enumerate(ver, 1):
+        m = v["measured"]["vs_float"]
+        ax1.plot([v["throughput"]] * 2, [v["ratio"], m], ":", color="tab:red", lw=1)
+        ax1.scatter([v["throughput"]], [m], marker="x", s=60, color="tab:red", zorder=4,
+                    label="measured held out (dotted: from its prediction)" if j == 1 else None)
+        ax1.annotate(str(j), (v["throughput"], m), textcoords="offset points", xytext=(5, -3), fontsize=9,
+                     color="tab:red")
+        lines.append(f"{j}: {v['describe'][:44]}{'...' if len(v['describe']) > 44 else ''}\n"
+                     f"    predicted {v['ratio']:.3f}x, measured {m:.3f}x")
+    if lines:
+        ax1.text(0.99, 0.02, "\n".join(lines), transform=ax1.transAxes, ha="right", va="bottom", fontsize=7.5,
+                 family="monospace", bbox=dict(boxstyle="round", facecolor="white", alpha=0.85))
+    ax1.set_title("zoom on the front, with the verified points")
+    ax1.legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"{result['model']}: per-layer widths ({', '.join(result['options'])}), recipe {result['recipe']}")
     fig.tight_layout()
     return fig
 

@@ -18,7 +18,7 @@ The rewrites, each for a reason:
 - `run` of the pretrained SmolLM2: fast, `--dry-run` (the real model planned and its figures
   predicted; no weights loaded); slow, real generation of at most 4 tokens (the first run
   prepares the model: minutes).
-- `train` and `eval` of SmolLM2 (minutes to hours): slow, on `tiny` with the documented flags;
+- `train`, `eval` and `search` of SmolLM2 (minutes to hours): slow, on `tiny` with the documented flags;
   those of `tiny`: fast. Both with the sizes of `SMALL` (2 steps, 2 windows, ...).
 - `--humaneval` (generated code run in subprocesses): slow, on SmolLM2 itself (a HumanEval prompt
   does not fit tiny's 128 positions); never on a checkpoint of a SmolLM2 QAT run, which would
@@ -198,9 +198,10 @@ def test_the_extraction_sees_the_docs():
 # The sizes train and eval are cut to (a documented value already smaller is kept); FORCED ones
 # are added where the command leaves them at their default, the others only cut.
 SMALL = {"--steps": 2, "--seq-len": 32, "--grad-accum": 1, "--calib-windows": 2, "--warmup-steps": 1, "--windows": 2,
-         "--problems": 1, "--samples": 2, "--max-new-tokens": 8}
+         "--problems": 1, "--samples": 2, "--max-new-tokens": 8, "--verify": 1, "--eval-windows": 1}
 FORCED = {"train": {"--steps", "--seq-len", "--grad-accum", "--calib-windows"},
-          "eval": {"--windows", "--seq-len", "--calib-windows"}, "humaneval": {"--problems", "--max-new-tokens"}}
+          "eval": {"--windows", "--seq-len", "--calib-windows"}, "humaneval": {"--problems", "--max-new-tokens"},
+          "search": {"--windows", "--verify", "--eval-windows"}}
 NEVER_RUN = {"--coordinator": "several processes on several hosts (tests/test_multiprocess.py runs two processes)"}
 
 
@@ -245,7 +246,7 @@ def plans(doc: Doc) -> list[Plan]:
         if any(f in argv for f in NEVER_RUN):
             continue
         cmd = argv[0] if argv else ""
-        if "--help" in argv or cmd not in ("run", "train", "eval", "dse"):
+        if "--help" in argv or cmd not in ("run", "train", "eval", "dse", "search"):
             out.append(Plan(tuple(argv), stdout_to, "", True))
         elif cmd == "dse":
             out.append(Plan(tuple(argv), stdout_to, "compiles the sweep, the search and the elasticities", True))
@@ -400,15 +401,15 @@ def _check_default_run(o: Outcome):
     # README / index.md: SmolLM2-135M, w8a8 after the default recipe, 16 emulated cards (the plan's
     # first line, or a real run's "model ..." and "mapping: ..." lines)
     if "--dry-run" in o.argv:
-        assert re.search(r"^smollm2-135m, w8a8, 1 users? x 512 context: 16 cards: .*; fits$", o.out, re.M), o.out
+        assert re.search(r"^smollm2-135m, w8a8-pd, 1 users? x 512 context: 16 cards: .*; fits$", o.out, re.M), o.out
     else:
-        assert re.search(r"^model smollm2-135m .*precision w8a8.*recipe rotate-gptq", o.out, re.M), o.out
+        assert re.search(r"^model smollm2-135m .*precision w8a8-pd.*recipe rotate-gptq", o.out, re.M), o.out
         assert re.search(r"^mapping: 16 cards: .*; fits", o.out, re.M), o.out
 
 
 def _check_run_json(o: Outcome):
     r = json.loads(o.stdout)
-    assert (r["model"], r["precision"]) == ("smollm2-135m", "w8a8")
+    assert (r["model"], r["precision"]) == ("smollm2-135m", "w8a8-pd")
     # a plan: the predicted figures; a real run: the keys model.md lists
     keys = {"northpole_predicted"} if "--dry-run" in o.argv else {
         "outputs", "emulator_tokens_per_s", "emulator_decode_tokens_per_s", "backend", "calibration", "kv_cache_bytes"}
@@ -418,7 +419,7 @@ def _check_run_json(o: Outcome):
 def _check_eight_devices(o: Outcome):
     # multihost.md: 16 cards over 8 devices, 2 on each (28 users)
     if "--dry-run" in o.argv:
-        assert re.search(r"^smollm2-135m, w8a8, 28 users x 512 context: 16 cards", o.out, re.M), o.out
+        assert re.search(r"^smollm2-135m, w8a8-pd, 28 users x 512 context: 16 cards", o.out, re.M), o.out
     else:
         assert re.search(r"^mapping: 16 cards: .*; 8 JAX device", o.out, re.M), o.out
 
@@ -436,7 +437,9 @@ def _check_eval_table(o: Outcome):
 def _check_quality(o: Outcome):
     rows = json.loads((o.cwd / "quality_smollm2.json").read_text())["rows"]
     ptq = {(r["precision"], r["recipe"]) for r in rows if not r.get("qat") and r["precision"] != "float"}
-    assert ptq == {(p, r) for p in ("w4a4", "w4a4-p8d8", "a8c8w4", "w8a8") for r in ("plain", "rotate-gptq")}
+    searched = json.loads((ROOT / "docs/policies/smollm2-searched.json").read_text())["name"]
+    assert ptq == {(p, "rotate-gptq") for p in ("w4a4", "w4a4-pd", "w4a4-p8d8", "a8c8w4", "a8c8w4-pd", "w8a8",
+                                                "w8a8-pd", searched)}
 
 
 def _check_pass_at_k(o: Outcome):
@@ -679,11 +682,14 @@ def test_the_quality_table_is_its_data_file():
     rows = {(r["precision"], r["recipe"] or "-"): r for r in data["rows"]}
     table = _table("docs/quantization.md", "| Precision | Recipe | Perplexity |")
     assert len(table) == len(rows)
-    for precision, recipe, ppl, vs, top1, prepare in table:
+    for precision, recipe, ppl, vs, kl, top1, same, prepare in table:
         r = rows[(precision, recipe)]
         assert _shown(ppl, r["perplexity"]) and _shown(vs, r["vs_float"]), (precision, recipe)
-        assert top1 == "1.000" if precision == "float" else _shown(top1, r["top1_agreement"]), (precision, recipe)
-        assert prepare == "-" if precision == "float" else _shown(prepare, r["prepare_minutes"]), (precision, recipe)
+        if precision == "float":
+            assert (kl, top1, same, prepare) == ("-", "1.000", "64.0", "-")
+            continue
+        assert _shown(kl, r["kl"]) and _shown(top1, r["top1_agreement"]), (precision, recipe)
+        assert _shown(same, r["same_as_float_tokens"]) and _shown(prepare, r["prepare_minutes"]), (precision, recipe)
     doc = next(d for d in NP_JAX if d.text.endswith("> quality_smollm2.json"))
     assert _same_run(doc.text, data["command"])
     assert f"{data['held_out']['tokens']:,} scored" in _page("docs/quantization.md")

@@ -159,6 +159,12 @@ def test_search_command_on_tiny(tmp_path, capsys):
         for i, o in enumerate(ch["assignment"]):
             assert pol(f"layers.{i}.attn.x") == S.POLICIES[o](f"layers.{i}.attn.x")
     assert r["verified"] and all(v["measured"]["vs_float"] > 0 for v in r["verified"])
+    # the measurement decides: the verified point meeting the constraint with the best measured ratio
+    ok = [v for v in r["verified"] if v["fits"] and v["throughput"] >= floor]
+    vc = r["verified_choice"]
+    assert (vc is None) == (not ok)
+    if vc:
+        assert vc["measured"]["vs_float"] == min(v["measured"]["vs_float"] for v in ok)
     with Image.open(out / "front.png") as im:
         assert im.size[0] >= 1200
 

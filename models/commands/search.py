@@ -15,7 +15,7 @@ from pathlib import Path
 from np_jax.cli import Formatter, count, count_or_zero, positive_number
 from models.commands.sensitivity import RECIPES, _writable
 
-OPTIONS = ("w4a4", "a8c8w4", "w8a8")  # models.search.DEFAULT_OPTIONS, spelled out: --help imports no JAX
+OPTIONS = ("w4a4-pd", "a8c8w4-pd", "w8a8-pd")  # models.search.DEFAULT_OPTIONS, spelled out: --help imports no JAX
 
 EPILOG = """\
 examples:
@@ -173,10 +173,16 @@ def search_command(args) -> int:
                              progress=bar.update, reference_params=model.params, reference_cfg=model.cfg)
             m = {"perplexity": r["perplexity"], "vs_float": r["perplexity"] / fl["perplexity"], "kl": r["kl"],
                  "top1_agreement": r["top1_agreement"], "tokens": r["tokens"], "seconds": time.perf_counter() - t0}
-            verified.append({"name": name, "policy_file": files.get(name) and str(files[name]),
-                             **{k: c[k] for k in ("describe", "ratio", "throughput")}, "measured": m})
+            verified.append({"name": name, "policy": str(files[name]) if name in files else options[-1],
+                             **{k: c[k] for k in ("describe", "ratio", "throughput", "fits")}, "measured": m})
             log(f"{name}: predicted {c['ratio']:.3f}x, measured {m['vs_float']:.3f}x held out (KL {m['kl']:.4f}, "
                 f"top-1 {m['top1_agreement']:.3f}) at {c['throughput']:.0f} tokens/s: {c['describe']}")
+    # the measurement decides among the verified points: the predicted ratios add single-layer changes
+    pool = [{**v, "ratio": v["measured"]["vs_float"]} for v in verified]
+    pick = (S.choose(pool, max_ratio=args.max_ratio) if args.max_ratio is not None
+            else S.choose(pool, min_throughput=floor)) if pool else None
+    verified_choice = None if pick is None else {k: pick[k] for k in ("name", "policy", "describe", "throughput")} | {
+        "measured": pick["measured"]}
     result = {
         "command": "np-jax search " + " ".join(
             f"--{k.replace('_', '-')} {_flag(getattr(args, k))}" for k in
@@ -190,7 +196,7 @@ def search_command(args) -> int:
                           "split": f"held out, after the {len(verify_windows)} verification windows",
                           "float_nll": float_nll},
         "uniform": {o: {k: u[k] for k in ("ratio", "throughput", "energy_tok_s_W", "fits")} for o, u in uniform.items()},
-        "chosen": chosen, "front": front, "candidates": cands, "verified": verified,
+        "chosen": chosen, "front": front, "candidates": cands, "verified": verified, "verified_choice": verified_choice,
         "held_out": described,
         "seconds": {"table": t_table, "cost": t_cost, "total": time.perf_counter() - t_start},
     }
@@ -211,6 +217,9 @@ def search_command(args) -> int:
     else:
         print(f"  chosen ({constraint}): {chosen['describe']}; predicted {chosen['ratio']:.3f}x float, "
               f"{chosen['throughput']:.0f} tokens/s -> {chosen['policy_file']}")
+    if verified_choice:
+        print(f"  verified choice ({constraint}, measured): {verified_choice['describe']} -> "
+              f"{verified_choice['policy']}; measured {verified_choice['measured']['vs_float']:.3f}x float")
     for v in verified:
         print(f"  verified {v['name']}: predicted {v['ratio']:.3f}x, measured {v['measured']['vs_float']:.3f}x "
               f"(KL {v['measured']['kl']:.4f})")

@@ -179,6 +179,27 @@ POLICIES: dict[str, PrecisionPolicy] = {
                                ("*", TensorQuant(8, dynamic=True))),
             "w8a8 with dynamic per-token steps (vector-unit max-reduce) for the linear layers' inputs",
         ),
+        # Dynamic probability steps: each row of attention probabilities quantized at its own step (its
+        # max / Q_P: one max-reduce per row in the vector unit), not one static step for every row;
+        # a diffuse row's small probabilities otherwise round to zero (docs/quantization.md).
+        PrecisionPolicy(
+            "w4a4-pd",
+            TRANSFORM_RULES + (("lm_head.w", _w(8)), ("lm_head.x", TensorQuant(8)), ("*.mlp.silu", TensorQuant(8)),
+                               ("*.attn.probs", TensorQuant(4, signed=False, dynamic=True)), ("*.w", _w(4)),
+                               ("*", TensorQuant(4))),
+            "w4a4 with a dynamic step per row of attention probabilities",
+        ),
+        PrecisionPolicy(
+            "a8c8w4-pd",
+            TRANSFORM_RULES + (("lm_head.w", _w(8)), ("*.attn.probs", TensorQuant(8, dynamic=True)), ("*.w", _w(4)),
+                               ("*", TensorQuant(8))),
+            "a8c8w4 with a dynamic step per row of attention probabilities",
+        ),
+        PrecisionPolicy(
+            "w8a8-pd",
+            TRANSFORM_RULES + (("*.attn.probs", TensorQuant(8, dynamic=True)), ("*.w", _w(8)), ("*", TensorQuant(8))),
+            "w8a8 with a dynamic step per row of attention probabilities",
+        ),
         PrecisionPolicy("float", (("*", FLOAT),), "no quantization (float32 reference)"),
     ]
 }
