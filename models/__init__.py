@@ -8,7 +8,8 @@ training and evaluation.
   `step`), used as a module: `from models import llama`.
 - `recipe`: quantization recipes (`Recipe`, `RECIPES`, `DEFAULT_RECIPE`, `get_recipe`);
   `prepared`: the on-disk cache of prepared models (`prepare`); `sensitivity`: the per-layer
-  8-to-4-bit sensitivity table (`np-jax sensitivity`).
+  8-to-4-bit sensitivity table (`np-jax sensitivity`); `search`: per-layer widths chosen from a measured
+  loss table and the cost model (`np-jax search`).
 - `generate`: `Generator` (one generation loop over a backend), `Sequential`,
   `GenerationResult`, `bucket_length`.
 - `appliance`: the decoder on the emulated appliance (`Appliance`, `build_cards`, `card_list`,
@@ -43,7 +44,7 @@ def _lazy(package: str, exports: dict[str, str]):
 
 _EXPORTS = {
     **{m: f"models.{m}" for m in ("appliance", "config", "evaluate", "generate", "io", "llama", "prepared", "recipe",
-                                  "sensitivity", "train")},
+                                  "search", "sensitivity", "train")},
     **dict.fromkeys(("Appliance", "build_cards", "card_list", "card_precision", "card_programs", "combine_greedy",
                      "init_card_states", "pipelined_logits", "schedule_of"), "models.appliance"),
     **dict.fromkeys(("CONFIGS", "ModelConfig", "get_config", "named_configs"), "models.config"),

@@ -54,7 +54,7 @@ from models import llama
 from models import recipe as recipes
 from models.config import ModelConfig
 from models.evaluate.perplexity import token_nll
-from np_jax.quant.policy import POLICIES, TRANSFORM_RULES, PrecisionPolicy
+from np_jax.quant import POLICIES, TRANSFORM_RULES, PrecisionPolicy
 
 DEFAULT_OPTIONS = ("w4a4-pd", "a8c8w4-pd", "w8a8-pd")
 Log = Callable[[str], None]

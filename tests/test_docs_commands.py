@@ -409,7 +409,7 @@ def _check_default_run(o: Outcome):
 
 def _check_run_json(o: Outcome):
     r = json.loads(o.stdout)
-    assert (r["model"], r["precision"]) == ("smollm2-135m", "w8a8-pd")
+    assert (r["model"], r["precision"]) == ("smollm2-135m", _value(list(o.argv), "--precision") or "w8a8-pd")
     # a plan: the predicted figures; a real run: the keys model.md lists
     keys = {"northpole_predicted"} if "--dry-run" in o.argv else {
         "outputs", "emulator_tokens_per_s", "emulator_decode_tokens_per_s", "backend", "calibration", "kv_cache_bytes"}
@@ -460,8 +460,9 @@ CHECKS = {
     "np-jax run --devices 8 --users 28 --new-tokens 64": _check_eight_devices,
     "np-jax train --model tiny --steps 200 --out runs/tiny-float": _check_tiny_float,
     "np-jax eval --checkpoint runs/qat-tiny": _check_eval_table,
-    "np-jax eval --precision w4a4 --precision w4a4-p8d8 --precision a8c8w4 --precision w8a8 --recipe plain "
-    "--recipe rotate-gptq --windows 16 --json > quality_smollm2.json": _check_quality,
+    "np-jax eval --precision w4a4 --precision w4a4-pd --precision w4a4-p8d8 --precision a8c8w4 --precision a8c8w4-pd "
+    "--precision w8a8 --precision w8a8-pd --precision docs/policies/smollm2-searched.json --recipe rotate-gptq "
+    "--windows 16 --json > quality_smollm2.json": _check_quality,
     "np-jax eval --humaneval --samples 10 --k 1 --k 10 --temperature 0.8 --json": _check_pass_at_k,
 }
 

@@ -3,7 +3,7 @@ products (one integer forward for training and serving), rotations, GPTQ and the
 
 - `lsq`: `TensorQuant`, `lsq_fake_quant` (LSQ custom VJP), step initialisation (`init_step`,
   `init_step_mse`), the dynamic per-token step `dynamic_step`, grad scales.
-- `policy`: `PrecisionPolicy`, the named `POLICIES`, `get_policy`, `load_policy` (a policy file), `wants_qk_rotation`.
+- `policy`: `PrecisionPolicy`, the named `POLICIES` (and the `TRANSFORM_RULES` they share), `get_policy`, `load_policy` (a policy file), `wants_qk_rotation`.
 - `products`: `ProductSpec`, `act_codes`, `scaled_int_product` / `quantized_product`, `linear`,
   `prepare_linear`, `silu_lut`.
 - `hadamard`: Sylvester, Paley and Kronecker constructions (`hadamard`, `orthogonal`,
@@ -21,7 +21,7 @@ from np_jax.quant.hadamard import factors, is_supported, kron_apply_int, orthogo
 from np_jax.quant.lsq import (FLOAT, TensorQuant, act_grad_scale, check_step, dynamic_step, fake_quant, grad_scale,
                               init_step, init_step_mse, lsq_fake_quant, weight_grad_scale)
 from np_jax.quant.optim import lsq_optimizer, param_group, param_groups
-from np_jax.quant.policy import POLICIES, PrecisionPolicy, get_policy, load_policy, wants_qk_rotation
+from np_jax.quant.policy import POLICIES, TRANSFORM_RULES, PrecisionPolicy, get_policy, load_policy, wants_qk_rotation
 from np_jax.quant.products import (ProductSpec, act_codes, linear, prepare_linear, quantized_product,
                                    scaled_int_product, silu_lut)
 
@@ -30,6 +30,7 @@ from np_jax.quant.products import (ProductSpec, act_codes, linear, prepare_linea
 __all__ = [
     "FLOAT",
     "POLICIES",
+    "TRANSFORM_RULES",
     "PrecisionPolicy",
     "ProductSpec",
     "TensorQuant",
