@@ -262,20 +262,26 @@ def tables_needed(recipe, options: Sequence[str], n_layers: int) -> list[tuple[b
     return [(True, tuple(range(len(options)))), (False, tuple(k for k, w in enumerate(wants) if not w))]
 
 
-def search(tables: Sequence[Table], options: Sequence[str], *, float_nll: float, shape, users: int, context: int,
-           cards: int, progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Every count vector's quality-optimal candidate, from the table whose transforms it has, with its
-    predicted ratio to float (changes added) and its predicted appliance figures."""
+def _picked(tables: Sequence[Table]) -> list[tuple[Table, float, tuple[int, ...]]]:
+    """(table, summed change, assignment in the search's option indices) of every count vector's
+    quality-optimal candidate, each from the table whose transforms its model has."""
     plain = [t for t in tables if not t.qk_rotation]
-    picked: list[tuple[Table, float, tuple[int, ...]]] = []
+    out = []
     for t in tables:
         for counts, (d, assign) in sorted(count_optimal(t.delta).items()):
             full = tuple(t.options[a] for a in assign)
             if t.qk_rotation and plain and set(full) <= set(plain[0].options):
                 continue  # no 4-bit cache: the table without the rotation has it
-            picked.append((t, d, full))
+            out.append((t, d, full))
+    return out
+
+
+def search(tables: Sequence[Table], options: Sequence[str], *, float_nll: float, shape, users: int, context: int,
+           cards: int, progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Every count vector's quality-optimal candidate, from the table whose transforms it has, with its
+    predicted ratio to float (changes added) and its predicted appliance figures."""
     out = []
-    for t, d, full in picked:
+    for t, d, full in _picked(tables):
         pol = assignment_policy(options, full)
         c = cost_of(shape, pol, users=users, context=context, cards=cards)
         counts = np.bincount(np.asarray(full, int), minlength=len(options))
@@ -290,13 +296,7 @@ def search(tables: Sequence[Table], options: Sequence[str], *, float_nll: float,
 
 
 def n_candidates(tables: Sequence[Table]) -> int:
-    plain = [t for t in tables if not t.qk_rotation]
-    n = 0
-    for t in tables:
-        for _, (_, assign) in count_optimal(t.delta).items():
-            full = {t.options[a] for a in assign}
-            n += not (t.qk_rotation and plain and full <= set(plain[0].options))
-    return n
+    return len(_picked(tables))
 
 
 def front_figure(result: dict):
