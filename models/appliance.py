@@ -13,6 +13,8 @@ the sequential model picks it).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,18 +69,32 @@ def _output_slots(serving: llama.Params, cfg: ModelConfig, policy, mapping: Mapp
     tq = prec.head("w")
     first_out = next(c.vocab_slice for c in cards if c.role == "output")
 
+    if served:  # one compiled program for every card's slice (the slice's start and length are operands)
+        head_w = jnp.pad(head_w, ((0, 0), (0, width)))
+        s_w = jnp.pad(s_w, (0, width), constant_values=1.0)
+
     def output_slot(sl):
         lo, hi = sl if sl is not None else first_out
-        w = jnp.pad(head_w[:, lo:hi], ((0, 0), (0, width - (hi - lo))))
-        p = {"s_w": jnp.pad(s_w[lo:hi], (0, width - (hi - lo)), constant_values=1.0),
-             "s_x": serving["lm_head"]["s_x"], "lo": jnp.int32(lo), "n": jnp.int32(hi - lo)}
         if served:
-            p["tw"] = tile_weights(w, bits=tq.bits, signed=tq.signed, tiling=t, form=form)
-        else:
-            p["w"] = w
-        return p
+            p = _served_slot(head_w, s_w, jnp.int32(lo), jnp.int32(hi - lo), bits=tq.bits, signed=tq.signed,
+                             tiling=t, form=form)
+            return p | {"s_x": serving["lm_head"]["s_x"]}
+        w = jnp.pad(head_w[:, lo:hi], ((0, 0), (0, width - (hi - lo))))
+        return {"s_w": jnp.pad(s_w[lo:hi], (0, width - (hi - lo)), constant_values=1.0),
+                "s_x": serving["lm_head"]["s_x"], "lo": jnp.int32(lo), "n": jnp.int32(hi - lo), "w": w}
 
     return output_slot
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "signed", "tiling", "form"))
+def _served_slot(head_w_padded, s_w_padded, lo, n, *, bits, signed, tiling, form):
+    """An output card's slot in serving form: the codes of vocabulary columns [lo, lo + n) placed
+    with the card's tiling, zero columns (step 1) after them up to the tiling's width."""
+    width = tiling.n
+    keep = jnp.arange(width) < n
+    w = jnp.where(keep[None, :], jax.lax.dynamic_slice_in_dim(head_w_padded, lo, width, axis=1), 0)
+    s = jnp.where(keep, jax.lax.dynamic_slice_in_dim(s_w_padded, lo, width), 1.0)
+    return {"s_w": s, "lo": lo, "n": n, "tw": tile_weights(w, bits=bits, signed=signed, tiling=tiling, form=form)}
 
 
 def build_cards(serving: llama.Params, cfg: ModelConfig, policy, mapping: Mapping, form: str = "auto") -> dict:
@@ -126,7 +142,8 @@ def card_list(serving: llama.Params, cfg: ModelConfig, policy, mapping: Mapping,
     for c in cards_of(mapping):
         if c.role == "layers":
             idx = np.asarray(c.layers, np.int32)
-            stack = jax.tree.map(lambda a: a[idx], serving["layers"])
+            whole = tuple(c.layers) == tuple(range(cfg.n_layers))  # all layers in order: no copy
+            stack = serving["layers"] if whole else jax.tree.map(lambda a: a[idx], serving["layers"])
             out.append({"layers": stack if layers == "scan" else llama.unstack_layers(stack)}
                        | ({"layer_ids": idx} if mixed else {}))
         elif c.role == "output":

@@ -709,7 +709,7 @@ def prepare_serving(params: Params, cfg: ModelConfig, policy, tilings: dict[str,
         parts = []
         for g in layer_groups(prec, cfg):  # each layer's codes at its own width
             tq = prec.at(g[0]).layer(f"{name}.w")
-            sub = jax.tree.map(lambda a: a[np.asarray(g)], p)
+            sub = p if g == tuple(range(cfg.n_layers)) else jax.tree.map(lambda a: a[np.asarray(g)], p)
             served = _serve_stack(tq, t)(sub)
             if t is not None:  # the mapping's own tiling object (the compiled program holds an equal one)
                 tw = served["tw"]
@@ -721,9 +721,15 @@ def prepare_serving(params: Params, cfg: ModelConfig, policy, tilings: dict[str,
     for path in act_steps(cfg):
         quant.check_step(_get(lay, path))
     lh = {**params["lm_head"], "w": lm_head_weight(params)}
-    out = {**params, "layers": lay,
-           "lm_head": qlayers.prepare_linear(lh, prec.head("w"), tiling=prec.tiling("lm_head"), name="lm_head")}
-    return out
+    head_tq = prec.head("w")
+    if head_tq.is_float:
+        return {**params, "layers": lay, "lm_head": lh}
+    for key in [k for k in ("s_w", "s_x", "s_x0") if k in lh]:
+        try:
+            quant.check_step(lh[key])
+        except ValueError as e:
+            raise ValueError(f"lm_head.{key}: {e}") from None
+    return {**params, "layers": lay, "lm_head": _serve_one(head_tq, prec.tiling("lm_head"))(lh)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -731,6 +737,12 @@ def _serve_stack(tq: TensorQuant, tiling: Tiling | None):
     """A stack of one linear's layers quantized and tiled at `tq` (one compiled program per shape
     and width, which JAX's persistent cache keeps across runs)."""
     return jax.jit(jax.vmap(lambda p: qlayers.prepare_linear({**p, "s_x": jnp.float32(1.0)}, tq, tiling=tiling)))
+
+
+@functools.lru_cache(maxsize=16)
+def _serve_one(tq: TensorQuant, tiling: Tiling | None):
+    """One linear quantized and tiled at `tq`, compiled (as `_serve_stack`; steps checked by the caller)."""
+    return jax.jit(lambda p: qlayers.prepare_linear(p, tq, tiling=tiling))
 
 
 def _merge_groups(parts: list, n: int) -> Params:

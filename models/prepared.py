@@ -168,6 +168,12 @@ def _derive(rec: dict, files: dict[str, np.ndarray], step: np.ndarray | None = N
     return gptq.rtn(w, s, int(rec["bits"])).astype(jnp.float32) * s
 
 
+@jax.jit
+def _dequantize(codes_i8: jax.Array, step: jax.Array) -> jax.Array:
+    """`codes.astype(float32) * step` (one rounding: the same bits as numpy's, on all cores)."""
+    return codes_i8.astype(jnp.float32) * step[..., None, :]
+
+
 class _Writer:
     """Lays arrays out in arrays.bin: `add` returns the buffer record meta.json keeps."""
 
@@ -401,9 +407,8 @@ def _read_entry(d: Path, inputs: dict | None, files) -> tuple[ModelConfig, llama
         if step.shape != shape[:-2] + shape[-1:]:
             raise DamagedEntry(f"the steps of {'.'.join(rec['path'])} do not fit its shape")
         data = _buffer(blob, rec["buffers"][0])
-        w = _grid_decode(data, rec["bits"], shape).astype(np.float32)
-        np.multiply(w, step[..., None, :], out=w)  # codes * step, as written (in place: half the memory traffic)
-        _set(tree, tuple(rec["path"]), w)
+        codes = _grid_decode(data, rec["bits"], shape)
+        _set(tree, tuple(rec["path"]), _dequantize(jax.device_put(codes), jax.device_put(step)))  # as written
     for rec in derived:
         if hashlib.sha256(_bits(np.asarray(_get(tree, tuple(rec["path"]))))).hexdigest() != rec["sha256"]:
             raise DamagedEntry(f"its {'.'.join(rec['path'])} does not recompute bit for bit with this JAX "
@@ -512,14 +517,36 @@ def _unwritable(root: Path, cfg: ModelConfig) -> str | None:
 
 # --- preparing ----------------------------------------------------------------------------------------
 
+def read_cached(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: DataConfig = DataConfig(),
+                seed: int = 0) -> tuple[ModelConfig, llama.Params, float] | None:
+    """(config, parameters, seconds) of `prepare`'s verified cache entry, or None (no entry, a damaged
+    one, or nothing to cache): quiet, and changes nothing, so that it can run ahead of `prepare` in
+    another thread (`prepare(..., cached=...)` takes its result)."""
+    recipe = recipes.get_recipe(recipe)
+    if model.sha256 is None or get_policy(policy).is_float:
+        return None
+    key, inputs = cache_key(model, recipe, policy, data, seed)
+    d = cache_root() / key
+    if not d.is_dir():
+        return None
+    t0 = time.perf_counter()
+    try:
+        cfg, params, _ = read_entry(d, inputs, model.file_tensors)
+    except (DamagedEntry, MemoryError):
+        return None
+    return cfg, params, time.perf_counter() - t0
+
+
 def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: DataConfig = DataConfig(),
-            seed: int = 0, log: Log | None = None, use_cache: bool = True) -> tuple[ModelConfig, llama.Params, dict]:
+            seed: int = 0, log: Log | None = None, use_cache: bool = True,
+            cached: tuple[ModelConfig, llama.Params, float] | None = None) -> tuple[ModelConfig, llama.Params, dict]:
     """(config, parameters, info) of `model` prepared by `recipe` at `policy`, calibrated on the
     first windows of `data`'s training split in the order of `seed`; from the cache when a verified
     entry exists (info["cached"]), else made and stored. Models without a file hash (random init,
     checkpoints) are prepared and not cached; at a float policy the model is its own prepared form.
     A cache hit never reads `model.params` (a lazy GGUF model's tensors stay on disk). `log`: each
-    step's line and the preparation's progress (none if None)."""
+    step's line and the preparation's progress (none if None). `cached`: `read_cached`'s result for
+    the same arguments, read ahead (None: read here)."""
     progress_log, log = log, log or (lambda m: None)
     recipe = recipes.get_recipe(recipe)
     key, inputs = cache_key(model, recipe, policy, data, seed)
@@ -532,6 +559,9 @@ def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: Da
     cacheable = use_cache and model.sha256 is not None
     if cacheable:
         _sweep(root, log)
+        if cached is not None:
+            log(f"prepared model from the cache {d} in {cached[2]:.1f} s")
+            return cached[0], cached[1], info | {"cached": True}
         if d.exists() or d.is_symlink():
             t0 = time.perf_counter()
             try:

@@ -25,6 +25,7 @@ from models.io.gguf import (
     GGUFError,
     GGUFModel,
     GGUFTokenizerData,
+    dequantize_q8_0,
     permute_qk,
     read_gguf,
     read_gguf_metadata,
@@ -409,6 +410,19 @@ def test_changed_quant_type_is_caught_by_size_checks(tmp_path):
 
 
 # ----------------------------------------------------------------------------- fuzzing
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(blocks=st.binary(min_size=34, max_size=34 * 8).map(lambda b: b[: len(b) // 34 * 34]))
+def test_q8_0_fast_path_equals_the_gguf_package(blocks):
+    """The reader's own Q8_0 decoding equals the gguf package's bit for bit, any scale bytes
+    included (subnormal, infinite or NaN float16 scales: the reader rejects those values after)."""
+    raw = np.frombuffer(blocks, np.uint8)
+    with np.errstate(all="ignore"):
+        want = np.asarray(gguf.quants.dequantize(raw.reshape(1, -1), Q.Q8_0), np.float32).reshape(-1)
+        got = dequantize_q8_0(raw)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
 
 def fuzz_settings(max_examples: int) -> settings:
     # database=None: do not leave a .hypothesis directory in the repo.

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -189,12 +190,7 @@ def plan_run(args, prompts: list[str], log=lambda m: None):
     from models.io.load import DEFAULT_MODEL, is_gguf
     from models.recipe import DEFAULT_RECIPE, get_recipe, transformed_config
     from models.train.checkpoint import load_checkpoint
-    from np_jax.appliance.mapping import check_capacity
-    from np_jax.appliance.runtime import check_devices
-    from np_jax.chip.memory import CoreMemoryError
-    from np_jax.commands.map import mapping_from_args
     from np_jax.quant import get_policy
-    from np_jax.spec import RACK
 
     ck = None
     if args.checkpoint:
@@ -215,6 +211,25 @@ def plan_run(args, prompts: list[str], log=lambda m: None):
     if ck is None and not policy.is_float and gguf:  # the model the recipe makes
         args.recipe_ = dataclasses.replace(get_recipe(args.recipe or DEFAULT_RECIPE), activations=args.calibration)
         cfg = transformed_config(cfg, args.recipe_, policy)
+    args.prefetch_ = None
+    if args.recipe_ is not None and not args.dry_run:  # the cached model is read while the mapping is planned
+        args.prefetch_ = _Prefetch(args, policy)
+        args.prefetch_.start()
+    try:
+        return _plan_mapping(args, prompts, ck, cfg, policy, gguf)
+    except BaseException:
+        if args.prefetch_ is not None:  # never leave a thread inside JAX at exit
+            args.prefetch_.result()
+        raise
+
+
+def _plan_mapping(args, prompts, ck, cfg, policy, gguf):
+    from np_jax.appliance.mapping import check_capacity
+    from np_jax.appliance.runtime import check_devices
+    from np_jax.chip.memory import CoreMemoryError
+    from np_jax.commands.map import mapping_from_args
+    from np_jax.spec import RACK
+
     cache_len = args.cache_len or min(DEFAULT_CACHE, cfg.max_seq_len)
     positive("cache-len", cache_len, upper=cfg.max_seq_len, why=f"the context of {cfg.name}")
     if args.new_tokens >= cache_len:
@@ -242,6 +257,35 @@ def plan_run(args, prompts: list[str], log=lambda m: None):
             except ValueError as e:
                 raise ValueError(f"--devices {args.devices}: {e}") from None
     return ck, cfg, policy, mapping, cache_len
+
+
+class _Prefetch(threading.Thread):
+    """The GGUF model and its prepared form read from the cache (`prepared.read_cached`) in a thread,
+    while `plan_run` plans the mapping: reading is file and array work, planning is Python, and the
+    two overlap on two cores. Quiet: its log lines are kept for `run_command` to print in order.
+    Anything it cannot do (no entry, a damaged one, an error) is left to the ordinary path."""
+
+    def __init__(self, args, policy):
+        super().__init__(name="np-jax-prefetch", daemon=True)
+        self.args, self.policy = args, policy
+        self.logs: list[str] = []
+        self.model = self.cached = None
+
+    def run(self) -> None:
+        from models.io.load import load_model
+        from models.prepared import read_cached
+
+        try:
+            self.model = load_model(self.args.model, self.args.gguf, seed=self.args.seed,
+                                    serving_policy=self.policy, log=self.logs.append)
+            self.cached = read_cached(self.model, self.args.recipe_, self.policy.name)
+        except Exception:  # noqa: BLE001 - the ordinary path reports it
+            self.model = self.cached = None
+
+    def result(self) -> "_Prefetch":
+        while self.is_alive():  # short waits: a Ctrl-C is not held up
+            self.join(0.05)
+        return self
 
 
 def check_prompt_lengths(lengths: list[int], new_tokens: int, cache_len: int) -> None:
@@ -344,8 +388,13 @@ def run_command(args) -> int:
 
     t0 = time.perf_counter()
     log(f"loading {cfg.name} ...")
+    pre = args.prefetch_.result() if args.prefetch_ is not None else None
     if ck is not None:  # the trained parameters; only the encoder comes from the base model
         model = Model(cfg, ck.params, model_encoder(args.model, args.gguf, cfg), f"checkpoint {ck.path}")
+    elif pre is not None and pre.model is not None:
+        for line in pre.logs:
+            log(line)
+        model = pre.model
     else:
         model = load_model(args.model, args.gguf, seed=args.seed, serving_policy=policy, log=log)
         planned = model.cfg if args.recipe_ is None else transformed_config(model.cfg, args.recipe_, policy)
@@ -366,7 +415,8 @@ def run_command(args) -> int:
     elif args.recipe_ is not None:
         from models.prepared import prepare
 
-        got_cfg, params, prepared = prepare(model, args.recipe_, policy.name, log=log)
+        got_cfg, params, prepared = prepare(model, args.recipe_, policy.name, log=log,
+                                            cached=pre.cached if pre is not None else None)
         if got_cfg != cfg:
             raise ValueError(f"the prepared model's config differs from the planned one ({got_cfg} vs {cfg})")
         how = (f"recipe {args.recipe_.name} " + ("(from the cache)" if prepared["cached"] else "(prepared and cached)"))

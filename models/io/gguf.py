@@ -31,6 +31,7 @@ expected tensors, shapes and finite values, or a :class:`GGUFError`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import mmap
@@ -329,6 +330,7 @@ class _Parsed:
     value_types: dict[str, int]
     tensor_info: dict[str, TensorInfo]
     file_size: int
+    header_bytes: int = 0  # the bytes parsed: the header, metadata and (if read) tensor infos
 
 
 def _open_mmap(path: str | os.PathLike[str]) -> tuple[Any, mmap.mmap, int, str]:
@@ -449,13 +451,33 @@ def _parse(buf: Any, size: int, name: str, *, with_tensors: bool) -> _Parsed:
             if start_b < end_a:
                 raise GGUFError(f"{name}: corrupt GGUF: tensors {name_a!r} and {name_b!r} overlap")
 
-    return _Parsed(version, metadata, value_types, tensor_info, size)
+    return _Parsed(version, metadata, value_types, tensor_info, size, cur.pos)
+
+
+# Parsed headers of files this process has read, by (path, size, mtime): a run reads the header
+# for its plan, its tokenizer and its tensors, and a tokenizer's 49,152 strings take 0.4 s each time.
+_PARSED: dict[tuple, tuple[_Parsed, bytes]] = {}
+
+
+def _parse_open(f, mm, size: int, name: str, *, with_tensors: bool) -> _Parsed:
+    """`_parse` of an open file, remembered by (path, size, mtime) for the rest of the process."""
+    st = os.fstat(f.fileno())
+    key = (os.path.realpath(name), st.st_size, st.st_mtime_ns, st.st_ino)
+    hit = _PARSED.get(key)
+    if hit is not None and (hit[0].tensor_info or not with_tensors) \
+            and hashlib.blake2b(mm[:hit[0].header_bytes]).digest() == hit[1]:  # the parsed bytes, unchanged
+        return hit[0]
+    parsed = _parse(mm, size, name, with_tensors=with_tensors)
+    if len(_PARSED) >= 8:
+        _PARSED.clear()
+    _PARSED[key] = (parsed, hashlib.blake2b(mm[:parsed.header_bytes]).digest())
+    return parsed
 
 
 def _parse_file(path: str | os.PathLike[str], *, with_tensors: bool) -> _Parsed:
     f, mm, size, name = _open_mmap(path)
     try:
-        return _parse(mm, size, name, with_tensors=with_tensors)
+        return _parse_open(f, mm, size, name, with_tensors=with_tensors)
     finally:
         mm.close()
         f.close()
@@ -681,6 +703,14 @@ def permute_qk(w_OxI: np.ndarray, n_head: int) -> np.ndarray:
 # --------------------------------------------------------------------------- loading
 
 
+def dequantize_q8_0(raw_u8: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks (a float16 scale, then 32 int8 codes) -> float32 codes * scale, flat: the gguf
+    package's values bit for bit, in one pass (a fifth of its time on SmolLM2's embedding)."""
+    blocks = raw_u8.reshape(-1, 34)
+    scale = np.ascontiguousarray(blocks[:, :2]).view("<f2").astype(np.float32)  # [blocks, 1]
+    return np.multiply(blocks[:, 2:].view(np.int8), scale, dtype=np.float32).reshape(-1)
+
+
 def _dequantize(buf: Any, info: TensorInfo, name: str) -> np.ndarray:
     """Read one tensor's bytes (already range-checked) and return float32 ``info.shape``."""
     raw = np.frombuffer(buf[info.offset : info.offset + info.n_bytes], dtype=np.uint8)
@@ -689,6 +719,8 @@ def _dequantize(buf: Any, info: TensorInfo, name: str) -> np.ndarray:
         with np.errstate(all="ignore"):
             if info.ggml_type == GGMLQuantizationType.F32:
                 out = raw.view("<f4").reshape(info.shape).copy()  # copy: frombuffer(bytes) is read-only
+            elif info.ggml_type == GGMLQuantizationType.Q8_0:
+                out = dequantize_q8_0(raw).reshape(info.shape)
             else:
                 block_size, type_size = GGML_QUANT_SIZES[info.ggml_type]
                 byte_shape = (*info.shape[:-1], info.shape[-1] // block_size * type_size)
@@ -723,7 +755,7 @@ def read_gguf(path: str | os.PathLike[str], only: Collection[str] | None = None)
     """
     f, mm, size, name = _open_mmap(path)
     try:
-        parsed = _parse(mm, size, name, with_tensors=True)
+        parsed = _parse_open(f, mm, size, name, with_tensors=True)
         tok = _tokenizer_data(parsed.metadata, name)
         infos = parsed.tensor_info
         hp = _hparams(parsed.metadata, name, infos, len(tok.tokens))
