@@ -383,33 +383,49 @@ def _split_prefix(t, p: int, axis: int):
 
 
 def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, calib: _Calib | None = None):
-    """One transformer layer (one layer's slice of the stacked parameters). `kv` is None (attend
-    within the chunk, which starts at position 0) or (k_BxSxKvxE, v_BxSxKvxE) cache codes; returns
-    (x, new kv or None).
+    """One transformer layer (one layer's slice of the stacked parameters): attention, then the
+    MLP, each added to the residual stream. `kv` is None (attend within the chunk, which starts at
+    position 0) or (k_BxSxKvxE, v_BxSxKvxE) cache codes; returns (x, new kv or None).
 
     With `cfg.sink_positions` = P > 0, tokens at positions < P (the attention sink) are quantized
     with their own INT8 steps (`s_*0`) at every activation point, and the first P cache slots hold
-    their keys and values at INT8: the QK^T and PV products then run as a P-key prefix product
-    and a product over the other keys, each at its own steps. `cfg.qk_rotation` applies an online
-    Hadamard to q and k after RoPE (the cache holds rotated keys); `cfg.down_rotation` one before
-    the down projection (folded into its weights offline by models.recipe).
+    their keys and values at INT8 (`attention`). `cfg.qk_rotation` applies an online Hadamard to q
+    and k after RoPE (the cache holds rotated keys); `cfg.down_rotation` one before the down
+    projection (folded into its weights offline by models.recipe). `calib` (a float forward)
+    records every activation point's values for its initial step.
     """
     dtype = prec.dtype
-    B, L, _ = x_BxLxD.shape
+    sink = (pos_BxL < cfg.sink_positions) if cfg.sink_positions else None  # [B, L]
+    h = vu.rmsnorm(x_BxLxD, lp["attn_norm"], cfg.rms_eps, dtype)
+    o, kv_new = attention(lp["attn"], h, pos_BxL, kv, cfg, prec, sink, calib)
+    x = (x_BxLxD + o).astype(dtype)
+    h = vu.rmsnorm(x, lp["mlp_norm"], cfg.rms_eps, dtype)
+    x = (x + mlp(lp["mlp"], h, cfg, prec, sink, calib)).astype(dtype)
+    return x, kv_new
+
+
+def _sink_step(d: dict, sink):
+    """The sink rows' input step of a linear block (None without a sink)."""
+    return None if sink is None else d.get("s_x0")
+
+
+def attention(at: Params, h_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, sink, calib: _Calib | None = None):
+    """Grouped-query attention of the normed input: (output [B, L, D], new kv or None).
+
+    The G query heads that share a KV head are the rows of one core VMM ([B, Kv, G*L, E]). The
+    QK^T and PV products run on integer codes (`_scores`, `_mix`) unless the policy keeps the
+    attention operands float (or `calib` runs the float forward)."""
+    dtype = prec.dtype
+    B, L, _ = h_BxLxD.shape
     H, Kv, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     G = H // Kv
-    P = cfg.sink_positions
-    at, ml = lp["attn"], lp["mlp"]
     r, tl = prec.layer, prec.tiling
     quantized = calib is None and not any(r(x).is_float for x in ("attn.qk.q", "attn.kv", "attn.probs"))
-    sink = (pos_BxL < P) if P else None  # [B, L]
-    s0 = (lambda d: d.get("s_x0")) if P else (lambda d: None)  # noqa: E731
-
-    h = vu.rmsnorm(x_BxLxD, lp["attn_norm"], cfg.rms_eps, dtype)
-    q = _lin(h, at["q"], at["s_x"], r("attn.x"), r("attn.q.w"), dtype, calib, ("attn", "s_x"), tl("attn.q"), sink,
-             s0(at))
-    k = _lin(h, at["k"], at["s_x"], r("attn.x"), r("attn.k.w"), dtype, calib, None, tl("attn.k"), sink, s0(at))
-    v = _lin(h, at["v"], at["s_x"], r("attn.x"), r("attn.v.w"), dtype, calib, None, tl("attn.v"), sink, s0(at))
+    s0 = _sink_step(at, sink)
+    q = _lin(h_BxLxD, at["q"], at["s_x"], r("attn.x"), r("attn.q.w"), dtype, calib, ("attn", "s_x"), tl("attn.q"),
+             sink, s0)
+    k = _lin(h_BxLxD, at["k"], at["s_x"], r("attn.x"), r("attn.k.w"), dtype, calib, None, tl("attn.k"), sink, s0)
+    v = _lin(h_BxLxD, at["v"], at["s_x"], r("attn.x"), r("attn.v.w"), dtype, calib, None, tl("attn.v"), sink, s0)
     q = rope(q.reshape(B, L, H, E), pos_BxL, cfg.rope_theta)
     k = rope(k.reshape(B, L, Kv, E), pos_BxL, cfg.rope_theta)
     if cfg.qk_rotation:  # q and k rotated by H_E / sqrt(E): Q K^T is unchanged, outliers spread
@@ -418,105 +434,122 @@ def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, c
         k = online_rotation(k, (E,), at, "attn", ["krot"], prec=prec, dtype=dtype, calib=calib, sink=sh)
     v = v.reshape(B, L, Kv, E)
     q = (q * jnp.asarray(1.0 / math.sqrt(E), dtype)).astype(dtype)
-    # [B, Kv, G*L, E]: the G query heads sharing a KV head are rows of one core VMM.
     q_BxKvxGLxE = q.reshape(B, L, Kv, G, E).transpose(0, 2, 3, 1, 4).reshape(B, Kv, G * L, E)
     q_sink = None if sink is None else jnp.tile(sink, (1, G))[:, None, :]  # [B, 1, G*L]: sink query rows
-    kv_tq, p_tq, q_tq = r("attn.kv"), r("attn.probs"), r("attn.qk.q")
     if calib is not None:
-        calib.see(("attn", "s_q"), q_BxKvxGLxE, q_tq, q_sink)
-        calib.see(("attn", "s_k"), k, kv_tq, None if sink is None else sink[:, :, None])
-        calib.see(("attn", "s_v"), v, kv_tq, None if sink is None else sink[:, :, None])
-    qk_a0 = SINK if P else None
+        kv_sink = None if sink is None else sink[:, :, None]
+        calib.see(("attn", "s_q"), q_BxKvxGLxE, r("attn.qk.q"), q_sink)
+        calib.see(("attn", "s_k"), k, r("attn.kv"), kv_sink)
+        calib.see(("attn", "s_v"), v, r("attn.kv"), kv_sink)
 
-    def qk_specs():
-        return (qlayers.ProductSpec("qk", q_tq, SINK, dtype, a0=qk_a0),
-                qlayers.ProductSpec("qk", q_tq, kv_tq, dtype, a0=qk_a0))
-
-    def pv_specs():
-        return qlayers.ProductSpec("pv", SINK, SINK, dtype), qlayers.ProductSpec("pv", p_tq, kv_tq, dtype)
-
-    if kv is None:  # keys are this chunk's own positions
-        k_new = v_new = None
+    if kv is None:  # keys are this chunk's own positions: float values, quantized in the products
+        kv_new = None
         keys, vals, key_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos_BxL  # [B, Kv, T, E]
-        if quantized:
-            if P:
-                (kp, kr), sp = _split_prefix(keys, P, 2), qk_specs()
-                scores = jnp.concatenate(
-                    [qlayers.quantized_product(q_BxKvxGLxE, kp, at["s_q"], at["s_k0"], sp[0], at["s_q0"], q_sink),
-                     qlayers.quantized_product(q_BxKvxGLxE, kr, at["s_q"], at["s_k"], sp[1], at["s_q0"], q_sink)], -1)
-            else:
-                qk_spec = qlayers.ProductSpec("qk", q_tq, kv_tq, dtype)
-                scores = qlayers.quantized_product(q_BxKvxGLxE, keys, at["s_q"], at["s_k"], qk_spec)
-    else:  # write this chunk into the cache, attend over the cache
-        k_cache, v_cache = kv
-        if quantized:
-            k_w = vu.quantize(k, at["s_k"], kv_tq.bits, kv_tq.signed)
-            v_w = vu.quantize(v, at["s_v"], kv_tq.bits, kv_tq.signed)
-            if P:  # the sink's keys and values at INT8, with their own steps
-                m = sink[:, :, None, None]
-                k_w = jnp.where(m, vu.quantize(k, at["s_k0"], SINK.bits), k_w)
-                v_w = jnp.where(m, vu.quantize(v, at["s_v0"], SINK.bits), v_w)
-        else:
-            k_w, v_w = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-        bidx = jnp.arange(B)[:, None]
-        k_new = k_cache.at[bidx, pos_BxL].set(k_w, mode="drop")
-        v_new = v_cache.at[bidx, pos_BxL].set(v_w, mode="drop")
-        keys, vals = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)
-        key_pos = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (B, k_cache.shape[1]))
-        if quantized:
-            if P:
-                sp = qk_specs()
-                q_codes, s_rows = qlayers.act_codes(q_BxKvxGLxE, at["s_q"], sp[1], at["s_q0"], q_sink)
-                kp, kr = _split_prefix(keys, P, 2)
-                scores = jnp.concatenate([qlayers.scaled_int_product(q_codes, kp, s_rows, at["s_k0"], sp[0]),
-                                          qlayers.scaled_int_product(q_codes, kr, s_rows, at["s_k"], sp[1])], -1)
-            else:
-                qk_spec = qlayers.ProductSpec("qk", q_tq, kv_tq, dtype)
-                q_codes = vu.quantize(q_BxKvxGLxE, at["s_q"], qk_spec.a.bits, qk_spec.a.signed)
-                scores = qlayers.scaled_int_product(q_codes, keys, at["s_q"], at["s_k"], qk_spec)
-
-    if not quantized:
+    else:  # this chunk written into the cache (codes), attention over the cache
+        kv_new = _write_cache(kv, k, v, at, pos_BxL, prec, sink, quantized)
+        keys, vals = kv_new[0].transpose(0, 2, 1, 3), kv_new[1].transpose(0, 2, 1, 3)
+        key_pos = jnp.broadcast_to(jnp.arange(kv[0].shape[1]), (B, kv[0].shape[1]))
+    cached = kv is not None
+    if quantized:
+        scores = _scores(q_BxKvxGLxE, keys, at, prec, cfg.sink_positions, q_sink, cached)
+    else:
         scores = jnp.einsum("bkle,bkte->bklt", q_BxKvxGLxE.astype(jnp.float32), keys.astype(jnp.float32))
     # causal mask by absolute position: query at p sees keys at positions <= p
     qpos = jnp.tile(pos_BxL, (1, G))  # [B, G*L] matching the G*L rows
     mask = key_pos[:, None, None, :] <= qpos[:, None, :, None]
     probs = vu.softmax(scores, mask, dtype)
     if calib is not None:
-        if P:  # the sink column and the others: their own steps (probabilities on the sink are large)
-            pp, pr = _split_prefix(probs, P, 3)
-            calib.see(("attn", "s_p"), pr, p_tq)
+        if sink is not None:  # the sink column and the others: their own steps (probabilities on the sink are large)
+            pp, pr = _split_prefix(probs, cfg.sink_positions, 3)
+            calib.see(("attn", "s_p"), pr, r("attn.probs"))
             calib.see(("attn", "s_p0"), pp, SINK)
         else:
-            calib.see(("attn", "s_p"), probs, p_tq)
+            calib.see(("attn", "s_p"), probs, r("attn.probs"))
     if quantized:
-        if P:
-            (pp, pr), (vp, vr), sp = _split_prefix(probs, P, 3), _split_prefix(vals, P, 2), pv_specs()
-            if kv is None:
-                o = (qlayers.quantized_product(pp, vp, at["s_p0"], at["s_v0"], sp[0])
-                     + qlayers.quantized_product(pr, vr, at["s_p"], at["s_v"], sp[1]))
-            else:
-                pr_codes, s_pr = qlayers.act_codes(pr, at["s_p"], sp[1])  # a dynamic step: each row's own
-                o = (qlayers.scaled_int_product(vu.quantize(pp, at["s_p0"], SINK.bits), vp, at["s_p0"], at["s_v0"], sp[0])
-                     + qlayers.scaled_int_product(pr_codes, vr, s_pr, at["s_v"], sp[1]))
-            o = o.astype(dtype)
-        else:
-            pv_spec = qlayers.ProductSpec("pv", p_tq, kv_tq, dtype)
-            if kv is None:
-                o = qlayers.quantized_product(probs, vals, at["s_p"], at["s_v"], pv_spec)
-            else:
-                p_codes, s_p = qlayers.act_codes(probs, at["s_p"], pv_spec)
-                o = qlayers.scaled_int_product(p_codes, vals, s_p, at["s_v"], pv_spec)
+        o = _mix(probs, vals, at, prec, cfg.sink_positions, cached)
     else:
         o = jnp.einsum("bklt,bkte->bkle", probs.astype(jnp.float32), vals.astype(jnp.float32)).astype(dtype)
     o = o.reshape(B, Kv, G, L, E).transpose(0, 3, 1, 2, 4).reshape(B, L, H * E)
     o = _lin(o, at["o"], at["o"]["s_x"], r("attn.o.x"), r("attn.o.w"), dtype, calib, ("attn", "o", "s_x"),
-             tl("attn.o"), sink, s0(at["o"]))
-    x = (x_BxLxD + o).astype(dtype)
+             tl("attn.o"), sink, _sink_step(at["o"], sink))
+    return o, kv_new
 
-    h = vu.rmsnorm(x, lp["mlp_norm"], cfg.rms_eps, dtype)
-    g = _lin(h, ml["gate"], ml["s_x"], r("mlp.x"), r("mlp.gate.w"), dtype, calib, ("mlp", "s_x"), tl("mlp.gate"), sink,
-             s0(ml))
-    u = _lin(h, ml["up"], ml["s_x"], r("mlp.x"), r("mlp.up.w"), dtype, calib, None, tl("mlp.up"), sink, s0(ml))
+
+def _write_cache(kv, k_BxLxKvxE, v_BxLxKvxE, at: Params, pos_BxL, prec: Precision, sink, quantized: bool):
+    """The cache (k, v) with this chunk's keys and values written at their positions: codes at the
+    KV width (the sink's at INT8, with their own steps), or the float values of a float cache."""
+    k_cache, v_cache = kv
+    if quantized:
+        kv_tq = prec.layer("attn.kv")
+        k_w = vu.quantize(k_BxLxKvxE, at["s_k"], kv_tq.bits, kv_tq.signed)
+        v_w = vu.quantize(v_BxLxKvxE, at["s_v"], kv_tq.bits, kv_tq.signed)
+        if sink is not None:
+            m = sink[:, :, None, None]
+            k_w = jnp.where(m, vu.quantize(k_BxLxKvxE, at["s_k0"], SINK.bits), k_w)
+            v_w = jnp.where(m, vu.quantize(v_BxLxKvxE, at["s_v0"], SINK.bits), v_w)
+    else:
+        k_w, v_w = k_BxLxKvxE.astype(k_cache.dtype), v_BxLxKvxE.astype(v_cache.dtype)
+    bidx = jnp.arange(k_BxLxKvxE.shape[0])[:, None]
+    return k_cache.at[bidx, pos_BxL].set(k_w, mode="drop"), v_cache.at[bidx, pos_BxL].set(v_w, mode="drop")
+
+
+def _scores(q_BxKvxGLxE, keys_BxKvxTxE, at: Params, prec: Precision, P: int, q_sink, cached: bool):
+    """QK^T on the core array: INT codes of q (the sink query rows at INT8, their own step) times
+    the keys' codes. With a sink prefix (P > 0) the first P keys (INT8 codes, steps `s_k0`) and the
+    others (KV width, `s_k`) are two products, their scores side by side. `cached`: the keys are
+    the cache's codes; else float keys of this chunk, quantized here."""
+    q_tq, kv_tq, dtype = prec.layer("attn.qk.q"), prec.layer("attn.kv"), prec.dtype
+    if not P:
+        spec = qlayers.ProductSpec("qk", q_tq, kv_tq, dtype)
+        if not cached:
+            return qlayers.quantized_product(q_BxKvxGLxE, keys_BxKvxTxE, at["s_q"], at["s_k"], spec)
+        q_codes = vu.quantize(q_BxKvxGLxE, at["s_q"], spec.a.bits, spec.a.signed)
+        return qlayers.scaled_int_product(q_codes, keys_BxKvxTxE, at["s_q"], at["s_k"], spec)
+    sp = (qlayers.ProductSpec("qk", q_tq, SINK, dtype, a0=SINK), qlayers.ProductSpec("qk", q_tq, kv_tq, dtype, a0=SINK))
+    kp, kr = _split_prefix(keys_BxKvxTxE, P, 2)
+    if not cached:
+        return jnp.concatenate(
+            [qlayers.quantized_product(q_BxKvxGLxE, kp, at["s_q"], at["s_k0"], sp[0], at["s_q0"], q_sink),
+             qlayers.quantized_product(q_BxKvxGLxE, kr, at["s_q"], at["s_k"], sp[1], at["s_q0"], q_sink)], -1)
+    q_codes, s_rows = qlayers.act_codes(q_BxKvxGLxE, at["s_q"], sp[1], at["s_q0"], q_sink)
+    return jnp.concatenate([qlayers.scaled_int_product(q_codes, kp, s_rows, at["s_k0"], sp[0]),
+                            qlayers.scaled_int_product(q_codes, kr, s_rows, at["s_k"], sp[1])], -1)
+
+
+def _mix(probs_BxKvxGLxT, vals_BxKvxTxE, at: Params, prec: Precision, P: int, cached: bool):
+    """PV on the core array: the probabilities' codes (a step per row where the policy's
+    probabilities are dynamic) times the values' codes; with a sink prefix (P > 0) the sink column
+    (INT8, steps `s_p0`, `s_v0`) and the others are two products, summed. `cached`: the values are
+    the cache's codes; else float values of this chunk, quantized here."""
+    p_tq, kv_tq, dtype = prec.layer("attn.probs"), prec.layer("attn.kv"), prec.dtype
+    if not P:
+        spec = qlayers.ProductSpec("pv", p_tq, kv_tq, dtype)
+        if not cached:
+            return qlayers.quantized_product(probs_BxKvxGLxT, vals_BxKvxTxE, at["s_p"], at["s_v"], spec)
+        p_codes, s_p = qlayers.act_codes(probs_BxKvxGLxT, at["s_p"], spec)
+        return qlayers.scaled_int_product(p_codes, vals_BxKvxTxE, s_p, at["s_v"], spec)
+    sp = qlayers.ProductSpec("pv", SINK, SINK, dtype), qlayers.ProductSpec("pv", p_tq, kv_tq, dtype)
+    (pp, pr), (vp, vr) = _split_prefix(probs_BxKvxGLxT, P, 3), _split_prefix(vals_BxKvxTxE, P, 2)
+    if not cached:
+        o = (qlayers.quantized_product(pp, vp, at["s_p0"], at["s_v0"], sp[0])
+             + qlayers.quantized_product(pr, vr, at["s_p"], at["s_v"], sp[1]))
+    else:
+        pr_codes, s_pr = qlayers.act_codes(pr, at["s_p"], sp[1])  # a dynamic step: each row's own
+        o = (qlayers.scaled_int_product(vu.quantize(pp, at["s_p0"], SINK.bits), vp, at["s_p0"], at["s_v0"], sp[0])
+             + qlayers.scaled_int_product(pr_codes, vr, s_pr, at["s_v"], sp[1]))
+    return o.astype(dtype)
+
+
+def mlp(ml: Params, h_BxLxD, cfg: ModelConfig, prec: Precision, sink, calib: _Calib | None = None):
+    """The SwiGLU MLP of the normed input: down(SiLU(gate(h)) * up(h)), SiLU on the activation
+    unit's lookup table (the sink rows through their own table), an online rotation before the
+    down projection when `cfg.down_rotation` is set."""
+    dtype = prec.dtype
+    r, tl = prec.layer, prec.tiling
+    s0 = _sink_step(ml, sink)
+    g = _lin(h_BxLxD, ml["gate"], ml["s_x"], r("mlp.x"), r("mlp.gate.w"), dtype, calib, ("mlp", "s_x"),
+             tl("mlp.gate"), sink, s0)
+    u = _lin(h_BxLxD, ml["up"], ml["s_x"], r("mlp.x"), r("mlp.up.w"), dtype, calib, None, tl("mlp.up"), sink, s0)
     silu_tq = r("mlp.silu")
     if calib is not None:
         calib.see(("mlp", "s_in"), g, silu_tq, sink)
@@ -524,7 +557,7 @@ def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, c
         a = (g.astype(jnp.float32) * jax.nn.sigmoid(g.astype(jnp.float32)))
     else:
         a = qlayers.silu_lut(g, ml["s_in"], ml["s_out"], silu_tq)
-        if P:  # the sink's own table
+        if sink is not None:  # the sink's own table
             a = jnp.where(sink[..., None], qlayers.silu_lut(g, ml["s_in0"], ml["s_out0"], SINK), a)
     if calib is not None:
         calib.see(("mlp", "s_out"), a, silu_tq, sink)
@@ -533,10 +566,8 @@ def layer(lp: Params, x_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precision, c
         nf = len(cfg.down_rotation)
         m = online_rotation(m, cfg.down_rotation, ml, "mlp", [f"rot{i}" for i in range(nf)], prec=prec, dtype=dtype,
                             calib=calib, sink=sink)
-    m = _lin(m, ml["down"], ml["down"]["s_x"], r("mlp.down.x"), r("mlp.down.w"), dtype, calib, ("mlp", "down", "s_x"),
-             tl("mlp.down"), sink, s0(ml["down"]))
-    x = (x + m).astype(dtype)
-    return x, (None if kv is None else (k_new, v_new))
+    return _lin(m, ml["down"], ml["down"]["s_x"], r("mlp.down.x"), r("mlp.down.w"), dtype, calib,
+                ("mlp", "down", "s_x"), tl("mlp.down"), sink, _sink_step(ml["down"], sink))
 
 
 _layer_jit = jax.jit(layer_at, static_argnums=(4, 5))  # the layer's index traced (a card's)
