@@ -30,6 +30,7 @@ forward; `llama.prepare_serving` makes the serving form. `prepare` caches it on 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -63,6 +64,9 @@ class Recipe:
     calib_windows: int = 32  # training windows of 256 tokens for the Hessians and the steps
     seed: int = 0  # the random signs of the rotations
     description: str = ""
+    reconstruct: int = 0  # block-wise reconstruction: Adam steps per layer (0: off)
+    reconstruct_windows: int = 8  # ... on the first calibration windows (2,048 tokens)
+    reconstruct_lr: float = 5e-3  # ... on log(step)
 
     def __post_init__(self):
         if self.weights not in ("gptq", "rtn"):
@@ -71,6 +75,8 @@ class Recipe:
             raise ValueError(f"recipe activations must be one of {', '.join(llama.CALIBRATIONS)}")
         if (self.rotate_residual or self.rotate_vo) and not self.fold_norms:
             raise ValueError("rotations need folded norms (RMSNorm commutes with a rotation only at unit gain)")
+        if self.reconstruct < 0 or self.reconstruct_windows < 1 or not self.reconstruct_lr > 0:
+            raise ValueError("recipe reconstruct must be >= 0, on >= 1 window, at a learning rate > 0")
 
     def qk_rotation_for(self, policy, n_layers: int = 1) -> bool:
         return self.qk_rotation if self.qk_rotation is not None else wants_qk_rotation(policy, n_layers)
@@ -80,11 +86,18 @@ class Recipe:
         qk = self.qk_rotation_for(policy, n_layers) if policy is not None else bool(self.qk_rotation)
         on = [k for k in ("fold_norms", "rotate_residual", "rotate_vo", "qk_rotation", "down_rotation")
               if (qk if k == "qk_rotation" else getattr(self, k))]
-        return on + ([f"sink{self.sink}"] if self.sink else []) + [f"weights:{self.weights}",
-                                                                  f"activations:{self.activations}"]
+        return (on + ([f"sink{self.sink}"] if self.sink else []) + [f"weights:{self.weights}",
+                                                                   f"activations:{self.activations}"]
+                + ([f"reconstruct:{self.reconstruct}"] if self.reconstruct else []))
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The recipe's fields (a prepared model's cache key): without reconstruction, its fields are
+        left out, so that the entries made before the switch existed stay valid."""
+        out = dataclasses.asdict(self)
+        if not self.reconstruct:
+            for k in ("reconstruct", "reconstruct_windows", "reconstruct_lr"):
+                out.pop(k)
+        return out
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
@@ -93,6 +106,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            description="the earlier path: MSE steps on one calibration window, no transforms"),
     Recipe("rotate", weights="rtn", description="rotations and the sink prefix; weights rounded to nearest"),
     Recipe("rotate-gptq", description="rotations, the sink prefix and GPTQ weights (the default)"),
+    Recipe("rotate-gptq-recon", reconstruct=20,
+           description="the default, then every layer's steps fitted to the float layer's output (block-wise "
+                       "reconstruction: a few minutes more on 2 cores)"),
 ]}
 DEFAULT_RECIPE = "rotate-gptq"
 
@@ -261,6 +277,94 @@ def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str
     return out
 
 
+# --- block-wise reconstruction ---------------------------------------------------------------------------
+
+def _log_steps(lp: llama.Params, cfg: ModelConfig) -> dict:
+    """The steps block-wise reconstruction fits in one layer, as logarithms: every activation step
+    and every weight step (per output channel) of the layer matrices."""
+    out = {"act": {".".join(path): jnp.log(llama._get(lp, path)) for path in llama.act_steps(cfg)}}
+    out["w"] = {name: jnp.log(_linear(lp, name)["s_w"]) for name in llama.LINEARS}
+    return out
+
+
+def _with_log_steps(lp: llama.Params, theta: dict, codes: dict) -> llama.Params:
+    """`lp` with the steps exp(theta); each matrix is its fixed integer codes times its new steps."""
+    for key, t in theta["act"].items():
+        lp = llama._set(lp, tuple(key.split(".")), jnp.exp(t))
+    for name, t in theta["w"].items():
+        s = jnp.exp(t)
+        path = tuple(name.split("."))
+        lp = llama._set(lp, path + ("s_w",), s)
+        lp = llama._set(lp, path + ("w",), codes[name] * s)
+    return lp
+
+
+def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConfig, policy, windows: np.ndarray,
+                iters: int, lr: float = 5e-3, log: Log | None = None, errors: list | None = None) -> llama.Params:
+    """Block-wise reconstruction of the step sizes (BRECQ, arXiv 2102.05426; OmniQuant, arXiv
+    2308.13137, with the integer codes kept): layer by layer, in order, every activation step and
+    every weight step of the layer (the GPTQ codes fixed, so a matrix stays on its grid) is fitted
+    by `iters` Adam steps on log(step) to make the quantized layer's output, on the quantized
+    model's own input, match the float layer's output on the float model's input (relative squared
+    error, the sink positions left out: they have their own INT8 steps). The training forward is
+    the chip's integer forward with LSQ gradients, so what is fitted is what runs. `errors` (a list)
+    receives each layer's (relative error before, after)."""
+    import optax
+
+    prec = llama.resolve(policy, cfg)
+    fprec = llama.Precision(get_policy("float"), jnp.float32, prec.tilings)
+    tokens = jnp.asarray(windows)
+    B, L = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(L), (B, L))
+    keep = (pos >= cfg.sink_positions)[..., None].astype(jnp.float32)
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def float_layer(lp, x):
+        return llama.layer(lp, x, pos, None, cfg, fprec)[0].astype(jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=(4,))
+    def fit(lp, x, y, codes, p):
+        def loss(theta):
+            out = llama.layer(_with_log_steps(lp, theta, codes), x, pos, None, cfg, p)[0].astype(jnp.float32)
+            return jnp.sum(keep * (out - y) ** 2) / jnp.sum(keep * y ** 2)
+
+        def body(carry, _):
+            theta, state = carry
+            value, grads = jax.value_and_grad(loss)(theta)
+            updates, state = opt.update(grads, state)
+            return (optax.apply_updates(theta, updates), state), value
+
+        theta0 = _log_steps(lp, cfg)
+        (theta, _), losses = jax.lax.scan(body, (theta0, opt.init(theta0)), None, length=iters)
+        return _with_log_steps(lp, theta, codes), losses[0], loss(theta)
+
+    @functools.partial(jax.jit, static_argnums=(2,))
+    def quant_layer(lp, x, p):
+        return llama.layer(lp, x, pos, None, cfg, p)[0]
+
+    layers, flayers = llama.unstack_layers(params["layers"]), llama.unstack_layers(float_params["layers"])
+    x_f = llama.embed(float_params, tokens, fprec).astype(jnp.float32)
+    x_q = llama.embed(params, tokens, prec)
+    out, errs = ([], []) if errors is None else ([], errors)
+    with Progress(f"block-wise reconstruction ({iters} steps per layer, {B * L} tokens)", cfg.n_layers,
+                  unit="layer", log=log) as bar:
+        for i, (lp, lf) in enumerate(zip(layers, flayers)):
+            p = prec.at(i)
+            y = float_layer(lf, x_f)
+            codes = {name: jnp.round(_linear(lp, name)["w"] / _linear(lp, name)["s_w"]) for name in llama.LINEARS}
+            lp, before, after = fit(lp, x_q, y, codes, p)
+            out.append(lp)
+            errs.append((float(before), float(after)))
+            x_q, x_f = quant_layer(lp, x_q, p), y
+            bar.update()
+    if log is not None:
+        e = np.asarray(errs)
+        log(f"block-wise reconstruction: each layer's relative output error, mean {e[:, 0].mean():.4f} -> "
+            f"{e[:, 1].mean():.4f}, last layer {e[-1, 0]:.4f} -> {e[-1, 1]:.4f}")
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *out)}
+
+
 # --- the pipeline --------------------------------------------------------------------------------------
 
 def transformed_config(cfg: ModelConfig, recipe: str | Recipe, policy) -> ModelConfig:
@@ -310,6 +414,7 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
         hess = layer_hessians(params, cfg, windows, log=progress_log)
         log(f"recipe {recipe.name}: input Hessians of every layer on {len(windows)} windows in "
             f"{time.perf_counter() - t0:.1f} s")
+    float_params = params  # the transformed float model: the reconstruction's reference
     params = quantize_weights(params, cfg, policy, recipe.weights, hess, log, progress_log)
     t0 = time.perf_counter()
     stats: dict = {}
@@ -317,6 +422,12 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
         params = llama.calibrate(params, jnp.asarray(windows), cfg, policy, recipe.activations, weights=False,
                                  stats=stats)
     log(f"recipe {recipe.name}: activation steps ({recipe.activations}) in {time.perf_counter() - t0:.1f} s")
+    if recipe.reconstruct:
+        t0 = time.perf_counter()
+        params = reconstruct(params, float_params, cfg, policy, windows[: recipe.reconstruct_windows],
+                             recipe.reconstruct, recipe.reconstruct_lr, log=progress_log)
+        log(f"recipe {recipe.name}: block-wise reconstruction ({recipe.reconstruct} steps per layer on "
+            f"{min(len(windows), recipe.reconstruct_windows)} windows) in {time.perf_counter() - t0:.1f} s")
     if "down_input_token_max" in stats:
         found = outlier_tokens(stats["down_input_token_max"], cfg.sink_positions)
         log(f"recipe {recipe.name}: {describe_outliers(found, windows, cfg.sink_positions)}")

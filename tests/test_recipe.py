@@ -141,6 +141,44 @@ def test_prepared_cache_round_trip_and_corrupt_entry(model, quantized, tmp_path,
     assert not prepared.prepare(model, RECIPE, "w4a4", log=logs.append)[2]["cached"]
 
 
+def test_block_reconstruction_keeps_the_codes_and_fits_the_float_layers(model, quantized):
+    """Every layer's steps are fitted to the float layer's output: the relative error of the layers'
+    outputs falls, each matrix keeps its integer codes (on its grid, as the cache stores it), and the
+    result still serves as it trains."""
+    cfg, q = quantized
+    _, f = R.transform(model.params, CFG, RECIPE, "w4a4")
+    errors: list = []
+    r = R.reconstruct(q, f, cfg, "w4a4", prepared.calibration_windows(model, 2), 8, errors=errors)
+    assert len(errors) == cfg.n_layers and np.mean([a for _, a in errors]) < np.mean([b for b, _ in errors])
+    for name in llama.LINEARS:
+        (w0, s0), (w1, s1) = [(np.asarray(R._linear(p["layers"], name)["w"]), np.asarray(R._linear(p["layers"], name)["s_w"]))
+                              for p in (q, r)]
+        np.testing.assert_array_equal(np.rint(w1 / s1[:, None, :]), np.rint(w0 / s0[:, None, :]))
+        assert all(prepared._grid_codes(w1[i], s1[i]) is not None for i in range(cfg.n_layers))
+    assert not np.array_equal(np.asarray(r["layers"]["attn"]["s_x"]), np.asarray(q["layers"]["attn"]["s_x"]))
+    f_q = jax.jit(lambda p, t: llama.forward(p, t, cfg, "w4a4"))
+    np.testing.assert_array_equal(np.asarray(f_q(llama.prepare_serving(r, cfg, "w4a4"), TOKS)), np.asarray(f_q(r, TOKS)))
+
+
+def test_the_recipe_switch_runs_the_reconstruction_on_its_windows(model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(R, "reconstruct", lambda p, fp, cfg, pol, w, iters, lr, log=None: calls.append(
+        (fp, np.asarray(w), iters, lr)) or p)
+    on = dataclasses.replace(RECIPE, reconstruct=3, reconstruct_windows=1, reconstruct_lr=0.5)
+    windows = prepared.calibration_windows(model, 2)
+    R.apply(model.params, CFG, on, "w4a4", windows)
+    (fp, w, iters, lr), = calls
+    np.testing.assert_array_equal(w, windows[:1])
+    assert (iters, lr) == (3, 0.5) and on.steps("w4a4")[-1] == "reconstruct:3"
+    _, want = R.transform(model.params, CFG, on, "w4a4")  # the reference is the transformed float model
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fp), jax.tree.leaves(want), strict=True))
+    # the switch off leaves the cache key of the recipes made before it existed unchanged
+    assert "reconstruct" not in RECIPE.to_json() and "reconstruct" in on.to_json()
+    assert prepared.cache_key(model, on, "w4a4")[0] != prepared.cache_key(model, RECIPE, "w4a4")[0]
+    with pytest.raises(ValueError, match="reconstruct"):
+        R.Recipe("x", reconstruct=-1)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2 ** 31 - 1), st.integers(0, 3))
 def test_outlier_tokens_are_the_spikes_beyond_the_sink(seed, sink):

@@ -77,7 +77,8 @@ def register(sub) -> None:
                         "none)")
     p.add_argument("--recipe", default=None,
                    help="quantization recipe from the float model (docs/quantization.md): rotate-gptq (rotations, "
-                        "the attention-sink prefix, GPTQ), rotate, or plain (the earlier path); prepared once per "
+                        "the attention-sink prefix, GPTQ), rotate-gptq-recon (and block-wise reconstruction of the "
+                        "steps), rotate, or plain (the earlier path); prepared once per "
                         "model file and cached (default: rotate-gptq; not with --checkpoint)")
     p.add_argument("--calibration", default="mse", choices=["mse", "lsq"],
                    help="activation steps without QAT: MSE-optimal or the LSQ paper's 2*mean|v|/sqrt(Q_P)")
