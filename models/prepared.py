@@ -549,6 +549,7 @@ def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: Da
     the same arguments, read ahead (None: read here)."""
     progress_log, log = log, log or (lambda m: None)
     recipe = recipes.get_recipe(recipe)
+    get_policy(policy).check_vmm_operands(model.cfg.n_layers)  # a policy the chip cannot run: before any work
     key, inputs = cache_key(model, recipe, policy, data, seed)
     root = cache_root()
     d = root / key

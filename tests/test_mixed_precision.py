@@ -6,6 +6,7 @@ takes its widths from (`llama.layer` with that preset); the pipeline is the sequ
 uniform policies are unchanged (every other test file)."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -235,6 +236,26 @@ def test_the_commands_take_a_policy_file(tmp_path, capsys):
 def test_float_and_integer_attention_operands_do_not_mix(tmp_path, role):
     f = tmp_path / "mix.json"
     f.write_text(json.dumps({"name": "mix", "base": "w8a8", "rules": [[f"*.{role}", "float"]]}))
-    with pytest.raises(ValueError, match=r"layer 0's .*attention products' operands"):
+    with pytest.raises(ValueError, match=rf"layer 0's {re.escape(role)} float; .* VMM"):
         llama.resolve(load_policy(f), CFG)
     llama.resolve("w8a8", CFG)  # a preset passes
+
+
+@pytest.mark.parametrize("pattern, role", [("layers.1.attn.q.w", "layer 1's attn.q.w"), ("*.mlp.down.x", "layer 0's mlp.down.x"),
+                                           ("*.attn.kv", "layer 0's attn.kv"), ("lm_head.w", "lm_head.w")])
+def test_a_float_vmm_operand_is_refused_before_any_work(tmp_path, capsys, pattern, role):
+    """A quantized policy that leaves an operand of a VMM product float is refused with one line,
+    by the library and by every command, before anything is prepared or planned."""
+    from np_jax.cli import main
+    f = tmp_path / "f.json"
+    f.write_text(json.dumps({"name": "f", "base": "w4a4", "rules": [[pattern, "float"]]}))
+    with pytest.raises(ValueError, match=f"{re.escape(role)} float; .* VMM"):
+        llama.resolve(load_policy(f), CFG)
+    for argv in (["map"], ["perf", "--model", "tiny", "--context", "64"], ["run", "--model", "tiny", "--new-tokens", "1"],
+                 ["eval", "--model", "tiny", "--windows", "1"], ["train", "--model", "tiny", "--out", str(tmp_path / "r")]):
+        assert main(argv + ["--precision", str(f)]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(f"{re.escape(role)} float; .* VMM", err[0]), (argv, err)
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # nothing trained or saved
+    f.write_text(json.dumps({"name": "f", "base": "w4a4", "rules": [["*.mlp.silu", "float"]]}))
+    llama.resolve(load_policy(f), CFG)  # SiLU runs on the activation unit: it may stay float

@@ -400,13 +400,15 @@ def eval_command(args) -> int:
             log(f"{name}: HumanEval " + ", ".join(f"pass@{k} {v:.4f}" for k, v in he.pass_at_k.items())
                 + f" on {he.problems} problems ({rows[-1]['humaneval']['seconds']:.0f} s)")
 
-    add("float", base.params, "float", source=base.source, recipe=None, qat=False)
     q_cks = [ck for ck in cks if not get_policy(ck.train_config.precision).is_float]
     ref = q_cks[0].train_config if q_cks else first
     precisions = list(dict.fromkeys(args.precision or [ref.precision if q_cks else "w4a4"]))
     recipe_names = list(dict.fromkeys(args.recipe or [ref.recipe if q_cks else DEFAULT_RECIPE]))
     for r in recipe_names:
         get_recipe(r)  # unknown names fail before any work
+    for p in precisions:  # ... and policies the chip cannot run
+        get_policy(p).check_vmm_operands(base.cfg.n_layers)
+    add("float", base.params, "float", source=base.source, recipe=None, qat=False)
     if not args.no_ptq:
         methods = list(dict.fromkeys(args.calibration or [first.calibration if first else "mse"]))
         seed = args.seed if args.seed is not None else (ref.seed if ref else 0)

@@ -357,6 +357,7 @@ class _Widths:
         self.float = policy.is_float
         if self.float:
             return
+        policy.check_vmm_operands(shape.n_layers)
         views = [policy.at(i) for i in (range(shape.n_layers) if layer is None else [layer])]
         self.w = {name: max(p.layer(f"{name}.w").bits for p in views) for name in shape.layer_matrices()}
         self.w |= {name: max(p.layer(f"{name.split('.')[0]}.rot.w").bits for p in views)

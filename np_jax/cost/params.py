@@ -222,6 +222,7 @@ class Bits:
         p = get_policy(policy)
         if p.is_float:
             raise ValueError("the chip computes in integers: the model needs a quantized precision (w4a4, a8c8w4, w8a8)")
+        p.check_vmm_operands(layer + 1, first=layer)
         p = p.at(layer)
         r = lambda role: p.layer(role).bits  # noqa: E731
         w = max(r(f"{m}.w") for m in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"))

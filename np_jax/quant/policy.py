@@ -79,6 +79,10 @@ class PrecisionPolicy:
         """Raise (ValueError, naming the layer and role) unless every layer's roles resolve and
         each role keeps, across layers, whether it is float and whether it is dynamic: what a layer
         holds (its step sizes, its KV cache's type) must not change from layer to layer."""
+        try:
+            self.check_vmm_operands(n_layers)
+        except KeyError as e:
+            raise ValueError(str(e.args[0])) from None
         for r in roles:
             try:
                 first = self(f"layers.0.{r}")
@@ -94,19 +98,33 @@ class PrecisionPolicy:
                                      f"{'float' if tq.is_float else 'dynamic' if tq.dynamic else 'static'} and "
                                      f"layer 0's {'float' if first.is_float else 'dynamic' if first.dynamic else 'static'}"
                                      "; layers may differ in widths, not in what they hold")
-        attn = [r for r in ("attn.qk.q", "attn.kv", "attn.probs") if r in roles]
-        for i in range(n_layers):  # Q K^T and P V run on the VMM: their operands are integer, or all float
-            kinds = {r: self(f"layers.{i}.{r}").is_float for r in attn}
-            if len(set(kinds.values())) > 1:
-                raise ValueError(f"policy {self.name!r} makes layer {i}'s "
-                                 + ", ".join(f"{r} {'float' if f else 'integer'}" for r, f in kinds.items())
-                                 + "; the attention products' operands (attn.qk.q, attn.kv, attn.probs) must be all "
-                                 "integer (the VMM's) or all float")
         for r in ("w", "x"):
             try:
                 self.output(r)
             except KeyError as e:
                 raise ValueError(str(e.args[0])) from None
+
+    # the operands of every layer matrix's VMM and of the attention products' (the output layer's: "lm_head.w/x")
+    VMM_ROLES = tuple(f"{m}.w" for m in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")) \
+        + ("attn.x", "attn.o.x", "mlp.x", "mlp.down.x", "attn.qk.q", "attn.kv", "attn.probs")
+
+    def check_vmm_operands(self, n_layers: int, first: int = 0) -> None:
+        """Raise (ValueError, naming the layer and role) if a policy that quantizes anything leaves
+        an operand of a layer matrix's product, of QK^T or P V, or of the output layer's float:
+        those products run on the core array's VMM, whose operands are INT8/INT4/INT2 (the float
+        preset runs none of them; SiLU, on the activation unit, may stay float). Layers `first` to
+        `n_layers - 1`."""
+        if self.is_float:
+            return
+        for i in range(first, n_layers):
+            for r in self.VMM_ROLES:
+                if self(f"layers.{i}.{r}").is_float:
+                    raise ValueError(f"policy {self.name!r} makes layer {i}'s {r} float; its product runs on the "
+                                     "VMM, whose operands are INT8, INT4 or INT2: give it a width")
+        for r in ("w", "x"):
+            if self.output(r).is_float:
+                raise ValueError(f"policy {self.name!r} makes lm_head.{r} float; the output layer runs on the VMM, "
+                                 "whose operands are INT8, INT4 or INT2: give it a width")
 
     def key(self) -> str:
         """What identifies the policy's widths (a preset: its name; a file: its name and rules' hash)."""
