@@ -40,6 +40,7 @@ bench: $(STAMP)
 	-$(BIN)/python -m benchmarks.bench_core_array
 	-$(BIN)/python -m benchmarks.bench_appliance
 	-$(BIN)/python -m benchmarks.bench_train_step
+	-$(BIN)/python -m benchmarks.bench_first_token
 
 # On a host whose JAX sees a GPU: the exact dot forms, the bit-exactness tests that matter there and the
 # benchmarks on random weights, within 8 minutes, into device_check.json (docs/benchmarks.md). Where an

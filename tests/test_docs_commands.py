@@ -696,6 +696,21 @@ def test_the_quality_table_is_its_data_file():
     assert f"{data['held_out']['tokens']:,} scored" in _page("docs/quantization.md")
 
 
+def test_the_reconstruction_table_is_its_data_file():
+    data, base = _result("quality_recon_smollm2.json"), _result("quality_smollm2.json")
+    rows = {r["precision"]: r for r in data["rows"] if r["recipe"] == "rotate-gptq-recon"}
+    before = {r["precision"]: r for r in base["rows"] if r["recipe"] == "rotate-gptq"}
+    table = _table("docs/quantization.md", "| Precision | rotate-gptq vs float | rotate-gptq-recon: Perplexity |")
+    assert len(table) == len(rows)
+    for precision, vs0, ppl, vs, kl, top1, same, prepare in table:
+        r = rows[precision]
+        assert _shown(vs0, before[precision]["vs_float"]) and _shown(ppl, r["perplexity"]), precision
+        assert _shown(vs, r["vs_float"]) and _shown(kl, r["kl"]) and _shown(top1, r["top1_agreement"]), precision
+        assert _shown(same, r["same_as_float_tokens"]) and _shown(prepare, r["prepare_minutes"]), precision
+    doc = next(d for d in NP_JAX if d.text.endswith("> quality_recon_smollm2.json"))
+    assert _same_run(doc.text, data["command"]) and data["held_out"] == base["held_out"]
+
+
 def test_the_qat_tables_are_their_data_files():
     rotate, plain = _result("qat_rotate_smollm2.json"), _result("qat_smollm2.json")
     table = _table("docs/training.md", "| Model | Precision | Steps | Train tokens | Perplexity |")
