@@ -78,7 +78,8 @@ def _output_slots(serving: llama.Params, cfg: ModelConfig, policy, mapping: Mapp
         if served:
             p = _served_slot(head_w, s_w, jnp.int32(lo), jnp.int32(hi - lo), bits=tq.bits, signed=tq.signed,
                              tiling=t, form=form)
-            return p | {"s_x": serving["lm_head"]["s_x"]}
+            tw = p["tw"]  # the mapping's own tiling object (the compiled program holds an equal one)
+            return p | {"tw": TiledWeights(tw.w_RxKbxCxNb, t, tw.bits, tw.signed), "s_x": serving["lm_head"]["s_x"]}
         w = jnp.pad(head_w[:, lo:hi], ((0, 0), (0, width - (hi - lo))))
         return {"s_w": jnp.pad(s_w[lo:hi], (0, width - (hi - lo)), constant_values=1.0),
                 "s_x": serving["lm_head"]["s_x"], "lo": jnp.int32(lo), "n": jnp.int32(hi - lo), "w": w}

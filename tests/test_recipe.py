@@ -126,6 +126,12 @@ def test_prepared_cache_round_trip_and_corrupt_entry(model, quantized, tmp_path,
     assert cfg1 == quantized[0] and same(p1, quantized[1])  # prepare = the recipe on the training split
     cfg2, p2, info2 = prepared.prepare(model, RECIPE, "w4a4", log=logs.append)
     assert info2["cached"] and cfg2 == cfg1 and same(p2, p1)
+    # read ahead (np-jax run reads it while it plans): the same entry, quietly, and prepare takes it
+    ahead = prepared.read_cached(model, RECIPE, "w4a4")
+    assert ahead[0] == cfg1 and same(ahead[1], p1) and ahead[2] >= 0
+    cfg_a, p_a, info_a = prepared.prepare(model, RECIPE, "w4a4", log=logs.append, cached=ahead)
+    assert info_a["cached"] and cfg_a == cfg1 and p_a is ahead[1]
+    assert prepared.read_cached(model, RECIPE, "w4a4", seed=1) is None  # no entry: prepare makes it
     # another calibration seed, or another recipe, is another entry
     key_a, _ = prepared.cache_key(model, RECIPE, "w4a4")
     assert key_a != prepared.cache_key(model, RECIPE, "w4a4", seed=1)[0]
@@ -135,6 +141,8 @@ def test_prepared_cache_round_trip_and_corrupt_entry(model, quantized, tmp_path,
     meta = json.loads((d / "meta.json").read_text())
     meta["sha256"] = "f" * 64
     (d / "meta.json").write_text(json.dumps(meta))
+    n_logs = len(logs)
+    assert prepared.read_cached(model, RECIPE, "w4a4") is None and len(logs) == n_logs  # damaged: left to prepare
     cfg3, p3, info3 = prepared.prepare(model, RECIPE, "w4a4", log=logs.append)
     assert not info3["cached"] and any("damaged" in m for m in logs) and same(p3, p1)
     (d / "arrays.bin").write_bytes(b"not the arrays")
@@ -151,10 +159,12 @@ def test_block_reconstruction_keeps_the_codes_and_fits_the_float_layers(model, q
     r = R.reconstruct(q, f, cfg, "w4a4", prepared.calibration_windows(model, 2), 8, errors=errors)
     assert len(errors) == cfg.n_layers and np.mean([a for _, a in errors]) < np.mean([b for b, _ in errors])
     for name in llama.LINEARS:
-        (w0, s0), (w1, s1) = [(np.asarray(R._linear(p["layers"], name)["w"]), np.asarray(R._linear(p["layers"], name)["s_w"]))
+        blk, lin = name.split(".")
+        (w0, s0), (w1, s1) = [(np.asarray(p["layers"][blk][lin]["w"]), np.asarray(p["layers"][blk][lin]["s_w"]))
                               for p in (q, r)]
-        np.testing.assert_array_equal(np.rint(w1 / s1[:, None, :]), np.rint(w0 / s0[:, None, :]))
-        assert all(prepared._grid_codes(w1[i], s1[i]) is not None for i in range(cfg.n_layers))
+        codes = np.rint(w1 / s1[:, None, :])
+        np.testing.assert_array_equal(codes, np.rint(w0 / s0[:, None, :]))  # the GPTQ codes, kept
+        np.testing.assert_array_equal(codes.astype(np.float32) * s1[:, None, :], w1)  # on the grid: codes x step
     assert not np.array_equal(np.asarray(r["layers"]["attn"]["s_x"]), np.asarray(q["layers"]["attn"]["s_x"]))
     f_q = jax.jit(lambda p, t: llama.forward(p, t, cfg, "w4a4"))
     np.testing.assert_array_equal(np.asarray(f_q(llama.prepare_serving(r, cfg, "w4a4"), TOKS)), np.asarray(f_q(r, TOKS)))

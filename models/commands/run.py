@@ -392,12 +392,13 @@ def run_command(args) -> int:
     pre = args.prefetch_.result() if args.prefetch_ is not None else None
     if ck is not None:  # the trained parameters; only the encoder comes from the base model
         model = Model(cfg, ck.params, model_encoder(args.model, args.gguf, cfg), f"checkpoint {ck.path}")
-    elif pre is not None and pre.model is not None:
-        for line in pre.logs:
-            log(line)
-        model = pre.model
     else:
-        model = load_model(args.model, args.gguf, seed=args.seed, serving_policy=policy, log=log)
+        if pre is not None and pre.model is not None:  # loaded while the mapping was planned
+            for line in pre.logs:
+                log(line)
+            model = pre.model
+        else:
+            model = load_model(args.model, args.gguf, seed=args.seed, serving_policy=policy, log=log)
         planned = model.cfg if args.recipe_ is None else transformed_config(model.cfg, args.recipe_, policy)
         if planned != cfg:
             raise ValueError(f"the loaded model {model.cfg.name} differs from the planned {cfg.name}")

@@ -1,6 +1,6 @@
 """Model I/O: model files, their tokenizer and the text encoders.
 
-- `gguf`: the defensive GGUF reader and writer (`read_gguf`, `read_gguf_config`,
+- `gguf`: the defensive GGUF reader and writer (`read_gguf`, `read_gguf_config`, `dequantize_q8_0`,
   `read_gguf_metadata`, `read_gguf_tokenizer_data`, `GGUFModel`, `GGUFTokenizerData`,
   `GGUFError`, `write_llama_gguf`, `permute_qk` / `unpermute_qk`, `smollm2_gguf_path`).
 - `weights`: GGUF tensors into the parameter tree (`load_gguf`, `params_from_gguf`,
@@ -20,7 +20,7 @@ from models import _lazy
 _EXPORTS = {
     **{m: f"models.io.{m}" for m in ("encoders", "gguf", "load", "tokenizer", "weights")},
     **dict.fromkeys(("ByteEncoder", "Encoder", "TokenizerEncoder", "check_text"), "models.io.encoders"),
-    **dict.fromkeys(("GGUFError", "GGUFModel", "GGUFTokenizerData", "TensorInfo", "permute_qk", "read_gguf",
+    **dict.fromkeys(("GGUFError", "GGUFModel", "GGUFTokenizerData", "TensorInfo", "dequantize_q8_0", "permute_qk", "read_gguf",
                      "read_gguf_config", "read_gguf_metadata", "read_gguf_tokenizer_data", "smollm2_gguf_path",
                      "unpermute_qk", "write_llama_gguf"), "models.io.gguf"),
     **dict.fromkeys(("DEFAULT_MODEL", "KNOWN_SHA256", "Model", "file_sha256", "gguf_encoder", "gguf_header", "is_gguf",
