@@ -151,8 +151,11 @@ def test_any_tree_round_trips_exactly_in_its_smallest_exact_form(data):
     if off_grid:
         assert forms["lin.w"] == ("raw", None)
     else:
-        per_layer = [8 if c.min() < -8 or c.max() > 7 else 4 for c in codes]  # each layer at its narrowest
-        assert forms["lin.w"] == ("grid", per_layer[0] if len(set(per_layer)) == 1 else per_layer)
+        fits4 = [bool(c.min() >= -8 and c.max() <= 7) for c in codes]
+        per_layer = sum(-(-c.size // 2) if f else c.size for c, f in zip(codes, fits4))  # packed nibbles: bytes
+        # the smallest exact form (ties: the uniform one): INT4, INT8, or each layer at its own width
+        want = 4 if all(fits4) else [4 if f else 8 for f in fits4] if per_layer < codes.size else 8
+        assert forms["lin.w"] == ("grid", want)
     assert forms["table"] == ("block", None)
 
 
