@@ -5,7 +5,7 @@ products (one integer forward for training and serving), rotations, GPTQ and the
   `init_step_mse`), the dynamic per-token step `dynamic_step`, grad scales.
 - `policy`: `PrecisionPolicy`, the named `POLICIES` (and the `TRANSFORM_RULES` they share), `get_policy`, `load_policy` (a policy file), `wants_qk_rotation`.
 - `products`: `ProductSpec`, `act_codes`, `scaled_int_product` / `quantized_product`, `linear`,
-  `prepare_linear`, `silu_lut`.
+  `prepare_linear`, `check_linear_steps`, `silu_lut`.
 - `hadamard`: Sylvester, Paley and Kronecker constructions (`hadamard`, `orthogonal`,
   `random_signs`, `factors`, `is_supported`, `kron_apply_int`, `hadamard.apply`).
 - `gptq`: `gptq`, round-to-nearest `rtn` and their Hessian helpers.
@@ -22,8 +22,8 @@ from np_jax.quant.lsq import (FLOAT, TensorQuant, act_grad_scale, check_step, dy
                               init_step, init_step_mse, lsq_fake_quant, weight_grad_scale)
 from np_jax.quant.optim import lsq_optimizer, param_group, param_groups
 from np_jax.quant.policy import POLICIES, TRANSFORM_RULES, PrecisionPolicy, get_policy, load_policy, wants_qk_rotation
-from np_jax.quant.products import (ProductSpec, act_codes, linear, prepare_linear, quantized_product,
-                                   scaled_int_product, silu_lut)
+from np_jax.quant.products import (ProductSpec, act_codes, check_linear_steps, linear, prepare_linear,
+                                   quantized_product, scaled_int_product, silu_lut)
 
 # `gptq` and `hadamard` name both a module and its main function: the package offers the modules
 # (call `gptq.gptq`, `hadamard.hadamard`).
@@ -36,6 +36,7 @@ __all__ = [
     "TensorQuant",
     "act_codes",
     "act_grad_scale",
+    "check_linear_steps",
     "check_step",
     "dynamic_step",
     "factors",

@@ -193,15 +193,21 @@ def linear(x: jax.Array, p: dict, x_tq: TensorQuant, w_tq: TensorQuant, *, dtype
     return y.astype(dtype)
 
 
-def prepare_linear(p: dict, w_tq: TensorQuant, tiling: Tiling | None = None, memory=None, name: str = "w") -> dict:
-    """Quantize a training layer's weights once and place them on the core array (serving form)."""
-    if w_tq.is_float:
-        return dict(p)
+def check_linear_steps(p: dict, name: str = "w") -> None:
+    """Raise ValueError, naming the layer and step, for a non-positive or non-finite step of a
+    linear layer (concrete values only: under `jax.jit` the caller checks before)."""
     for key in [k for k in ("s_w", "s_x", "s_x0") if k in p]:
         try:
             check_step(p[key])
         except ValueError as e:
             raise ValueError(f"{name}.{key}: {e}") from None
+
+
+def prepare_linear(p: dict, w_tq: TensorQuant, tiling: Tiling | None = None, memory=None, name: str = "w") -> dict:
+    """Quantize a training layer's weights once and place them on the core array (serving form)."""
+    if w_tq.is_float:
+        return dict(p)
+    check_linear_steps(p, name)
     w_q = quantize(p["w"], p["s_w"], w_tq.bits, w_tq.signed)
     tw = tile_weights(w_q, bits=w_tq.bits, signed=w_tq.signed, tiling=tiling, memory=memory, name=name)
     return {k: v for k, v in p.items() if k != "w"} | {"tw": tw}
