@@ -182,7 +182,7 @@ def layer_at(lp: Params, x, pos, kv, cfg: ModelConfig, prec: Precision, layer_id
         p = prec.at(prec.groups[g][0])
 
         def run(lp, x, kv):
-            c = None if calib is None else _Calib(calib.method)
+            c = None if calib is None else _Calib(calib.method, calib.sink_method)
             y, kv_new = layer(_with_widths(lp, p), x, pos, kv, cfg, p, c)
             return (y.astype(x.dtype), kv_new) + (((c.steps, c.token_max),) if c is not None else ())
         return run
@@ -293,7 +293,8 @@ def rope(x_BxLxHxE: jax.Array, pos_BxL: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxLxHxE.dtype)
 
 
-CALIBRATIONS = {"lsq": quant.init_step, "mse": quant.init_step_mse}
+CALIBRATIONS = {"lsq": quant.init_step, "mse": quant.init_step_mse, "max": quant.init_step_max}
+CALIB_SAMPLE = 1 << 20  # a larger tensor's step is searched on an evenly strided sample of its values
 SINK = TensorQuant(8)  # the attention-sink rows' width (models.config.ModelConfig.sink_positions)
 
 
@@ -302,24 +303,24 @@ class _Calib:
 
     With a sink (`see(..., sink=mask)`), the step of the path is set from the other rows and the
     path's sink step ("<key>0") from the sink rows, at INT8: the first position's huge values
-    (the attention sink) would otherwise set one static step for every token.
+    (the attention sink) would otherwise set one static step for every token. The sink steps
+    are calibrated by `sink_method` (default: `method`).
     """
 
-    def __init__(self, method: str = "lsq"):
+    def __init__(self, method: str = "lsq", sink_method: str | None = None):
         self.steps: dict[tuple, jax.Array] = {}
-        self.method = method
+        self.method, self.sink_method = method, sink_method
         self.init = CALIBRATIONS[method]
+        self.sink_init = CALIBRATIONS[sink_method or method]
         self.token_max: dict[tuple, jax.Array] = {}  # OUTLIER_PATHS: each token's largest |value|
 
     # where token-wise outliers show (PrefixQuant, arXiv 2410.05265: the down-projection input)
     OUTLIER_PATHS = (("mlp", "down", "s_x"),)
 
-    MAX_VALUES = 1 << 20  # a larger tensor is searched on an evenly strided sample of its values
-
     def _sample(self, v: jax.Array) -> jax.Array:
         d = v.shape[-1]
         v = v.reshape(-1)
-        stride = -(-v.size // self.MAX_VALUES)
+        stride = -(-v.size // CALIB_SAMPLE)
         while stride > 1 and math.gcd(stride, d) != 1:  # coprime with the feature axis: every feature sampled
             stride += 1
         return v[::stride] if stride > 1 else v
@@ -336,7 +337,15 @@ class _Calib:
         m = jnp.broadcast_to(sink[..., None], v.shape)
         # excluded rows are zeroed: a zero quantizes exactly under any step (no error, no new max)
         self.steps[path] = self.init(self._sample(jnp.where(m, 0.0, v)), TensorQuant(tq.bits, tq.signed))
-        self.steps[path[:-1] + (path[-1] + "0",)] = self.init(self._sample(jnp.where(m, v, 0.0)), SINK)
+        self.see_sink(path[:-1] + (path[-1] + "0",), jnp.where(m, v, 0.0))
+
+    def see_sink(self, path: tuple, v: jax.Array) -> None:
+        """The sink step `path` from the sink rows' values `v` (others zeroed: no error, no new max).
+        The sink rows are a few of every window's, which a strided sample of the tensor would mostly
+        miss: with its own rule (`sink_method`) every value is seen; without, the earlier rule's
+        sample is kept (its prepared models stay valid)."""
+        v = v.astype(jnp.float32)
+        self.steps[path] = self.sink_init(v if self.sink_method else self._sample(v), SINK)
 
 
 def _lin(x, p, sx, x_tq, w_tq, dtype, calib, path, tiling=None, sink=None, sx0=None):
@@ -462,7 +471,7 @@ def attention(at: Params, h_BxLxD, pos_BxL, kv, cfg: ModelConfig, prec: Precisio
         if sink is not None:  # the sink column and the others: their own steps (probabilities on the sink are large)
             pp, pr = _split_prefix(probs, cfg.sink_positions, 3)
             calib.see(("attn", "s_p"), pr, r("attn.probs"))
-            calib.see(("attn", "s_p0"), pp, SINK)
+            calib.see_sink(("attn", "s_p0"), pp)
         else:
             calib.see(("attn", "s_p"), probs, r("attn.probs"))
     if quantized:
@@ -670,7 +679,7 @@ def forward(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy="flo
 
 
 def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, method: str = "lsq",
-              weights: bool = True, stats: dict | None = None) -> Params:
+              weights: bool = True, stats: dict | None = None, sink_method: str | None = None) -> Params:
     """Initialise every step size: weights from the weights (unless `weights=False`, e.g. after
     GPTQ set them), activations from one batch.
 
@@ -678,11 +687,15 @@ def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, m
     quantizes (per layer): method "lsq" is the paper's `2 mean|v| / sqrt(Q_P)`; "mse"
     minimises the quantization error (better without quantization-aware training).
 
+    `sink_method`: the calibration of the sink rows' own steps (default `method`; the recipes
+    use "max", `init_step_max`: the sink's largest channels set its score, and are not clipped).
+
     `stats` (a dict, filled when given): "down_input_token_max", each layer's largest |value| of
     each token's down-projection input, [layers, B, L] (`outlier_tokens`).
     """
-    if method not in CALIBRATIONS:
-        raise ValueError(f"unknown calibration {method!r}; choose one of {', '.join(CALIBRATIONS)}")
+    for m in (method, sink_method or method):
+        if m not in CALIBRATIONS:
+            raise ValueError(f"unknown calibration {m!r}; choose one of {', '.join(CALIBRATIONS)}")
     prec = resolve(policy, cfg)
     if weights:
         params = init_weight_steps(params, cfg, prec.policy, method)
@@ -699,7 +712,7 @@ def calibrate(params: Params, tokens_BxL: jax.Array, cfg: ModelConfig, policy, m
 
         def body(x, xs):
             lid, lp = xs
-            calib = _Calib(method)
+            calib = _Calib(method, sink_method)
             # quantization roles from the real policy (each layer's widths), arithmetic in float
             x_new, _ = layer_at(lp, x, pos, None, cfg, prec, lid, calib)
             return x_new.astype(jnp.float32), (calib.steps, calib.token_max)

@@ -60,7 +60,8 @@ class Recipe:
     down_rotation: bool = True
     sink: int = 1
     weights: str = "gptq"  # "gptq" or "rtn"
-    activations: str = "mse"  # "mse" or "lsq"
+    activations: str = "mse"  # "mse" or "lsq" (or "max")
+    sink_activations: str | None = "max"  # the sink rows' own steps (None: as `activations`, the earlier rule)
     calib_windows: int = 32  # training windows of 256 tokens for the Hessians and the steps
     seed: int = 0  # the random signs of the rotations
     description: str = ""
@@ -71,8 +72,9 @@ class Recipe:
     def __post_init__(self):
         if self.weights not in ("gptq", "rtn"):
             raise ValueError(f"recipe weights must be gptq or rtn, got {self.weights!r}")
-        if self.activations not in llama.CALIBRATIONS:
-            raise ValueError(f"recipe activations must be one of {', '.join(llama.CALIBRATIONS)}")
+        for a in (self.activations, self.sink_activations or self.activations):
+            if a not in llama.CALIBRATIONS:
+                raise ValueError(f"recipe activations must be one of {', '.join(llama.CALIBRATIONS)}, got {a!r}")
         if (self.rotate_residual or self.rotate_vo) and not self.fold_norms:
             raise ValueError("rotations need folded norms (RMSNorm commutes with a rotation only at unit gain)")
         if self.reconstruct < 0 or self.reconstruct_windows < 1 or not self.reconstruct_lr > 0:
@@ -86,14 +88,18 @@ class Recipe:
         qk = self.qk_rotation_for(policy, n_layers) if policy is not None else bool(self.qk_rotation)
         on = [k for k in ("fold_norms", "rotate_residual", "rotate_vo", "qk_rotation", "down_rotation")
               if (qk if k == "qk_rotation" else getattr(self, k))]
-        return (on + ([f"sink{self.sink}"] if self.sink else []) + [f"weights:{self.weights}",
-                                                                   f"activations:{self.activations}"]
+        sink_acts = f":{self.sink_activations}" if self.sink and self.sink_activations else ""
+        return (on + ([f"sink{self.sink}{sink_acts}"] if self.sink else []) + [f"weights:{self.weights}",
+                                                                               f"activations:{self.activations}"]
                 + ([f"reconstruct:{self.reconstruct}"] if self.reconstruct else []))
 
     def to_json(self) -> dict:
-        """The recipe's fields (a prepared model's cache key): without reconstruction, its fields are
-        left out, so that the entries made before the switch existed stay valid."""
+        """The recipe's fields (a prepared model's cache key): a switch that is off (reconstruction,
+        the sink's own calibration) is left out, so that the entries made before
+        it existed stay valid."""
         out = dataclasses.asdict(self)
+        if not self.sink_activations:
+            out.pop("sink_activations")
         if not self.reconstruct:
             for k in ("reconstruct", "reconstruct_windows", "reconstruct_lr"):
                 out.pop(k)
@@ -102,7 +108,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("plain", fold_norms=False, rotate_residual=False, rotate_vo=False, qk_rotation=False, down_rotation=False,
-           sink=0, weights="rtn", calib_windows=1,
+           sink=0, sink_activations=None, weights="rtn", calib_windows=1,
            description="the earlier path: MSE steps on one calibration window, no transforms"),
     Recipe("rotate", weights="rtn", description="rotations and the sink prefix; weights rounded to nearest"),
     Recipe("rotate-gptq", description="rotations, the sink prefix and GPTQ weights (the default)"),
@@ -420,7 +426,7 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
     stats: dict = {}
     with Progress(f"activation steps ({recipe.activations}), one pass over {len(windows)} windows", log=progress_log):
         params = llama.calibrate(params, jnp.asarray(windows), cfg, policy, recipe.activations, weights=False,
-                                 stats=stats)
+                                 stats=stats, sink_method=recipe.sink_activations)
     log(f"recipe {recipe.name}: activation steps ({recipe.activations}) in {time.perf_counter() - t0:.1f} s")
     if recipe.reconstruct:
         t0 = time.perf_counter()

@@ -68,6 +68,22 @@ def test_grad_scale_and_init_step():
     assert float(quant.init_step(np.zeros(4), tq)) > 0
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([TensorQuant(4), TensorQuant(8), TensorQuant(4, signed=False), TensorQuant(8, per_channel=True)]),
+       st.integers(0, 2 ** 31 - 1), st.floats(1e-3, 1e4))
+def test_max_step_clips_nothing(tq, seed, scale):
+    """`init_step_max`: the largest |value| (per channel) lands on the last code, and every value is
+    within half a step of its code (against numpy)."""
+    v = (np.random.default_rng(seed).standard_normal((40, 6)) * scale).astype(np.float32)
+    if not tq.signed:
+        v = np.abs(v)
+    s = np.asarray(quant.init_step_max(v, tq))
+    np.testing.assert_allclose(s, np.abs(v).max(0 if tq.per_channel else None) / tq.q_p, rtol=1e-6)
+    err = np.abs(np.asarray(dequantize(quantize(v, s, tq.bits, tq.signed), s)) - v)
+    assert (err <= 0.5 * s * (1 + 1e-5)).all()
+    assert (quant.init_step_mse(v, tq) <= s * (1 + 1e-6)).all()  # the MSE step is one of max's fractions
+
+
 def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="bit width"):
         TensorQuant(3)

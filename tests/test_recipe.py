@@ -2,6 +2,7 @@
 mapping and the cost model make of the online rotations; on the tiny model (fast)."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -189,6 +190,37 @@ def test_the_recipe_switch_runs_the_reconstruction_on_its_windows(model, monkeyp
         R.Recipe("x", reconstruct=-1)
 
 
+def test_the_sink_steps_have_their_own_calibration(model, monkeypatch):
+    """The recipe calibrates the sink rows' steps by their largest value (`sink_activations`): the
+    other steps are untouched, and no sink step is smaller than the MSE one (which clips)."""
+    cfg, p = R.transform(model.params, CFG, RECIPE, "w4a4")
+    windows = jnp.asarray(prepared.calibration_windows(model, 2))
+    got = {m: llama.calibrate(p, windows, cfg, "w4a4", "mse", weights=False, sink_method=m)["layers"]
+           for m in ("mse", "max")}
+    get = lambda tree, path: np.asarray(functools.reduce(lambda t, k: t[k], path, tree))  # noqa: E731
+    sink = [path for path, role in llama.act_steps(cfg).items() if role == "sink"]
+    assert len(sink) >= 8 and ("attn", "s_k0") in sink and ("attn", "s_p0") in sink
+    for path in llama.act_steps(cfg):
+        mse, mx = get(got["mse"], path), get(got["max"], path)
+        if path in sink:
+            assert (mx >= mse).all(), path
+        else:
+            np.testing.assert_array_equal(mx, mse)
+    assert any((get(got["max"], path) > get(got["mse"], path)).any() for path in sink)
+    # every sink value is seen, however few of a tensor's they are (no strided sample)
+    monkeypatch.setattr(llama, "CALIB_SAMPLE", 64)
+    small = llama.calibrate(p, windows, cfg, "w4a4", "mse", weights=False, sink_method="max")["layers"]
+    for path in sink:
+        np.testing.assert_array_equal(get(small, path), get(got["max"], path))
+    # the rule is part of the recipe and of its cache key; the earlier rule (None) is left out of it
+    assert RECIPE.sink_activations == "max" and "sink1:max" in RECIPE.steps("w4a4")
+    old = dataclasses.replace(RECIPE, sink_activations=None)
+    assert "sink_activations" not in old.to_json() and "sink_activations" in RECIPE.to_json()
+    assert prepared.cache_key(model, old, "w4a4")[0] != prepared.cache_key(model, RECIPE, "w4a4")[0]
+    with pytest.raises(ValueError, match="activations"):
+        R.Recipe("x", sink_activations="median")
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2 ** 31 - 1), st.integers(0, 3))
 def test_outlier_tokens_are_the_spikes_beyond_the_sink(seed, sink):
@@ -218,6 +250,9 @@ def test_calibration_reports_each_tokens_down_input_maximum(base):
             self.seen = {}
 
         def see(self, path, v, tq, sink=None):
+            self.seen[path] = v
+
+        def see_sink(self, path, v):
             self.seen[path] = v
 
     for i, lp in enumerate(llama.unstack_layers(p["layers"])):

@@ -2,7 +2,7 @@
 products (one integer forward for training and serving), rotations, GPTQ and the optimizer groups.
 
 - `lsq`: `TensorQuant`, `lsq_fake_quant` (LSQ custom VJP), step initialisation (`init_step`,
-  `init_step_mse`), the dynamic per-token step `dynamic_step`, grad scales.
+  `init_step_mse`, `init_step_max`), the dynamic per-token step `dynamic_step`, grad scales.
 - `policy`: `PrecisionPolicy`, the named `POLICIES` (and the `TRANSFORM_RULES` they share), `get_policy`, `load_policy` (a policy file), `wants_qk_rotation`.
 - `products`: `ProductSpec`, `act_codes`, `scaled_int_product` / `quantized_product`, `linear`,
   `prepare_linear`, `check_linear_steps`, `silu_lut`.
@@ -19,7 +19,7 @@ from np_jax.quant import gptq, hadamard, lsq, optim, policy, products
 from np_jax.quant.gptq import rtn
 from np_jax.quant.hadamard import factors, is_supported, kron_apply_int, orthogonal, random_signs
 from np_jax.quant.lsq import (FLOAT, TensorQuant, act_grad_scale, check_step, dynamic_step, fake_quant, grad_scale,
-                              init_step, init_step_mse, lsq_fake_quant, weight_grad_scale)
+                              init_step, init_step_max, init_step_mse, lsq_fake_quant, weight_grad_scale)
 from np_jax.quant.optim import lsq_optimizer, param_group, param_groups
 from np_jax.quant.policy import POLICIES, TRANSFORM_RULES, PrecisionPolicy, get_policy, load_policy, wants_qk_rotation
 from np_jax.quant.products import (ProductSpec, act_codes, check_linear_steps, linear, prepare_linear,
@@ -47,6 +47,7 @@ __all__ = [
     "grad_scale",
     "hadamard",
     "init_step",
+    "init_step_max",
     "init_step_mse",
     "is_supported",
     "kron_apply_int",

@@ -83,6 +83,17 @@ def init_step(v: jax.Array, tq: TensorQuant) -> jax.Array:
     return jnp.maximum(s, jnp.float32(1e-8))
 
 
+def init_step_max(v: jax.Array, tq: TensorQuant) -> jax.Array:
+    """Step `max|v| / Q_P` (per tensor, or per channel): nothing is clipped. For a tensor whose few
+    largest values carry what it computes, e.g. the attention sink's key, whose largest channels
+    set the sink's score: an MSE-optimal step clips them (models.recipe, `sink_activations`)."""
+    v = jnp.asarray(v, jnp.float32)
+    if not isinstance(v, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(v))):
+        raise ValueError("cannot initialise an LSQ step from data containing NaN or inf")
+    axes = tuple(range(v.ndim - 1)) if tq.per_channel else None
+    return jnp.maximum(jnp.max(jnp.abs(v), axis=axes) / tq.q_p, jnp.float32(1e-8))
+
+
 def init_step_mse(v: jax.Array, tq: TensorQuant, candidates: int = 16) -> jax.Array:
     """Step minimising the quantization error `sum (fq(v) - v)^2` over a grid of candidates.
 
