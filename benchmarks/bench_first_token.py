@@ -1,6 +1,6 @@
 """How long `np-jax run` keeps a person waiting: process start to the first generated token.
 
-Run: `python -m benchmarks.bench_first_token [--runs 3] [--precision w8a8-pd] [--json]`.
+Run: `python -m benchmarks.bench_first_token [--runs 3] [--precision w8a8-pdd] [--json]`.
 
 Runs the README's main job (`np-jax run`, SmolLM2-135M on the emulated 16-card appliance, one
 user) as a person does, a new process each time, with `--new-tokens 2`, and reads its output as it

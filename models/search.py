@@ -2,7 +2,7 @@
 appliance's cost model, with the Pareto front of quality against predicted throughput.
 
 Each layer takes one of a few options, each a preset applied to the whole layer (`--options`, by
-default w4a4-pd, a8c8w4-pd, w8a8-pd: the cost model charges a layer by its widest weight, its widest
+default w4a4-pdd, a8c8w4-pdd, w8a8-pdd: the cost model charges a layer by its widest weight, its widest
 linear input and its KV cache, so options finer than a layer's class change its cost little). The
 output layer and the online rotations keep the widest option's widths.
 
@@ -56,7 +56,7 @@ from models.config import ModelConfig
 from models.evaluate.perplexity import token_nll
 from np_jax.quant import POLICIES, TRANSFORM_RULES, PrecisionPolicy
 
-DEFAULT_OPTIONS = ("w4a4-pd", "a8c8w4-pd", "w8a8-pd")
+DEFAULT_OPTIONS = ("w4a4-pdd", "a8c8w4-pdd", "w8a8-pdd")
 Log = Callable[[str], None]
 
 

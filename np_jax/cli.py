@@ -187,7 +187,7 @@ def shape_with_rotations(shape, policy, rotations: str):
 # The integer precision policies (np_jax.quant.policy.POLICIES less "float"), spelled out so that
 # `--help` needs no JAX import; tests/test_perf.py keeps the list equal to the policies.
 PRECISIONS = ("w4a4", "a8c8w4", "w8a8", "w4a4-p8", "w4a4-p8d8", "a8c8w4-dyn", "w8a8-dyn", "w4a4-pd", "a8c8w4-pd",
-              "w8a8-pd")
+              "w8a8-pd", "w4a4-pdd", "a8c8w4-pdd", "w8a8-pdd")
 
 
 def precision_type(names: tuple[str, ...]):

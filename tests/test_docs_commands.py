@@ -401,15 +401,15 @@ def _check_default_run(o: Outcome):
     # README / index.md: SmolLM2-135M, w8a8 after the default recipe, 16 emulated cards (the plan's
     # first line, or a real run's "model ..." and "mapping: ..." lines)
     if "--dry-run" in o.argv:
-        assert re.search(r"^smollm2-135m, w8a8-pd, 1 users? x 512 context: 16 cards: .*; fits$", o.out, re.M), o.out
+        assert re.search(r"^smollm2-135m, w8a8-pdd, 1 users? x 512 context: 16 cards: .*; fits$", o.out, re.M), o.out
     else:
-        assert re.search(r"^model smollm2-135m .*precision w8a8-pd.*recipe rotate-gptq", o.out, re.M), o.out
+        assert re.search(r"^model smollm2-135m .*precision w8a8-pdd.*recipe rotate-gptq", o.out, re.M), o.out
         assert re.search(r"^mapping: 16 cards: .*; fits", o.out, re.M), o.out
 
 
 def _check_run_json(o: Outcome):
     r = json.loads(o.stdout)
-    assert (r["model"], r["precision"]) == ("smollm2-135m", _value(list(o.argv), "--precision") or "w8a8-pd")
+    assert (r["model"], r["precision"]) == ("smollm2-135m", _value(list(o.argv), "--precision") or "w8a8-pdd")
     # a plan: the predicted figures; a real run: the keys model.md lists
     keys = {"northpole_predicted"} if "--dry-run" in o.argv else {
         "outputs", "emulator_tokens_per_s", "emulator_decode_tokens_per_s", "backend", "calibration", "kv_cache_bytes"}
@@ -419,7 +419,7 @@ def _check_run_json(o: Outcome):
 def _check_eight_devices(o: Outcome):
     # multihost.md: 16 cards over 8 devices, 2 on each (28 users)
     if "--dry-run" in o.argv:
-        assert re.search(r"^smollm2-135m, w8a8-pd, 28 users x 512 context: 16 cards", o.out, re.M), o.out
+        assert re.search(r"^smollm2-135m, w8a8-pdd, 28 users x 512 context: 16 cards", o.out, re.M), o.out
     else:
         assert re.search(r"^mapping: 16 cards: .*; 8 JAX device", o.out, re.M), o.out
 
@@ -438,8 +438,8 @@ def _check_quality(o: Outcome):
     rows = json.loads((o.cwd / "quality_smollm2.json").read_text())["rows"]
     ptq = {(r["precision"], r["recipe"]) for r in rows if not r.get("qat") and r["precision"] != "float"}
     searched = json.loads((ROOT / "docs/policies/smollm2-searched.json").read_text())["name"]
-    assert ptq == {(p, "rotate-gptq") for p in ("w4a4", "w4a4-pd", "w4a4-p8d8", "a8c8w4", "a8c8w4-pd", "w8a8",
-                                                "w8a8-pd", searched)}
+    assert ptq == {(p, "rotate-gptq") for p in ("w4a4", "w4a4-pd", "w4a4-pdd", "w4a4-p8d8", "a8c8w4", "a8c8w4-pd",
+                                                "a8c8w4-pdd", "w8a8", "w8a8-pd", "w8a8-pdd", searched)}
 
 
 def _check_pass_at_k(o: Outcome):
@@ -460,9 +460,10 @@ CHECKS = {
     "np-jax run --devices 8 --users 28 --new-tokens 64": _check_eight_devices,
     "np-jax train --model tiny --steps 200 --out runs/tiny-float": _check_tiny_float,
     "np-jax eval --checkpoint runs/qat-tiny": _check_eval_table,
-    "np-jax eval --precision w4a4 --precision w4a4-pd --precision w4a4-p8d8 --precision a8c8w4 --precision a8c8w4-pd "
-    "--precision w8a8 --precision w8a8-pd --precision docs/policies/smollm2-searched.json --recipe rotate-gptq "
-    "--windows 16 --json > quality_smollm2.json": _check_quality,
+    "np-jax eval --precision w4a4 --precision w4a4-pd --precision w4a4-pdd --precision w4a4-p8d8 --precision a8c8w4 "
+    "--precision a8c8w4-pd --precision a8c8w4-pdd --precision w8a8 --precision w8a8-pd --precision w8a8-pdd "
+    "--precision docs/policies/smollm2-searched.json --recipe rotate-gptq --windows 16 --json > quality_smollm2.json":
+        _check_quality,
     "np-jax eval --humaneval --samples 10 --k 1 --k 10 --temperature 0.8 --json": _check_pass_at_k,
 }
 

@@ -426,7 +426,7 @@ def test_design_and_workload_reject_impossible_values_but_not_tracers():
 
 
 @settings(max_examples=60)
-@given(st.sampled_from([f.name for f in dataclasses.fields(cost.Bits) if f.name != "probs_dynamic"]),
+@given(st.sampled_from([f.name for f in dataclasses.fields(cost.Bits) if f.name not in cost.Bits.FLAGS]),
        st.one_of(st.integers(-9, 17), st.floats(allow_nan=True, allow_infinity=True)))
 def test_bits_accept_exactly_the_chips_widths(field, width):
     if width in (2, 4, 8):
@@ -437,23 +437,33 @@ def test_bits_accept_exactly_the_chips_widths(field, width):
 
 
 @settings(max_examples=30)
-@given(st.one_of(st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True)))
-def test_dynamic_probabilities_are_a_flag_charged_one_max_per_probability(flag):
+@given(st.sampled_from(cost.Bits.FLAGS), st.one_of(st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True)))
+def test_dynamic_steps_are_flags_charged_one_max_per_value(name, flag):
     if flag not in (0, 1):
-        with pytest.raises(ValueError, match="Bits.probs_dynamic must be 0 or 1"):
-            cost.Bits(probs_dynamic=flag)
+        with pytest.raises(ValueError, match=f"Bits.{name} must be 0 or 1"):
+            cost.Bits(**{name: flag})
         return
     kw = dict(b=2, mb=2, users=28, context=2048, t=1536)
     d = cost.Design()
     base = cost.layer_phases(S3B, cost.Bits(), d, **kw)
-    dyn = cost.layer_phases(S3B, cost.Bits(probs_dynamic=flag), d, **kw)
+    dyn = cost.layer_phases(S3B, cost.Bits(**{name: flag}), d, **kw)
     extra = np.asarray(dyn.vector_cycles) - np.asarray(base.vector_cycles)
     s = cost.ModelShape.from_decoder(S3B)
-    # one max per probability, spread over the cores
-    want = flag * kw["b"] * s.n_heads * kw["t"] / d.n_cores / d.vector_ops_per_cycle_per_core
+    # one max per probability, or per element of each token's input vector, spread over the cores
+    k_in = {"probs_dynamic": s.n_heads * kw["t"], "attn_x_dynamic": s.d_model, "o_x_dynamic": s.q_dim,
+            "mlp_x_dynamic": s.d_model, "down_x_dynamic": s.d_ff}[name]
+    want = flag * kw["b"] * k_in / d.n_cores / d.vector_ops_per_cycle_per_core
     assert np.count_nonzero(extra) == (1 if flag else 0)
     assert float(extra.sum()) == pytest.approx(want, rel=1e-6)
-    assert cost.Bits.from_policy("w8a8").probs_dynamic == 0.0
+
+
+def test_the_policy_says_which_steps_are_dynamic():
+    assert all(getattr(cost.Bits.from_policy("w8a8"), f) == 0.0 for f in cost.Bits.FLAGS)
+    pdd = cost.Bits.from_policy("w8a8-pdd")
+    assert [f for f in cost.Bits.FLAGS if getattr(pdd, f)] == ["probs_dynamic", "down_x_dynamic"]
+    dyn = cost.Bits.from_policy("w8a8-dyn")
+    assert [f for f in cost.Bits.FLAGS if getattr(dyn, f)] == ["attn_x_dynamic", "o_x_dynamic", "mlp_x_dynamic",
+                                                              "down_x_dynamic"]
 
 
 @settings(max_examples=60)

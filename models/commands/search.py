@@ -15,7 +15,7 @@ from pathlib import Path
 from np_jax.cli import Formatter, count, count_or_zero, positive_number
 from models.commands.sensitivity import RECIPES, _writable
 
-OPTIONS = ("w4a4-pd", "a8c8w4-pd", "w8a8-pd")  # models.search.DEFAULT_OPTIONS, spelled out: --help imports no JAX
+OPTIONS = ("w4a4-pdd", "a8c8w4-pdd", "w8a8-pdd")  # models.search.DEFAULT_OPTIONS, spelled out: --help imports no JAX
 
 EPILOG = """\
 examples:

@@ -200,13 +200,25 @@ class Bits:
     rot_w: float = 2.0  # the online rotations' ±1 matrices
     rot_a: float = 8.0  # and their inputs
     probs_dynamic: float = 0.0  # 1: each probability row takes its own step (a max-reduce per row)
+    # 1: a linear input takes a dynamic step per token (a max-reduce over each input vector): the
+    # input of q/k/v, of the output projection, of gate/up, of the down projection
+    attn_x_dynamic: float = 0.0
+    o_x_dynamic: float = 0.0
+    mlp_x_dynamic: float = 0.0
+    down_x_dynamic: float = 0.0
+
+    FLAGS = ("probs_dynamic", "attn_x_dynamic", "o_x_dynamic", "mlp_x_dynamic", "down_x_dynamic")
+    # each flag's linear input: the first matrix that reads it (q, k and v share one step)
+    DYNAMIC_INPUTS = {"attn_x_dynamic": ("attn.x", "attn.q"), "o_x_dynamic": ("attn.o.x", "attn.o"),
+                      "mlp_x_dynamic": ("mlp.x", "mlp.gate"), "down_x_dynamic": ("mlp.down.x", "mlp.down")}
 
     def __post_init__(self):
-        a = _concrete(self, "probs_dynamic")
-        if a is not None and not np.all(np.isin(a, (0.0, 1.0))):
-            raise ValueError(f"Bits.probs_dynamic must be 0 or 1, got {self.probs_dynamic!r}")
+        for name in self.FLAGS:
+            a = _concrete(self, name)
+            if a is not None and not np.all(np.isin(a, (0.0, 1.0))):
+                raise ValueError(f"Bits.{name} must be 0 or 1, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
-            if f.name == "probs_dynamic":
+            if f.name in self.FLAGS:
                 continue
             a = _concrete(self, f.name)
             if a is not None and not np.all(np.isin(a, SUPPORTED_BITS)):
@@ -231,7 +243,8 @@ class Bits:
         attn = max(kv, r("attn.qk.q"), r("attn.probs"))
         return cls(float(w), float(a), float(kv), float(attn), float(p.output("w").bits), float(p.output("x").bits),
                    float(p.layer("attn.rot.w").bits), float(p.layer("attn.rot.x").bits),
-                   float(p.layer("attn.probs").dynamic))
+                   float(p.layer("attn.probs").dynamic),
+                   **{f: float(p.layer(role).dynamic) for f, (role, _) in cls.DYNAMIC_INPUTS.items()})
 
     @classmethod
     def layer_groups(cls, policy: str | PrecisionPolicy, n_layers: int) -> tuple[tuple[tuple[int, ...], ...], list]:

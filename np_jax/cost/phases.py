@@ -29,7 +29,7 @@ PHASE_NAMES = tuple(name for name, _ in LAYER_PHASES)
 # (np_jax.chip.vector_unit): RMSNorm squares, accumulates, scales and multiplies by the gain; a VMM
 # result is scaled and requantized; RoPE is two multiplies and an add per element; softmax is
 # max, subtract, exp, accumulate and scale; SiLU x up is one activation-unit lookup and one multiply;
-# an online rotation's input takes a max-reduce per vector for its dynamic INT8 step.
+# an online rotation's input, and a linear input with a dynamic step, take a max-reduce per vector.
 VECTOR_OPS_PER_ELEMENT = {"rmsnorm": 4, "residual": 1, "requant": 2, "rope": 3, "softmax": 5, "mul": 1, "max": 1}
 
 
@@ -104,6 +104,9 @@ def layer_phases(shape: ModelShape, bits: Bits, d: Design, *, b, mb, users, cont
     mat |= {m: _vmm_counts(d, b * rows, k, n, bits.rot_a, bits.rot_w, bias=False) for m, k, n, rows in s.online}
     for m, k, n, rows in s.online:  # the dynamic step: a max over each input vector
         mat[m]["vector"] = mat[m]["vector"] + v["max"] * b * rows * k / cores
+    k_in = {m: k for m, k, n in s.matrices}
+    for flag, (_, m) in Bits.DYNAMIC_INPUTS.items():  # a linear input's dynamic step per token, likewise
+        mat[m]["vector"] = mat[m]["vector"] + getattr(bits, flag) * v["max"] * b * k_in[m] / cores
 
     def total(names, key):
         return sum(mat[m][key] for m in names)

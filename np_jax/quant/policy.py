@@ -218,6 +218,27 @@ POLICIES: dict[str, PrecisionPolicy] = {
             TRANSFORM_RULES + (("*.attn.probs", TensorQuant(8, dynamic=True)), ("*.w", _w(8)), ("*", TensorQuant(8))),
             "w8a8 with a dynamic step per row of attention probabilities",
         ),
+        # ... and a dynamic step per token of the down projection's input (one max-reduce over d_ff per
+        # token): its token-wise outliers set one static step for every token (docs/quantization.md).
+        PrecisionPolicy(
+            "w4a4-pdd",
+            TRANSFORM_RULES + (("lm_head.w", _w(8)), ("lm_head.x", TensorQuant(8)), ("*.mlp.silu", TensorQuant(8)),
+                               ("*.attn.probs", TensorQuant(4, signed=False, dynamic=True)),
+                               ("*.mlp.down.x", TensorQuant(4, dynamic=True)), ("*.w", _w(4)), ("*", TensorQuant(4))),
+            "w4a4-pd with a dynamic step per token of the down projection's input",
+        ),
+        PrecisionPolicy(
+            "a8c8w4-pdd",
+            TRANSFORM_RULES + (("lm_head.w", _w(8)), ("*.attn.probs", TensorQuant(8, dynamic=True)),
+                               ("*.mlp.down.x", TensorQuant(8, dynamic=True)), ("*.w", _w(4)), ("*", TensorQuant(8))),
+            "a8c8w4-pd with a dynamic step per token of the down projection's input",
+        ),
+        PrecisionPolicy(
+            "w8a8-pdd",
+            TRANSFORM_RULES + (("*.attn.probs", TensorQuant(8, dynamic=True)), ("*.mlp.down.x", TensorQuant(8, dynamic=True)),
+                               ("*.w", _w(8)), ("*", TensorQuant(8))),
+            "w8a8-pd with a dynamic step per token of the down projection's input",
+        ),
         PrecisionPolicy("float", (("*", FLOAT),), "no quantization (float32 reference)"),
     ]
 }
