@@ -22,7 +22,7 @@ from np_jax.progress import Progress
 # Spelled out so that `--help` needs no JAX import; tests/test_train.py keeps them equal to
 # models.recipe.RECIPES and models.llama.CALIBRATIONS.
 RECIPES = ("rotate-gptq", "rotate", "plain", "rotate-gptq-recon")
-CALIBRATIONS = ("mse", "lsq")
+CALIBRATIONS = ("mse", "lsq", "max")
 
 TRAIN_EPILOG = """\
 examples:
@@ -67,8 +67,9 @@ TRAIN_FLAGS = [
     ("--recipe", "recipe", str, RECIPES, "how QAT's starting point is made from the float model "
                                          "(docs/quantization.md) (default: rotate-gptq)"),
     ("--calibration", "calibration", str, CALIBRATIONS, "initial activation step sizes for QAT: mse "
-                                                        "(MSE-optimal) or lsq (the LSQ paper's "
-                                                        "2*mean|v|/sqrt(Q_P)) (default: mse)"),
+                                                        "(MSE-optimal), lsq (the LSQ paper's "
+                                                        "2*mean|v|/sqrt(Q_P)) or max (max|v|/Q_P: "
+                                                        "nothing clipped) (default: mse)"),
     ("--calib-windows", "calib_windows", int, None, "training windows the recipe calibrates on (default: the "
                                                     "recipe's, 32 for rotate-gptq)"),
     ("--steps", "steps", int, None, "optimizer steps in total (default: 100)"),
