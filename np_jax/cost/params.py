@@ -207,10 +207,10 @@ class Bits:
     mlp_x_dynamic: float = 0.0
     down_x_dynamic: float = 0.0
 
-    FLAGS = ("probs_dynamic", "attn_x_dynamic", "o_x_dynamic", "mlp_x_dynamic", "down_x_dynamic")
     # each flag's linear input: the first matrix that reads it (q, k and v share one step)
     DYNAMIC_INPUTS = {"attn_x_dynamic": ("attn.x", "attn.q"), "o_x_dynamic": ("attn.o.x", "attn.o"),
                       "mlp_x_dynamic": ("mlp.x", "mlp.gate"), "down_x_dynamic": ("mlp.down.x", "mlp.down")}
+    FLAGS = ("probs_dynamic",) + tuple(DYNAMIC_INPUTS)
 
     def __post_init__(self):
         for name in self.FLAGS:
