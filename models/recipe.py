@@ -60,6 +60,9 @@ class Recipe:
     down_rotation: bool = True
     sink: int = 1
     weights: str = "gptq"  # "gptq" or "rtn"
+    act_order: bool = True  # GPTQ quantizes the most active inputs first (False: in row order, the earlier rule)
+    refit_steps: bool = True  # GPTQ's steps refitted to its codes by least squares (False: the MSE steps kept)
+    gptq_damp: float = 0.01  # GPTQ's dampening, as a fraction of the Hessian's mean diagonal
     activations: str = "mse"  # "mse" or "lsq" (or "max")
     sink_activations: str | None = "max"  # the sink rows' own steps (None: as `activations`, the earlier rule)
     calib_windows: int = 32  # training windows of 256 tokens for the Hessians and the steps
@@ -77,6 +80,8 @@ class Recipe:
                 raise ValueError(f"recipe activations must be one of {', '.join(llama.CALIBRATIONS)}, got {a!r}")
         if (self.rotate_residual or self.rotate_vo) and not self.fold_norms:
             raise ValueError("rotations need folded norms (RMSNorm commutes with a rotation only at unit gain)")
+        if not 0 < self.gptq_damp < 10:
+            raise ValueError(f"recipe gptq_damp must be in (0, 10), got {self.gptq_damp!r}")
         if self.reconstruct < 0 or self.reconstruct_windows < 1 or not self.reconstruct_lr > 0:
             raise ValueError("recipe reconstruct must be >= 0, on >= 1 window, at a learning rate > 0")
 
@@ -100,6 +105,11 @@ class Recipe:
         out = dataclasses.asdict(self)
         if not self.sink_activations:
             out.pop("sink_activations")
+        for k in ("act_order", "refit_steps"):
+            if not out[k] or self.weights != "gptq":
+                out.pop(k)
+        if self.gptq_damp == 0.01 or self.weights != "gptq":
+            out.pop("gptq_damp")
         if not self.reconstruct:
             for k in ("reconstruct", "reconstruct_windows", "reconstruct_lr"):
                 out.pop(k)
@@ -246,9 +256,13 @@ def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, 
 
 
 def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str, hessians: dict | None,
-                     log: Log, progress_log: Log | None = None) -> llama.Params:
+                     log: Log, progress_log: Log | None = None, *, act_order: bool = False,
+                     refit_steps: bool = False, damp: float = 0.01) -> llama.Params:
     """Every layer matrix on its integer grid (codes x per-channel MSE steps): GPTQ with the
-    layers' input Hessians, or round to nearest; the output layer at its width, round to nearest.
+    layers' input Hessians (dampened by `damp` x their mean diagonal; `act_order`: most active
+    inputs first; `refit_steps`: each channel's
+    step then refitted to its codes, `gptq.refit_steps`), or round to nearest; the output layer at
+    its width, round to nearest.
     The weights become `codes * step` (float, exactly on the grid), so the serving form (and
     training's integer forward) reproduces the codes."""
     prec = llama.resolve(policy, cfg)
@@ -264,7 +278,10 @@ def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str
                     tq = prec.at(i).layer(f"{name}.w")  # each layer at its own width
                     s = np.asarray(init_step_mse(w[i], tq), np.float32)
                     if method == "gptq":
-                        codes = np.asarray(gptq.gptq(w[i], hessians[hpath][i], s, tq.bits))
+                        codes = np.asarray(gptq.gptq(w[i], hessians[hpath][i], s, tq.bits, percdamp=damp,
+                                                     act_order=act_order))
+                        if refit_steps:
+                            s = gptq.refit_steps(w[i], codes, hessians[hpath][i], s)
                     else:
                         codes = np.asarray(gptq.rtn(w[i], s, tq.bits))
                     steps.append(s)
@@ -421,7 +438,8 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
         log(f"recipe {recipe.name}: input Hessians of every layer on {len(windows)} windows in "
             f"{time.perf_counter() - t0:.1f} s")
     float_params = params  # the transformed float model: the reconstruction's reference
-    params = quantize_weights(params, cfg, policy, recipe.weights, hess, log, progress_log)
+    params = quantize_weights(params, cfg, policy, recipe.weights, hess, log, progress_log,
+                              act_order=recipe.act_order, refit_steps=recipe.refit_steps, damp=recipe.gptq_damp)
     t0 = time.perf_counter()
     stats: dict = {}
     with Progress(f"activation steps ({recipe.activations}), one pass over {len(windows)} windows", log=progress_log):

@@ -351,3 +351,28 @@ def test_no_recompile_for_same_shapes():
     before = G._gptq_sweep._cache_size()
     G.gptq(w * 2, h * 3, s, 4, block_size=8)
     assert G._gptq_sweep._cache_size() == before
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(2, 24), n=st.integers(1, 6), bits=st.sampled_from([2, 4, 8]))
+def test_refit_steps_is_the_least_squares_step(seed, k, n, bits):
+    """Against numpy's least squares on the calibration inputs: x @ (q s) fitted to x @ w, one
+    column at a time; never a larger layer error than the steps the codes were made with."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3 * k, k)) * rng.uniform(0.1, 3.0, k)
+    w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+    s0 = np.asarray(G.mse_steps(w, bits))
+    h = G.hessian(x)
+    codes = np.asarray(G.gptq(w, h, s0, bits, act_order=True))
+    got = G.refit_steps(w, codes, h, s0)
+    assert got.shape == (n,) and got.dtype == np.float32 and np.all(got > 0)
+    for j in range(n):
+        xq = x @ codes[:, j].astype(np.float64)
+        if not np.any(codes[:, j]):
+            assert got[j] == s0[j]
+            continue
+        (ls,), *_ = np.linalg.lstsq(xq[:, None], x @ w[:, j].astype(np.float64), rcond=None)
+        if ls > 0:
+            assert got[j] == pytest.approx(ls, rel=1e-5)
+        e = lambda s: float(np.sum((x @ w[:, j] - xq * s) ** 2))
+        assert e(got[j]) <= e(s0[j]) * (1 + 1e-9)

@@ -260,3 +260,40 @@ def test_calibration_reports_each_tokens_down_input_maximum(base):
         x, _ = llama.layer(lp, x, pos, None, cfg, prec, c)
         want = np.abs(np.asarray(c.seen[("mlp", "down", "s_x")], np.float32)).max(-1)
         np.testing.assert_allclose(m[i], want, rtol=1e-5)
+
+
+def test_gptq_switches_reach_every_matrix(model):
+    """The recipe's GPTQ switches act on every layer matrix: refitted steps never raise a matrix's
+    output error on its calibration Hessian (same codes, better step), act order and damping change
+    the codes; each switch is part of the cache key, its earlier setting left out of it."""
+    cfg, p = R.transform(model.params, CFG, RECIPE, "w4a4")
+    hess = R.layer_hessians(p, cfg, prepared.calibration_windows(model, 2))
+    quiet = lambda m: None  # noqa: E731
+
+    def weights(**kw):
+        lay = R.quantize_weights(p, cfg, "w4a4", "gptq", hess, quiet, **kw)["layers"]
+        return {n: (np.asarray(lay[a][b]["w"], np.float64), np.asarray(lay[a][b]["s_w"], np.float64))
+                for n in ("attn.q", "attn.o", "mlp.gate", "mlp.down") for a, b in [n.split(".")]}
+
+    hpath = {n: h for h, names in (((("attn", "s_x"), ("attn.q",)), (("attn", "o", "s_x"), ("attn.o",)),
+                                    (("mlp", "s_x"), ("mlp.gate",)), (("mlp", "down", "s_x"), ("mlp.down",))))
+             for n in names}
+    plain, refit = weights(), weights(refit_steps=True)
+    ordered, damped = weights(act_order=True), weights(damp=0.5)
+    for n, (w_q, s_q) in plain.items():
+        a, b = n.split(".")
+        w = np.asarray(p["layers"][a][b]["w"], np.float64)
+        np.testing.assert_array_equal(np.rint(refit[n][0] / refit[n][1][:, None, :]), np.rint(w_q / s_q[:, None, :]))
+        for i in range(cfg.n_layers):
+            h = hess[hpath[n]][i]
+            err = lambda wq: np.einsum("kn,kn->n", h @ (w[i] - wq[i]), w[i] - wq[i])  # noqa: E731,B023
+            assert (err(refit[n][0]) <= err(w_q) * (1 + 1e-6) + 1e-12).all(), (n, i)
+        assert not np.array_equal(ordered[n][0], w_q) or not np.array_equal(damped[n][0], w_q), n
+    assert any(not np.array_equal(refit[n][0], plain[n][0]) for n in plain)
+    old = dataclasses.replace(RECIPE, act_order=False, refit_steps=False, gptq_damp=0.01)
+    assert not {"act_order", "refit_steps", "gptq_damp"} & set(old.to_json())
+    for k, v in (("act_order", True), ("refit_steps", True), ("gptq_damp", 0.1)):
+        one = dataclasses.replace(old, **{k: v})
+        assert k in one.to_json() and prepared.cache_key(model, one, "w4a4")[0] != prepared.cache_key(model, old, "w4a4")[0]
+    with pytest.raises(ValueError, match="gptq_damp"):
+        R.Recipe("x", gptq_damp=0.0)

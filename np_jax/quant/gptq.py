@@ -56,6 +56,7 @@ __all__ = [
     "dequantize",
     "layer_error",
     "mse_steps",
+    "refit_steps",
 ]
 
 # Rows of x processed per BLAS call in the Hessian, to bound the float64
@@ -521,3 +522,43 @@ def mse_steps(
         best_f, _ = _best_fraction(w, base, cand, bits)
     step = jnp.where(amax > 0, best_f * base, 1.0)
     return step.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Steps refitted to fixed codes
+# ---------------------------------------------------------------------------
+
+
+def refit_steps(w_KxN: np.ndarray, codes_KxN: np.ndarray, h_KxK: np.ndarray, step_N: np.ndarray) -> np.ndarray:
+    """Per output channel, the step that minimises the layer-output error of fixed codes.
+
+    With ``d = w - q s`` the error of column n is ``d^T H d`` (H the input Hessian), a
+    quadratic in s whose minimum is ``s* = (q^T H w) / (q^T H q)``: the least-squares fit of
+    the layer's float output by ``x @ q`` (GPTQ fixes the step before its sweep; the codes it
+    chose are then best served by this step). Never worse than ``step_N`` on the same H; a
+    column whose codes are all zero, or whose fit is not positive, keeps ``step_N``.
+
+    Args:
+      w_KxN: float weights, [K, N].
+      codes_KxN: integer codes, [K, N] (e.g. from :func:`gptq`).
+      h_KxK: input Hessian, [K, K] (undamped; any positive scale).
+      step_N: the steps the codes were made with, [N].
+
+    Returns:
+      step [N] float32 (> 0).
+    """
+    w = np.asarray(w_KxN, np.float64)
+    q = np.asarray(codes_KxN, np.float64)
+    h = np.asarray(h_KxK, np.float64)
+    s0 = np.asarray(step_N, np.float32)
+    _check_step(s0, w.shape[1])
+    hq = h @ q
+    num = np.einsum("kn,kn->n", hq, w)
+    den = np.einsum("kn,kn->n", hq, q)
+    ok = (den > 0) & (num > 0)
+    fit = np.where(ok, num / np.where(ok, den, 1.0), s0).astype(np.float32)
+    # float32 rounding of the fit may land a hair above the optimum; keep whichever is better
+    def err(s):
+        d = w - q * np.asarray(s, np.float64)
+        return np.einsum("kn,kn->n", h @ d, d)
+    return np.where(err(fit) <= err(s0), fit, s0).astype(np.float32)
