@@ -18,7 +18,9 @@ A recipe is a list of switchable transforms, each exact in float or run by the c
   layers on in SmolLM2) gets its own INT8 steps at every activation point and INT8 keys and
   values in a prefix of the cache (`ModelConfig.sink_positions`, PrefixQuant-style).
 - `weights`: "gptq" (GPTQ with per-output-channel MSE steps and the Hessian of each layer's
-  calibration inputs; np_jax.quant.gptq) or "rtn" (round to nearest at MSE steps).
+  calibration inputs, the most active inputs first (`act_order`), dampened by `gptq_damp` x the
+  Hessian's mean diagonal, then each channel's step refitted to its codes by least squares on the
+  same Hessian (`refit_steps`); np_jax.quant.gptq) or "rtn" (round to nearest at MSE steps).
 - `activations`: static steps calibrated ("mse" or the paper's "lsq") on training windows,
   the sink rows excluded from the other rows' steps.
 
@@ -62,7 +64,7 @@ class Recipe:
     weights: str = "gptq"  # "gptq" or "rtn"
     act_order: bool = True  # GPTQ quantizes the most active inputs first (False: in row order, the earlier rule)
     refit_steps: bool = True  # GPTQ's steps refitted to its codes by least squares (False: the MSE steps kept)
-    gptq_damp: float = 0.01  # GPTQ's dampening, as a fraction of the Hessian's mean diagonal
+    gptq_damp: float = 0.1  # GPTQ's dampening, as a fraction of the Hessian's mean diagonal (0.01: the earlier rule)
     activations: str = "mse"  # "mse" or "lsq" (or "max")
     sink_activations: str | None = "max"  # the sink rows' own steps (None: as `activations`, the earlier rule)
     calib_windows: int = 32  # training windows of 256 tokens for the Hessians and the steps
@@ -136,6 +138,38 @@ def get_recipe(name: str | Recipe) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
+
+
+_FIXED = ("name", "description")  # what an option may not set
+
+
+def with_options(recipe: str | Recipe, options: list[str] | tuple[str, ...]) -> Recipe:
+    """`recipe` with fields set from "KEY=VALUE" strings (an ablation from the command line, e.g.
+    "gptq_damp=0.01", "act_order=false"): each value parsed as its field's type, the result checked
+    as any recipe is. Unknown keys and unparsable values raise ValueError naming the choices."""
+    recipe = get_recipe(recipe)
+    fields = {f.name: f for f in dataclasses.fields(Recipe) if f.name not in _FIXED}
+    changes: dict = {}
+    for opt in options:
+        key, sep, text = opt.partition("=")
+        key, text = key.strip().replace("-", "_"), text.strip()
+        if not sep or key not in fields:
+            raise ValueError(f"recipe option {opt!r} is not KEY=VALUE with KEY one of {', '.join(fields)}")
+        annotation = str(fields[key].type)  # e.g. "bool | None"
+        kind = {"bool": bool, "int": int, "float": float}.get(annotation.split(" |")[0], str)
+        low = text.lower()
+        try:
+            if low in ("none", "null") and "None" in annotation:
+                value = None
+            elif kind is bool:
+                value = {"true": True, "1": True, "on": True, "false": False, "0": False, "off": False}[low]
+            else:
+                value = kind(text)
+        except (KeyError, ValueError):
+            raise ValueError(f"recipe option {opt!r}: {text!r} is not {'an' if kind is int else 'a'} "
+                             f"{kind.__name__}") from None
+        changes[key] = value
+    return dataclasses.replace(recipe, **changes)
 
 
 # --- offline transforms (exact in float) --------------------------------------------------------------

@@ -297,3 +297,24 @@ def test_gptq_switches_reach_every_matrix(model):
         assert k in one.to_json() and prepared.cache_key(model, one, "w4a4")[0] != prepared.cache_key(model, old, "w4a4")[0]
     with pytest.raises(ValueError, match="gptq_damp"):
         R.Recipe("x", gptq_damp=0.0)
+
+
+def test_recipe_options_set_fields_by_their_types():
+    """`eval --recipe-option KEY=VALUE`: every settable field round-trips from its own value written
+    as text; bad keys, values and results are refused with the choices named."""
+    base = R.get_recipe("rotate-gptq")
+    flipped = dict(fold_norms=True, rotate_residual=False, rotate_vo=False, qk_rotation=True, down_rotation=False,
+                   sink=2, weights="rtn", act_order=False, refit_steps=False, gptq_damp=0.03, activations="lsq",
+                   sink_activations=None, calib_windows=7, seed=3, reconstruct=4, reconstruct_windows=2,
+                   reconstruct_lr=0.25)
+    settable = {f.name for f in dataclasses.fields(R.Recipe)} - {"name", "description"}
+    assert set(flipped) == settable
+    got = R.with_options("rotate-gptq", [f"{k.replace('_', '-')}={v}" for k, v in flipped.items()])
+    assert got == dataclasses.replace(base, **flipped)
+    assert R.with_options(base, []) == base
+    assert R.with_options(base, ["act_order=off", "qk_rotation=none"]).act_order is False
+    for bad, match in (("damp=1", "KEY one of .*gptq_damp"), ("gptq_damp", "not KEY=VALUE"),
+                       ("act_order=maybe", "not a bool"), ("calib_windows=1.5", "not an int"),
+                       ("name=x", "KEY one of"), ("gptq_damp=0", "gptq_damp must be"), ("weights=awq", "gptq or rtn")):
+        with pytest.raises(ValueError, match=match):
+            R.with_options(base, [bad])

@@ -187,6 +187,10 @@ def register(sub) -> None:
                         "checkpoint's, else rotate-gptq; see docs/quantization.md)")
     p.add_argument("--calibration", action="append", default=None, choices=CALIBRATIONS,
                    help="PTQ activation calibration method(s) (repeatable; default: the checkpoint's, else mse)")
+    p.add_argument("--recipe-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one field of every PTQ row's recipe, for an ablation: e.g. gptq_damp=0.01, "
+                        "act_order=false, refit_steps=false (repeatable; the fields are models.recipe.Recipe's, "
+                        "see docs/quantization.md)")
     p.add_argument("--calib-windows", type=count, default=None,
                    help="training windows PTQ calibrates on (default: the recipe's)")
     p.add_argument("--seed", type=int, default=None,
@@ -301,7 +305,7 @@ def eval_command(args) -> int:
     from models.evaluate.perplexity import evaluate
     from models.io.load import DEFAULT_MODEL
     from models.prepared import prepare
-    from models.recipe import DEFAULT_RECIPE, get_recipe
+    from models.recipe import DEFAULT_RECIPE, with_options
     from models.train.data import Corpus, DataConfig, held_out_windows
     from np_jax.plots import plot_loss
     from np_jax.quant import get_policy
@@ -406,7 +410,7 @@ def eval_command(args) -> int:
     precisions = list(dict.fromkeys(args.precision or [ref.precision if q_cks else "w4a4"]))
     recipe_names = list(dict.fromkeys(args.recipe or [ref.recipe if q_cks else DEFAULT_RECIPE]))
     for r in recipe_names:
-        get_recipe(r)  # unknown names fail before any work
+        with_options(r, args.recipe_option)  # unknown names and options fail before any work
     for p in precisions:  # ... and policies the chip cannot run
         get_policy(p).check_vmm_operands(base.cfg.n_layers)
     add("float", base.params, "float", source=base.source, recipe=None, qat=False)
@@ -418,14 +422,16 @@ def eval_command(args) -> int:
                 continue
             for rname in recipe_names:
                 for m in methods:
-                    rec = get_recipe(rname)
+                    rec = with_options(rname, args.recipe_option)
                     rec = dataclasses.replace(rec, activations=m, calib_windows=args.calib_windows or
                                               (ref.calib_windows if ref and ref.calib_windows else rec.calib_windows))
                     t0 = time.perf_counter()
                     cfg_q, q, info = prepare(base, rec, precision, data=data, seed=seed, log=log)
-                    name = f"ptq {rname}" + (f" ({m})" if len(methods) > 1 or m != "mse" else "")
+                    name = (f"ptq {rname}" + (f" [{' '.join(args.recipe_option)}]" if args.recipe_option else "")
+                            + (f" ({m})" if len(methods) > 1 or m != "mse" else ""))
                     c = info["calibration"]
                     add(name, q, precision, cfg_=cfg_q, recipe=rname, recipe_steps=info["steps"], qat=False,
+                        **({"recipe_options": list(args.recipe_option)} if args.recipe_option else {}),
                         calibration=m, prepare_minutes=(time.perf_counter() - t0) / 60, prepared_cached=info["cached"],
                         source=f"{base.source}, calibrated on {c['windows']} training windows of {c['seq_len']} tokens")
     for ck in cks:
