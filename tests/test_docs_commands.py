@@ -697,6 +697,24 @@ def test_the_quality_table_is_its_data_file():
     assert f"{data['held_out']['tokens']:,} scored" in _page("docs/quantization.md")
 
 
+def test_the_gptq_settings_table_is_its_data_file():
+    data, base = _result("gptq_settings_smollm2.json"), _result("quality_smollm2.json")
+    rows = data["rows"][1:]
+    table = _table("docs/quantization.md", "| GPTQ (a8c8w4-pdd) | Perplexity |")
+    assert len(table) == len(rows) and data["held_out"] == base["held_out"]
+    assert data["rows"][0]["perplexity"] == base["rows"][0]["perplexity"]  # one float row for both files
+    for (what, ppl, vs, kl, top1, same), r in zip(table, rows):
+        assert what == r["gptq"] and r["precision"] == "a8c8w4-pdd", what
+        assert _shown(ppl, r["perplexity"]) and _shown(vs, r["vs_float"]) and _shown(kl, r["kl"]), what
+        assert _shown(top1, r["top1_agreement"]) and _shown(same, r["same_as_float_tokens"]), what
+    default = next(r for r in base["rows"] if r["precision"] == "a8c8w4-pdd")
+    assert rows[0]["perplexity"] == default["perplexity"] and rows[0]["command"] == base["command"]
+    documented = next(d.text for d in NP_JAX if "--recipe-option act_order=false --json" in d.text)
+    assert _same_run(documented, data["commands"][0])
+    for r, cmd in zip(rows[1:], data["commands"], strict=True):
+        assert r["command"] == cmd and r["recipe_options"] and all(f"--recipe-option {o}" in cmd for o in r["recipe_options"])
+
+
 def test_the_reconstruction_table_is_its_data_file():
     data, base = _result("quality_recon_smollm2.json"), _result("quality_smollm2.json")
     rows = {r["precision"]: r for r in data["rows"] if r["recipe"] == "rotate-gptq-recon"}
