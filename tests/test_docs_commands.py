@@ -713,6 +713,14 @@ def test_the_gptq_settings_table_is_its_data_file():
     assert _same_run(documented, data["commands"][0])
     for r, cmd in zip(rows[1:], data["commands"], strict=True):
         assert r["command"] == cmd and r["recipe_options"] and all(f"--recipe-option {o}" in cmd for o in r["recipe_options"])
+    numpy = _result("gptq_settings_numpy.json")
+    table = _table("docs/quantization.md", "| Precision | GPTQ | Perplexity |")
+    assert len(table) == len(numpy["rows"]) - 1 and numpy["held_out"]["dirs"][0].endswith("numpy")
+    for (precision, what, ppl, vs, kl, top1, same), r in zip(table, numpy["rows"][1:]):
+        assert (precision, what) == (r["precision"], r["gptq"]) and r["command"] in numpy["commands"], what
+        assert _shown(ppl, r["perplexity"]) and _shown(vs, r["vs_float"]) and _shown(kl, r["kl"]), what
+        assert _shown(top1, r["top1_agreement"]) and _shown(same, r["same_as_float_tokens"]), what
+        assert all(f"--recipe-option {o}" in r["command"] for o in r.get("recipe_options", [])), what
 
 
 def test_the_reconstruction_table_is_its_data_file():
