@@ -425,6 +425,11 @@ def test_training_bounds_are_one_line_before_any_work(tmp_path, capsys):
     assert not out.exists()  # nothing was started
     assert main(["eval", "--checkpoint", str(out), "--recipe", "gptq"]) == 2
     assert "invalid choice: 'gptq'" in capsys.readouterr().err
+    for opt, msg in (("damp=1", "KEY one of"), ("act_order=maybe", "'maybe' is not a bool"),
+                     ("gptq_damp=0", "gptq_damp must be in (0, 10)")):
+        assert main(["eval", "--checkpoint", str(out), "--recipe-option", opt]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("np-jax eval: error: argument --recipe-option:") and msg in err and "\n" not in err, err
 
 
 def test_help_lists_the_choices_and_states_every_default(capsys):
