@@ -723,6 +723,21 @@ def test_the_gptq_settings_table_is_its_data_file():
         assert all(f"--recipe-option {o}" in r["command"] for o in r.get("recipe_options", [])), what
 
 
+def test_the_search_table_is_its_data_file():
+    data = _result("search_smollm2.json")
+    table = _table("docs/codesign.md", "| point | layers | predicted ratio |")
+    *verified, (_, _, w4_ratio, w4_measured, w4_tput) = table
+    assert len(verified) == len(data["verified"])
+    for (_, _, ratio, measured, tput), v in zip(verified, data["verified"]):
+        got, kl = measured.replace("*", "").rstrip(")").split(" (")
+        assert _shown(ratio, v["ratio"]) and _shown(got, v["measured"]["vs_float"]), v["name"]
+        assert _shown(kl, v["measured"]["kl"]) and _shown(tput, v["throughput"]), v["name"]
+    w4 = data["uniform"]["w4a4-pdd"]
+    assert _shown(w4_ratio, w4["ratio"]) and _shown(w4_tput, w4["throughput"])
+    quality = {r["precision"]: r for r in _result("quality_smollm2.json")["rows"]}
+    assert _shown(re.search(r"\(([\d.]+)x in the quality table\)", w4_measured)[1], quality["w4a4-pdd"]["vs_float"])
+
+
 def test_the_reconstruction_table_is_its_data_file():
     data, base = _result("quality_recon_smollm2.json"), _result("quality_smollm2.json")
     rows = {r["precision"]: r for r in data["rows"] if r["recipe"] == "rotate-gptq-recon"}
