@@ -107,16 +107,17 @@ class Recipe:
         out = dataclasses.asdict(self)
         if not self.sink_activations:
             out.pop("sink_activations")
-        for k in ("act_order", "refit_steps"):
-            if not out[k] or self.weights != "gptq":
+        for k, earlier in _GPTQ_EARLIER.items():
+            if out[k] == earlier or self.weights != "gptq":
                 out.pop(k)
-        if self.gptq_damp == 0.01 or self.weights != "gptq":
-            out.pop("gptq_damp")
         if not self.reconstruct:
             for k in ("reconstruct", "reconstruct_windows", "reconstruct_lr"):
                 out.pop(k)
         return out
 
+
+# GPTQ's settings before they were recipe fields: a recipe at these values keeps its earlier cache key
+_GPTQ_EARLIER = {"act_order": False, "refit_steps": False, "gptq_damp": 0.01}
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("plain", fold_norms=False, rotate_residual=False, rotate_vo=False, qk_rotation=False, down_rotation=False,

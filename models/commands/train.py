@@ -421,8 +421,7 @@ def eval_command(args) -> int:
     ref = q_cks[0].train_config if q_cks else first
     precisions = list(dict.fromkeys(args.precision or [ref.precision if q_cks else "w4a4"]))
     recipe_names = list(dict.fromkeys(args.recipe or [ref.recipe if q_cks else DEFAULT_RECIPE]))
-    for r in recipe_names:
-        with_options(r, args.recipe_option)  # unknown names and options fail before any work
+    recipes = {r: with_options(r, args.recipe_option) for r in recipe_names}  # unknown ones fail before any work
     for p in precisions:  # ... and policies the chip cannot run
         get_policy(p).check_vmm_operands(base.cfg.n_layers)
     add("float", base.params, "float", source=base.source, recipe=None, qat=False)
@@ -434,7 +433,7 @@ def eval_command(args) -> int:
                 continue
             for rname in recipe_names:
                 for m in methods:
-                    rec = with_options(rname, args.recipe_option)
+                    rec = recipes[rname]
                     rec = dataclasses.replace(rec, activations=m, calib_windows=args.calib_windows or
                                               (ref.calib_windows if ref and ref.calib_windows else rec.calib_windows))
                     t0 = time.perf_counter()

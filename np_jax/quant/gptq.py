@@ -557,8 +557,7 @@ def refit_steps(w_KxN: np.ndarray, codes_KxN: np.ndarray, h_KxK: np.ndarray, ste
     den = np.einsum("kn,kn->n", hq, q)
     ok = (den > 0) & (num > 0)
     fit = np.where(ok, num / np.where(ok, den, 1.0), s0).astype(np.float32)
-    # float32 rounding of the fit may land a hair above the optimum; keep whichever is better
-    def err(s):
-        d = w - q * np.asarray(s, np.float64)
-        return np.einsum("kn,kn->n", h @ d, d)
+    # float32 rounding of the fit may land a hair above the optimum; keep whichever is better.
+    # The error is w^T H w - 2 s num + s^2 den; the first term is the same for both steps.
+    err = lambda s: (s.astype(np.float64) * den - 2 * num) * s.astype(np.float64)  # noqa: E731
     return np.where(err(fit) <= err(s0), fit, s0).astype(np.float32)
