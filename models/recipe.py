@@ -65,6 +65,8 @@ class Recipe:
     act_order: bool = True  # GPTQ quantizes the most active inputs first (False: in row order, the earlier rule)
     refit_steps: bool = True  # GPTQ's steps refitted to its codes by least squares (False: the MSE steps kept)
     gptq_damp: float = 0.1  # GPTQ's dampening, as a fraction of the Hessian's mean diagonal (0.01: the earlier rule)
+    gptq_damp_select: bool = False  # each matrix's dampening chosen on held-out calibration windows (GPTQ_DAMPS)
+    gptq_sequential: bool = False  # each layer's Hessians from the inputs the quantized layers before it give
     activations: str = "mse"  # "mse" or "lsq" (or "max")
     sink_activations: str | None = "max"  # the sink rows' own steps (None: as `activations`, the earlier rule)
     calib_windows: int = 32  # training windows of 256 tokens for the Hessians and the steps
@@ -82,6 +84,8 @@ class Recipe:
                 raise ValueError(f"recipe activations must be one of {', '.join(llama.CALIBRATIONS)}, got {a!r}")
         if (self.rotate_residual or self.rotate_vo) and not self.fold_norms:
             raise ValueError("rotations need folded norms (RMSNorm commutes with a rotation only at unit gain)")
+        if self.gptq_damp_select and self.gptq_sequential:
+            raise ValueError("recipe gptq_damp_select and gptq_sequential are not implemented together; choose one")
         if not 0 < self.gptq_damp < 10:
             raise ValueError(f"recipe gptq_damp must be in (0, 10), got {self.gptq_damp!r}")
         if self.reconstruct < 0 or self.reconstruct_windows < 1 or not self.reconstruct_lr > 0:
@@ -110,6 +114,13 @@ class Recipe:
         for k, earlier in _GPTQ_EARLIER.items():
             if out[k] == earlier or self.weights != "gptq":
                 out.pop(k)
+        if self.gptq_damp_select and self.weights == "gptq":
+            out.pop("gptq_damp", None)  # not used: the candidates are
+            out["gptq_damp_candidates"] = list(GPTQ_DAMPS)
+        else:
+            out.pop("gptq_damp_select")
+        if not (self.gptq_sequential and self.weights == "gptq"):
+            out.pop("gptq_sequential")
         if not self.reconstruct:
             for k in ("reconstruct", "reconstruct_windows", "reconstruct_lr"):
                 out.pop(k)
@@ -118,6 +129,9 @@ class Recipe:
 
 # GPTQ's settings before they were recipe fields: a recipe at these values keeps its earlier cache key
 _GPTQ_EARLIER = {"act_order": False, "refit_steps": False, "gptq_damp": 0.01}
+# the dampings `gptq_damp_select` chooses among, per matrix (log-spaced around the reference's 0.01
+# and the default 0.1)
+GPTQ_DAMPS = (0.01, 0.03, 0.1, 0.3, 1.0)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("plain", fold_norms=False, rotate_residual=False, rotate_vo=False, qk_rotation=False, down_rotation=False,
@@ -265,8 +279,10 @@ class _Hessians(llama._Calib):
 
 
 def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, batch: int = 4,
-                   log: Log | None = None) -> dict:
-    """Per layer, X^T X of each linear's inputs over the calibration windows ([N, K, K] per input)."""
+                   log: Log | None = None, halves: bool = False):
+    """Per layer, X^T X of each linear's inputs over the calibration windows ([N, K, K] per input).
+    `halves`: also those of the first and of the second half of the windows, (all, (first, second)),
+    for choices checked on windows they were not made on."""
     prec = llama.Precision(get_policy("float"), jnp.float32, llama.resolve("float", cfg).tilings)
 
     @jax.jit
@@ -281,58 +297,159 @@ def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, 
 
         return jax.lax.scan(body, llama.embed(params, tokens, prec), params["layers"])[1]
 
-    total = None
-    with Progress("input Hessians", len(windows), unit="window", log=log) as bar:
-        for i in range(0, len(windows), batch):
-            part = jax.block_until_ready(collect(params, jnp.asarray(windows[i:i + batch])))
-            total = part if total is None else jax.tree.map(jnp.add, total, part)
-            bar.update(len(windows[i:i + batch]))
-    return {path: np.asarray(h, np.float64) for path, h in total.items()}
+    n = len(windows)
+    half = n // 2 if halves else n
+    if halves and half < 1:
+        raise ValueError("choosing on held-out calibration windows needs at least 2 windows")
+    parts: list = [None, None]
+    with Progress("input Hessians", n, unit="window", log=log) as bar:
+        for lo, hi in ((0, half), (half, n)):
+            for i in range(lo, hi, batch):
+                part = jax.block_until_ready(collect(params, jnp.asarray(windows[i:min(i + batch, hi)])))
+                j = int(lo > 0)
+                parts[j] = part if parts[j] is None else jax.tree.map(jnp.add, parts[j], part)
+                bar.update(min(i + batch, hi) - i)
+    parts = [p for p in parts if p is not None]
+    total = parts[0] if len(parts) == 1 else jax.tree.map(jnp.add, *parts)
+    full = {path: np.asarray(h, np.float64) for path, h in total.items()}
+    if not halves:
+        return full
+    return full, tuple({path: np.asarray(h) for path, h in p.items()} for p in parts)
+
+
+def _held_out_error(w: np.ndarray, codes: np.ndarray, s: np.ndarray, h: np.ndarray) -> float:
+    """The layer-output error sum_n (w_n - q_n s_n)^T H (w_n - q_n s_n) of one quantized matrix."""
+    e = np.asarray(w, np.float64) - np.asarray(codes, np.float64) * np.asarray(s, np.float64)
+    return float(np.sum(e * (np.asarray(h, np.float64) @ e)))
+
+
+def choose_damp(w: np.ndarray, s: np.ndarray, bits: int, fit: np.ndarray, check: np.ndarray, *,
+                act_order: bool, refit_steps: bool, candidates=None) -> tuple[float, dict]:
+    """The GPTQ dampening, of `candidates` (default GPTQ_DAMPS), whose codes (and refitted steps)
+    made with the Hessian `fit` give the smallest layer-output error on the Hessian `check` of other
+    windows: (damping, {damping: error})."""
+    errors = {}
+    for d in candidates or GPTQ_DAMPS:
+        codes = np.asarray(gptq.gptq(w, fit, s, bits, percdamp=d, act_order=act_order))
+        sd = gptq.refit_steps(w, codes, fit, s) if refit_steps else s
+        errors[d] = _held_out_error(w, codes, sd, check)
+    return min(errors, key=errors.get), errors
+
+
+def _quantize_matrix(w: np.ndarray, tq, method: str, h: np.ndarray | None, halves: tuple | None, *,
+                     act_order: bool, refit_steps: bool, damp: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """One layer matrix on its grid: (codes x step, per-channel step, the dampening used)."""
+    s = np.asarray(init_step_mse(w, tq), np.float32)
+    if method != "gptq":
+        return np.asarray(gptq.rtn(w, s, tq.bits)).astype(np.float32) * s, s, 0.0
+    d = damp
+    if halves is not None:
+        kw = dict(act_order=act_order, refit_steps=refit_steps)
+        errs = [choose_damp(w, s, tq.bits, f, c, **kw)[1] for f, c in (halves, halves[::-1])]
+        d = min(GPTQ_DAMPS, key=lambda c: errs[0][c] + errs[1][c])
+    codes = np.asarray(gptq.gptq(w, h, s, tq.bits, percdamp=d, act_order=act_order))
+    if refit_steps:
+        s = gptq.refit_steps(w, codes, h, s)
+    return codes.astype(np.float32) * s, s, d
+
+
+def _quantize_head(params: llama.Params, prec) -> llama.Params:
+    """The output layer at its width, round to nearest."""
+    tq = prec.head("w")
+    if tq.is_float:
+        return params
+    w = llama.lm_head_weight(params)
+    s = init_step_mse(w, tq)
+    codes = gptq.rtn(w, s, tq.bits)
+    return {**params, "lm_head": {**params["lm_head"], "w": codes.astype(jnp.float32) * s, "s_w": s}}
+
+
+def _log_damps(chosen: dict, log: Log) -> None:
+    log("weights: GPTQ dampening chosen per matrix on held-out calibration windows: " + "; ".join(
+        f"{name} " + ", ".join(f"{d:g} x{c}" for d, c in sorted(counts.items())) for name, counts in chosen.items()))
 
 
 def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str, hessians: dict | None,
                      log: Log, progress_log: Log | None = None, *, act_order: bool = False,
-                     refit_steps: bool = False, damp: float = 0.01) -> llama.Params:
+                     refit_steps: bool = False, damp: float = 0.01, halves: tuple | None = None) -> llama.Params:
     """Every layer matrix on its integer grid (codes x per-channel MSE steps): GPTQ with the
     layers' input Hessians (dampened by `damp` x their mean diagonal; `act_order`: most active
     inputs first; `refit_steps`: each channel's
     step then refitted to its codes, `gptq.refit_steps`), or round to nearest; the output layer at
-    its width, round to nearest.
+    its width, round to nearest. `halves`: the Hessians of the two halves of the calibration windows
+    (`layer_hessians(..., halves=True)`); then each matrix's dampening is chosen by `choose_damp`,
+    made on each half and checked on the other (two-fold), and `damp` is not used.
     The weights become `codes * step` (float, exactly on the grid), so the serving form (and
     training's integer forward) reproduces the codes."""
     prec = llama.resolve(policy, cfg)
     lay = params["layers"]
     t0 = time.perf_counter()
     n_mats = sum(map(len, _Hessians.PATHS.values())) * cfg.n_layers
+    chosen: dict = {name: {} for names in _Hessians.PATHS.values() for name in names}
     with Progress(f"weights: {method}", n_mats, unit="matrix", log=progress_log) as bar:
         for hpath, names in _Hessians.PATHS.items():
             for name in names:
                 w = np.asarray(_linear(lay, name)["w"], np.float32)
                 steps, out = [], []
                 for i in range(cfg.n_layers):
-                    tq = prec.at(i).layer(f"{name}.w")  # each layer at its own width
-                    s = np.asarray(init_step_mse(w[i], tq), np.float32)
-                    if method == "gptq":
-                        codes = np.asarray(gptq.gptq(w[i], hessians[hpath][i], s, tq.bits, percdamp=damp,
-                                                     act_order=act_order))
-                        if refit_steps:
-                            s = gptq.refit_steps(w[i], codes, hessians[hpath][i], s)
-                    else:
-                        codes = np.asarray(gptq.rtn(w[i], s, tq.bits))
+                    wq, s, d = _quantize_matrix(
+                        w[i], prec.at(i).layer(f"{name}.w"), method, None if hessians is None else hessians[hpath][i],
+                        None if halves is None else tuple(hh[hpath][i] for hh in halves),
+                        act_order=act_order, refit_steps=refit_steps, damp=damp)
+                    chosen[name][d] = chosen[name].get(d, 0) + 1
                     steps.append(s)
-                    out.append(codes.astype(np.float32) * s)
+                    out.append(wq)
                     bar.update()
                 lay = llama._set(lay, tuple(name.split(".")) + ("w",), jnp.asarray(np.stack(out)))
                 lay = llama._set(lay, tuple(name.split(".")) + ("s_w",), jnp.asarray(np.stack(steps)))
     log(f"weights: {method} for {cfg.n_layers} layers x 7 matrices in {time.perf_counter() - t0:.1f} s")
-    out = {**params, "layers": lay}
-    tq = prec.head("w")
-    if not tq.is_float:
-        w = llama.lm_head_weight(out)
-        s = init_step_mse(w, tq)
-        codes = gptq.rtn(w, s, tq.bits)
-        out = {**out, "lm_head": {**out["lm_head"], "w": codes.astype(jnp.float32) * s, "s_w": s}}
-    return out
+    if halves is not None:
+        _log_damps(chosen, log)
+    return _quantize_head({**params, "layers": lay}, prec)
+
+
+def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, windows: np.ndarray, log: Log,
+                                progress_log: Log | None = None, *, act_order: bool = False,
+                                refit_steps: bool = False, damp: float = 0.01, batch: int = 8) -> llama.Params:
+    """GPTQ layer by layer, in the reference implementation's order: each layer's input Hessians
+    come from the calibration windows run through the layers before it with their weights already
+    quantized (activations in float), so that each layer's codes are chosen for the inputs the
+    quantized model gives it rather than the float model's. Otherwise as `quantize_weights`."""
+    prec = llama.resolve(policy, cfg)
+    fprec = llama.Precision(get_policy("float"), jnp.float32, llama.resolve("float", cfg).tilings)
+
+    @jax.jit
+    def run(lp, x):
+        pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        calib = _Hessians()
+        x_new, _ = llama.layer(lp, x, pos, None, cfg, fprec, calib)
+        return x_new.astype(jnp.float32), calib.xtx
+
+    embed = jax.jit(lambda p, t: llama.embed(p, t, fprec))
+    xs = [embed(params, jnp.asarray(windows[i:i + batch])) for i in range(0, len(windows), batch)]
+    t0 = time.perf_counter()
+    layers = []
+    with Progress("weights: gptq, layer by layer", cfg.n_layers, unit="layer", log=progress_log) as bar:
+        for i, lp in enumerate(llama.unstack_layers(params["layers"])):
+            hess = None
+            for x in xs:
+                h = run(lp, x)[1]
+                hess = h if hess is None else jax.tree.map(jnp.add, hess, h)
+            for hpath, names in _Hessians.PATHS.items():
+                h = np.asarray(hess[hpath], np.float64)
+                for name in names:
+                    path = tuple(name.split("."))
+                    wq, s, _ = _quantize_matrix(np.asarray(llama._get(lp, path + ("w",)), np.float32),
+                                                prec.at(i).layer(f"{name}.w"), "gptq", h, None,
+                                                act_order=act_order, refit_steps=refit_steps, damp=damp)
+                    lp = llama._set(llama._set(lp, path + ("w",), jnp.asarray(wq)), path + ("s_w",), jnp.asarray(s))
+            xs = [run(lp, x)[0] for x in xs]
+            layers.append(lp)
+            bar.update()
+    log(f"weights: gptq layer by layer for {cfg.n_layers} layers x 7 matrices on {len(windows)} windows in "
+        f"{time.perf_counter() - t0:.1f} s")
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return _quantize_head({**params, "layers": stacked}, prec)
 
 
 # --- block-wise reconstruction ---------------------------------------------------------------------------
@@ -466,15 +583,21 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
     t0 = time.perf_counter()
     cfg, params = transform(params, cfg, recipe, policy)
     log(f"recipe {recipe.name}: transforms {', '.join(recipe.steps(policy, cfg.n_layers)[:-2]) or 'none'} in {time.perf_counter() - t0:.1f} s")
-    hess = None
-    if recipe.weights == "gptq":
+    hess, halves = None, None
+    float_params = params  # the transformed float model: the reconstruction's reference
+    if recipe.weights == "gptq" and recipe.gptq_sequential:
+        params = quantize_weights_sequential(params, cfg, policy, windows, log, progress_log, act_order=recipe.act_order,
+                                             refit_steps=recipe.refit_steps, damp=recipe.gptq_damp)
+    elif recipe.weights == "gptq":
         t0 = time.perf_counter()
-        hess = layer_hessians(params, cfg, windows, log=progress_log)
+        hess = layer_hessians(params, cfg, windows, log=progress_log, halves=recipe.gptq_damp_select)
+        hess, halves = hess if recipe.gptq_damp_select else (hess, None)
         log(f"recipe {recipe.name}: input Hessians of every layer on {len(windows)} windows in "
             f"{time.perf_counter() - t0:.1f} s")
-    float_params = params  # the transformed float model: the reconstruction's reference
-    params = quantize_weights(params, cfg, policy, recipe.weights, hess, log, progress_log,
-                              act_order=recipe.act_order, refit_steps=recipe.refit_steps, damp=recipe.gptq_damp)
+    if not (recipe.weights == "gptq" and recipe.gptq_sequential):
+        params = quantize_weights(params, cfg, policy, recipe.weights, hess, log, progress_log,
+                                  act_order=recipe.act_order, refit_steps=recipe.refit_steps, damp=recipe.gptq_damp,
+                                  halves=halves)
     t0 = time.perf_counter()
     stats: dict = {}
     with Progress(f"activation steps ({recipe.activations}), one pass over {len(windows)} windows", log=progress_log):

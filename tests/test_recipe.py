@@ -4,6 +4,7 @@ mapping and the cost model make of the online rotations; on the tiny model (fast
 import dataclasses
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from models.config import get_config
 from models.io.load import load_model
 from np_jax import cost
 from np_jax.appliance.mapping import map_model
-from np_jax.quant import hadamard
+from np_jax.quant import gptq, hadamard
 
 # d_ff 96: the down rotation is H12 (x) H8, a Paley factor and a Sylvester one
 CFG = get_config("tiny").replace(d_ff=96)
@@ -297,6 +298,65 @@ def test_gptq_switches_reach_every_matrix(model):
         assert k in one.to_json() and prepared.cache_key(model, one, "w4a4")[0] != prepared.cache_key(model, old, "w4a4")[0]
     with pytest.raises(ValueError, match="gptq_damp"):
         R.Recipe("x", gptq_damp=0.0)
+    # the dampening chosen per matrix: the halves' Hessians add up to the whole, each matrix gets one
+    # of the candidates (logged), and the choice is in the key (the unused fixed damping is not)
+    full, (h0, h1) = R.layer_hessians(p, cfg, prepared.calibration_windows(model, 2), halves=True)
+    for k in hess:
+        np.testing.assert_allclose(h0[k].astype(np.float64) + h1[k], full[k], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(full[k], hess[k], atol=1e-5 * np.abs(hess[k]).max())  # other batches: other rounding
+        assert not np.allclose(h0[k], h1[k])
+    lines: list[str] = []
+    R.quantize_weights(p, cfg, "w4a4", "gptq", hess, lines.append, halves=(h0, h1))
+    counts = [int(c) for c in re.findall(r" x(\d+)", lines[-1])]
+    assert "chosen per matrix" in lines[-1] and sum(counts) == 7 * cfg.n_layers
+    sel = dataclasses.replace(RECIPE, gptq_damp_select=True)
+    assert "gptq_damp" not in sel.to_json() and sel.to_json()["gptq_damp_candidates"] == list(R.GPTQ_DAMPS)
+    assert "gptq_damp_select" not in RECIPE.to_json()
+    assert prepared.cache_key(model, sel, "w4a4")[0] != prepared.cache_key(model, RECIPE, "w4a4")[0]
+
+
+def test_sequential_gptq_sees_the_quantized_layers_inputs(model):
+    """`gptq_sequential`: layer i's q, k, v codes are GPTQ's for the Hessian of the inputs that the
+    quantized layers before it give (recomputed here in one pass over the finished model), not the
+    float model's; layer 0 (whose input is the embedding) is as in one pass."""
+    cfg, p = R.transform(model.params, CFG, RECIPE, "w4a4")
+    windows = prepared.calibration_windows(model, 2)
+    quiet = lambda m: None  # noqa: E731
+    seq = R.quantize_weights_sequential(p, cfg, "w4a4", windows, quiet, act_order=True, refit_steps=True, damp=0.1)
+    seen = R.layer_hessians(seq, cfg, windows)  # layer i's attention input depends only on layers < i
+    kw = dict(act_order=True, refit_steps=True, damp=0.1)
+    float_h = R.layer_hessians(p, cfg, windows)
+    want = R.quantize_weights(p, cfg, "w4a4", "gptq", {**float_h, ("attn", "s_x"): seen[("attn", "s_x")]}, quiet, **kw)
+    one_pass = R.quantize_weights(p, cfg, "w4a4", "gptq", float_h, quiet, **kw)
+    codes = lambda q, n: np.rint(np.asarray(q["layers"]["attn"][n]["w"]) / np.asarray(  # noqa: E731
+        q["layers"]["attn"][n]["s_w"])[:, None, :])
+    for n in ("q", "k", "v"):
+        same = codes(seq, n) == codes(want, n)
+        assert same.mean() > 0.999, (n, same.mean())  # float sums in another order may flip a tie
+        assert (codes(seq, n)[0] == codes(one_pass, n)[0]).mean() > 0.999
+    assert any((codes(seq, n)[1:] != codes(one_pass, n)[1:]).any() for n in ("q", "k", "v"))
+    np.testing.assert_array_equal(np.asarray(seq["lm_head"]["w"]), np.asarray(one_pass["lm_head"]["w"]))
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), refit=st.booleans())
+def test_damp_choice_is_the_best_on_the_other_windows(seed, refit):
+    """`choose_damp`: each candidate's error is the float64 output error ||X_check (W - Q S)||^2 of
+    the codes (and steps) made on the other windows' Hessian, and the choice is the smallest."""
+    rng = np.random.default_rng(seed)
+    k, n = 24, 6
+    x = rng.standard_normal((96, k)) * rng.uniform(0.05, 3.0, k)  # inputs of uneven scale, as a layer's
+    x[:, :2] += 4 * rng.standard_normal((96, 1))  # two correlated large channels
+    fit, check = x[:48], x[48:]
+    w = rng.standard_normal((k, n))
+    s = np.asarray(gptq.mse_steps(w, 4), np.float32)
+    d, errors = R.choose_damp(w, s, 4, fit.T @ fit, check.T @ check, act_order=True, refit_steps=refit)
+    assert set(errors) == set(R.GPTQ_DAMPS) and d == min(errors, key=errors.get)
+    for c, err in errors.items():
+        codes = np.asarray(gptq.gptq(w, fit.T @ fit, s, 4, percdamp=c, act_order=True), np.float64)
+        sc = gptq.refit_steps(w, codes, fit.T @ fit, s) if refit else s
+        want = np.sum((check @ (w - codes * np.asarray(sc, np.float64))) ** 2)
+        assert err == pytest.approx(want, rel=1e-9)
 
 
 def test_recipe_options_set_fields_by_their_types():
@@ -304,7 +364,9 @@ def test_recipe_options_set_fields_by_their_types():
     as text; bad keys, values and results are refused with the choices named."""
     base = R.get_recipe("rotate-gptq")
     flipped = dict(fold_norms=True, rotate_residual=False, rotate_vo=False, qk_rotation=True, down_rotation=False,
-                   sink=2, weights="rtn", act_order=False, refit_steps=False, gptq_damp=0.03, activations="lsq",
+                   sink=2, weights="rtn", act_order=False, refit_steps=False, gptq_damp=0.03, gptq_damp_select=True,
+                   gptq_sequential=False,
+                   activations="lsq",
                    sink_activations=None, calib_windows=7, seed=3, reconstruct=4, reconstruct_windows=2,
                    reconstruct_lr=0.25)
     settable = {f.name for f in dataclasses.fields(R.Recipe)} - {"name", "description"}

@@ -50,6 +50,11 @@ def _one_line_error(capsys, argv) -> str:
     (["--devices", "3"], "--devices 3: 16 cards cannot be split evenly over 3 devices"),
     (["--single-device", "--devices", "2"], "--single-device runs no appliance"),
     (["--checkpoint", "runs/none", "--recipe", "plain"], "a --checkpoint is served as it was trained"),
+    (["--checkpoint", "runs/none", "--recipe-option", "calib_windows=64"],
+     "--recipe-option makes a model from the float one; a --checkpoint is served as it was trained"),
+    (["--recipe-option", "damp=1"], "argument --recipe-option: recipe option 'damp=1' is not KEY=VALUE"),
+    (["--recipe-option", "gptq_damp_select=maybe"], "'maybe' is not a bool"),
+    (["--recipe-option", "gptq_damp=0"], "gptq_damp must be in (0, 10)"),
 ])
 def test_bad_flags_are_refused_before_anything_starts(capsys, no_loading, extra, msg):
     """The default model (SmolLM2, whose loading takes 20 s) is never touched: these need no file."""

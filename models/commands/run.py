@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from models.commands.train import recipe_option
 from np_jax.cli import (PRECISIONS, Formatter, add_mapping_arguments, add_process_arguments, count, nonnegative_number,
                         positive, precision_type)
 
@@ -80,6 +81,9 @@ def register(sub) -> None:
                         "the attention-sink prefix, GPTQ), rotate-gptq-recon (and block-wise reconstruction of the "
                         "steps), rotate, or plain (the earlier path); prepared once per "
                         "model file and cached (default: rotate-gptq; not with --checkpoint)")
+    p.add_argument("--recipe-option", action="append", default=[], metavar="KEY=VALUE", type=recipe_option,
+                   help="set one field of the recipe, e.g. gptq_damp_select=true or calib_windows=128 (repeatable; "
+                        "the fields are models.recipe.Recipe's, docs/quantization.md; not with --checkpoint)")
     p.add_argument("--calibration", default="mse", choices=["mse", "lsq"],
                    help="activation steps without QAT: MSE-optimal or the LSQ paper's 2*mean|v|/sqrt(Q_P)")
     p.add_argument("--cache-len", type=count, default=None,
@@ -136,8 +140,9 @@ def check_flags(args) -> list[str]:
         if args.cards % args.devices:
             raise ValueError(f"--devices {args.devices}: {args.cards} cards cannot be split evenly over "
                              f"{args.devices} devices")
-    if args.checkpoint and args.recipe:
-        raise ValueError("--recipe makes a model from the float one; a --checkpoint is served as it was trained")
+    if args.checkpoint and (args.recipe or args.recipe_option):
+        flag = "--recipe" if args.recipe else "--recipe-option"
+        raise ValueError(f"{flag} makes a model from the float one; a --checkpoint is served as it was trained")
     prompts = [check_text(t, f"--prompt {i + 1}") for i, t in enumerate(args.prompt or [DEFAULT_PROMPT])]
     empty = [i + 1 for i, t in enumerate(prompts) if not t]
     if empty:
@@ -189,7 +194,7 @@ def plan_run(args, prompts: list[str], log=lambda m: None):
     """Everything `run` decides before loading weights: (checkpoint, config, policy, mapping or None,
     cache length). Raises a one-line error for any flag or mapping that cannot work."""
     from models.io.load import DEFAULT_MODEL, is_gguf
-    from models.recipe import DEFAULT_RECIPE, get_recipe, transformed_config
+    from models.recipe import DEFAULT_RECIPE, get_recipe, transformed_config, with_options
     from models.train.checkpoint import load_checkpoint
     from np_jax.quant import get_policy
 
@@ -210,7 +215,8 @@ def plan_run(args, prompts: list[str], log=lambda m: None):
     cfg = _shape_and_source(args, ck)
     args.recipe_ = None
     if ck is None and not policy.is_float and gguf:  # the model the recipe makes
-        args.recipe_ = dataclasses.replace(get_recipe(args.recipe or DEFAULT_RECIPE), activations=args.calibration)
+        args.recipe_ = with_options(dataclasses.replace(get_recipe(args.recipe or DEFAULT_RECIPE),
+                                                        activations=args.calibration), args.recipe_option)
         cfg = transformed_config(cfg, args.recipe_, policy)
     args.prefetch_ = None
     if args.recipe_ is not None and not args.dry_run:  # the cached model is read while the mapping is planned

@@ -187,7 +187,7 @@ def register(sub) -> None:
                         "checkpoint's, else rotate-gptq; see docs/quantization.md)")
     p.add_argument("--calibration", action="append", default=None, choices=CALIBRATIONS,
                    help="PTQ activation calibration method(s) (repeatable; default: the checkpoint's, else mse)")
-    p.add_argument("--recipe-option", action="append", default=[], metavar="KEY=VALUE", type=_recipe_option,
+    p.add_argument("--recipe-option", action="append", default=[], metavar="KEY=VALUE", type=recipe_option,
                    help="set one field of every PTQ row's recipe, for an ablation: e.g. gptq_damp=0.01, "
                         "act_order=false, refit_steps=false (repeatable; the fields are models.recipe.Recipe's, "
                         "see docs/quantization.md)")
@@ -298,7 +298,7 @@ def _model_context(kw: dict, default_model: str) -> tuple[int, str] | None:
     return None if named is None else (named.max_seq_len, named.name)
 
 
-def _recipe_option(text: str) -> str:
+def recipe_option(text: str) -> str:
     """A --recipe-option checked alone on the default recipe, before any work (its key, its type, its
     range); combinations are checked again on each row's recipe."""
     from models.recipe import DEFAULT_RECIPE, with_options
