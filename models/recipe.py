@@ -21,6 +21,10 @@ A recipe is a list of switchable transforms, each exact in float or run by the c
   calibration inputs, the most active inputs first (`act_order`), dampened by `gptq_damp` x the
   Hessian's mean diagonal, then each channel's step refitted to its codes by least squares on the
   same Hessian (`refit_steps`); np_jax.quant.gptq) or "rtn" (round to nearest at MSE steps).
+  Switches that are off by default: `gptq_damp_select` (each matrix's dampening chosen among
+  GPTQ_DAMPS on held-out calibration windows), `gptq_sequential` (each layer's Hessians from the
+  inputs the already-quantized layers before it give) and `gptq_asymmetric` (layer by layer, each
+  matrix fitted to the float model's outputs from the quantized model's inputs).
 - `activations`: static steps calibrated ("mse" or the paper's "lsq") on training windows,
   the sink rows excluded from the other rows' steps.
 
@@ -67,6 +71,7 @@ class Recipe:
     gptq_damp: float = 0.1  # GPTQ's dampening, as a fraction of the Hessian's mean diagonal (0.01: the earlier rule)
     gptq_damp_select: bool = False  # each matrix's dampening chosen on held-out calibration windows (GPTQ_DAMPS)
     gptq_sequential: bool = False  # each layer's Hessians from the inputs the quantized layers before it give
+    gptq_asymmetric: bool = False  # ... and each matrix fitted to the float model's outputs (sets gptq_sequential)
     activations: str = "mse"  # "mse" or "lsq" (or "max")
     sink_activations: str | None = "max"  # the sink rows' own steps (None: as `activations`, the earlier rule)
     calib_windows: int = 32  # training windows of 256 tokens for the Hessians and the steps
@@ -84,6 +89,8 @@ class Recipe:
                 raise ValueError(f"recipe activations must be one of {', '.join(llama.CALIBRATIONS)}, got {a!r}")
         if (self.rotate_residual or self.rotate_vo) and not self.fold_norms:
             raise ValueError("rotations need folded norms (RMSNorm commutes with a rotation only at unit gain)")
+        if self.gptq_asymmetric and not self.gptq_sequential:  # asymmetric GPTQ is layer by layer
+            object.__setattr__(self, "gptq_sequential", True)
         if self.gptq_damp_select and self.gptq_sequential:
             raise ValueError("recipe gptq_damp_select and gptq_sequential are not implemented together; choose one")
         if not 0 < self.gptq_damp < 10:
@@ -100,7 +107,11 @@ class Recipe:
         on = [k for k in ("fold_norms", "rotate_residual", "rotate_vo", "qk_rotation", "down_rotation")
               if (qk if k == "qk_rotation" else getattr(self, k))]
         sink_acts = f":{self.sink_activations}" if self.sink and self.sink_activations else ""
-        return (on + ([f"sink{self.sink}{sink_acts}"] if self.sink else []) + [f"weights:{self.weights}",
+        weights = self.weights
+        if weights == "gptq":  # the layer-by-layer and per-matrix-damping variants named (the default is not)
+            weights += (":asymmetric" if self.gptq_asymmetric else ":sequential" if self.gptq_sequential else
+                        ":damp-select" if self.gptq_damp_select else "")
+        return (on + ([f"sink{self.sink}{sink_acts}"] if self.sink else []) + [f"weights:{weights}",
                                                                                f"activations:{self.activations}"]
                 + ([f"reconstruct:{self.reconstruct}"] if self.reconstruct else []))
 
@@ -119,8 +130,9 @@ class Recipe:
             out["gptq_damp_candidates"] = list(GPTQ_DAMPS)
         else:
             out.pop("gptq_damp_select")
-        if not (self.gptq_sequential and self.weights == "gptq"):
-            out.pop("gptq_sequential")
+        for k in ("gptq_sequential", "gptq_asymmetric"):
+            if not (getattr(self, k) and self.weights == "gptq"):
+                out.pop(k)
         if not self.reconstruct:
             for k in ("reconstruct", "reconstruct_windows", "reconstruct_lr"):
                 out.pop(k)
@@ -278,6 +290,14 @@ class _Hessians(llama._Calib):
         self.xtx[path] = x.T @ x
 
 
+class _Inputs(_Hessians):
+    """Keeps the inputs of every linear layer as [T, K], the sink rows included."""
+
+    def see(self, path, v, tq, sink=None):
+        if path in self.PATHS:
+            self.xtx[path] = v.astype(jnp.float32).reshape(-1, v.shape[-1])
+
+
 def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, batch: int = 4,
                    log: Log | None = None, halves: bool = False):
     """Per layer, X^T X of each linear's inputs over the calibration windows ([N, K, K] per input).
@@ -410,44 +430,73 @@ def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str
 
 def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, windows: np.ndarray, log: Log,
                                 progress_log: Log | None = None, *, act_order: bool = False,
-                                refit_steps: bool = False, damp: float = 0.01, batch: int = 8) -> llama.Params:
+                                refit_steps: bool = False, damp: float = 0.01, asymmetric: bool = False,
+                                batch: int = 8) -> llama.Params:
     """GPTQ layer by layer, in the reference implementation's order: each layer's input Hessians
     come from the calibration windows run through the layers before it with their weights already
     quantized (activations in float), so that each layer's codes are chosen for the inputs the
-    quantized model gives it rather than the float model's. Otherwise as `quantize_weights`."""
+    quantized model gives it rather than the float model's. Otherwise as `quantize_weights`.
+
+    `asymmetric` (as GPTAQ, arXiv 2504.02692): each matrix is fitted to the float model's output
+    on the float model's inputs X from the quantized model's inputs X^: min ||X^ W^ - X W||^2, which
+    is GPTQ on H^ = X^T^ X^ towards W~ = W + (H^ + damping)^-1 X^T^ (X - X^) W, so that each layer
+    also takes back some of the error of the layers before it."""
     prec = llama.resolve(policy, cfg)
     fprec = llama.Precision(get_policy("float"), jnp.float32, llama.resolve("float", cfg).tilings)
 
+    def layer_inputs(lp, x):
+        pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        seen = _Inputs()
+        x_new, _ = llama.layer(lp, x, pos, None, cfg, fprec, seen)
+        keep = (pos >= cfg.sink_positions).reshape(-1, 1)  # GPTQ's Hessians leave the sink rows out
+        return x_new.astype(jnp.float32), seen.xtx, keep
+
     @jax.jit
     def run(lp, x):
-        pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        calib = _Hessians()
-        x_new, _ = llama.layer(lp, x, pos, None, cfg, fprec, calib)
-        return x_new.astype(jnp.float32), calib.xtx
+        x_new, xs, keep = layer_inputs(lp, x)
+        return x_new, {k: (v * keep).T @ (v * keep) for k, v in xs.items()}
+
+    @jax.jit
+    def run_pair(lp, x_q, x_f):
+        """The float stream's next input; GPTQ's Hessians of the quantized model's inputs; and,
+        the sink rows included (so that the target keeps the sink's output), X^T^ X^ and X^T^ X."""
+        xq_new, xq, keep = layer_inputs(lp, x_q)
+        xf_new, xf, _ = layer_inputs(lp, x_f)
+        return xf_new, {k: (v * keep).T @ (v * keep) for k, v in xq.items()}, \
+            {k: (v.T @ v, v.T @ xf[k]) for k, v in xq.items()}
 
     embed = jax.jit(lambda p, t: llama.embed(p, t, fprec))
     xs = [embed(params, jnp.asarray(windows[i:i + batch])) for i in range(0, len(windows), batch)]
+    xs_f = list(xs)  # the float model's stream (asymmetric only)
+    add = lambda a, b: b if a is None else jax.tree.map(jnp.add, a, b)  # noqa: E731
     t0 = time.perf_counter()
     layers = []
     with Progress("weights: gptq, layer by layer", cfg.n_layers, unit="layer", log=progress_log) as bar:
         for i, lp in enumerate(llama.unstack_layers(params["layers"])):
-            hess = None
-            for x in xs:
-                h = run(lp, x)[1]
-                hess = h if hess is None else jax.tree.map(jnp.add, hess, h)
+            hess = cross = None
+            for j, x in enumerate(xs):
+                if asymmetric:
+                    xf_new, h, c = run_pair(lp, x, xs_f[j])
+                    xs_f[j], cross = xf_new, add(cross, c)
+                else:
+                    h = run(lp, x)[1]
+                hess = add(hess, h)
             for hpath, names in _Hessians.PATHS.items():
                 h = np.asarray(hess[hpath], np.float64)
                 for name in names:
                     path = tuple(name.split("."))
-                    wq, s, _ = _quantize_matrix(np.asarray(llama._get(lp, path + ("w",)), np.float32),
-                                                prec.at(i).layer(f"{name}.w"), "gptq", h, None,
+                    w = np.asarray(llama._get(lp, path + ("w",)), np.float32)
+                    if asymmetric:
+                        h_all, c_all = (np.asarray(a, np.float64) for a in cross[hpath])
+                        w = gptq.asymmetric_target(w, h_all, c_all, damp).astype(np.float32)
+                    wq, s, _ = _quantize_matrix(w, prec.at(i).layer(f"{name}.w"), "gptq", h, None,
                                                 act_order=act_order, refit_steps=refit_steps, damp=damp)
                     lp = llama._set(llama._set(lp, path + ("w",), jnp.asarray(wq)), path + ("s_w",), jnp.asarray(s))
             xs = [run(lp, x)[0] for x in xs]
             layers.append(lp)
             bar.update()
-    log(f"weights: gptq layer by layer for {cfg.n_layers} layers x 7 matrices on {len(windows)} windows in "
-        f"{time.perf_counter() - t0:.1f} s")
+    log(f"weights: gptq layer by layer{' (asymmetric)' if asymmetric else ''} for {cfg.n_layers} layers x 7 "
+        f"matrices on {len(windows)} windows in {time.perf_counter() - t0:.1f} s")
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers)
     return _quantize_head({**params, "layers": stacked}, prec)
 
@@ -587,7 +636,8 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
     float_params = params  # the transformed float model: the reconstruction's reference
     if recipe.weights == "gptq" and recipe.gptq_sequential:
         params = quantize_weights_sequential(params, cfg, policy, windows, log, progress_log, act_order=recipe.act_order,
-                                             refit_steps=recipe.refit_steps, damp=recipe.gptq_damp)
+                                             refit_steps=recipe.refit_steps, damp=recipe.gptq_damp,
+                                             asymmetric=recipe.gptq_asymmetric)
     elif recipe.weights == "gptq":
         t0 = time.perf_counter()
         hess = layer_hessians(params, cfg, windows, log=progress_log, halves=recipe.gptq_damp_select)

@@ -376,3 +376,23 @@ def test_refit_steps_is_the_least_squares_step(seed, k, n, bits):
             assert got[j] == pytest.approx(ls, rel=1e-5)
         e = lambda s: float(np.sum((x @ w[:, j] - xq * s) ** 2))
         assert e(got[j]) <= e(s0[j]) * (1 + 1e-9)
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(2, 16), n=st.integers(1, 5), noise=st.floats(0.0, 0.5))
+def test_asymmetric_target_is_the_least_squares_fit_to_the_float_output(seed, k, n, noise):
+    """Against numpy's least squares: with (almost) no dampening the target is the W~ that makes the
+    quantized inputs' output x^ @ W~ closest to the float output x @ W; with x^ = x it is W itself,
+    at any dampening; dampening pulls it towards W, never past it."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((4 * k, k)) * rng.uniform(0.1, 3.0, k)
+    xq = x + noise * rng.standard_normal(x.shape) * x.std(0)  # the quantized model's inputs
+    w = rng.standard_normal((k, n))
+    got = G.asymmetric_target(w, xq.T @ xq, xq.T @ x, 1e-12)
+    want, *_ = np.linalg.lstsq(xq, x @ w, rcond=None)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    np.testing.assert_allclose(G.asymmetric_target(w, x.T @ x, x.T @ x, 0.3), w, rtol=1e-9, atol=1e-9)
+    damped = G.asymmetric_target(w, xq.T @ xq, xq.T @ x, 0.3)
+    assert np.linalg.norm(damped - w) <= np.linalg.norm(got - w) * (1 + 1e-9) + 1e-12
+    with pytest.raises(ValueError, match="must be"):
+        G.asymmetric_target(w, xq.T @ xq, (xq.T @ x)[:-1], 0.1)

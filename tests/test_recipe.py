@@ -364,8 +364,8 @@ def test_recipe_options_set_fields_by_their_types():
     as text; bad keys, values and results are refused with the choices named."""
     base = R.get_recipe("rotate-gptq")
     flipped = dict(fold_norms=True, rotate_residual=False, rotate_vo=False, qk_rotation=True, down_rotation=False,
-                   sink=2, weights="rtn", act_order=False, refit_steps=False, gptq_damp=0.03, gptq_damp_select=True,
-                   gptq_sequential=False,
+                   sink=2, weights="rtn", act_order=False, refit_steps=False, gptq_damp=0.03,
+                   gptq_sequential=True, gptq_asymmetric=True, gptq_damp_select=False,
                    activations="lsq",
                    sink_activations=None, calib_windows=7, seed=3, reconstruct=4, reconstruct_windows=2,
                    reconstruct_lr=0.25)

@@ -57,6 +57,7 @@ __all__ = [
     "layer_error",
     "mse_steps",
     "refit_steps",
+    "asymmetric_target",
 ]
 
 # Rows of x processed per BLAS call in the Hessian, to bound the float64
@@ -561,3 +562,18 @@ def refit_steps(w_KxN: np.ndarray, codes_KxN: np.ndarray, h_KxK: np.ndarray, ste
     # The error is w^T H w - 2 s num + s^2 den; the first term is the same for both steps.
     err = lambda s: (s.astype(np.float64) * den - 2 * num) * s.astype(np.float64)  # noqa: E731
     return np.where(err(fit) <= err(s0), fit, s0).astype(np.float32)
+
+
+def asymmetric_target(w_KxN: np.ndarray, h_KxK: np.ndarray, cross_KxK: np.ndarray, percdamp: float) -> np.ndarray:
+    """The weights that GPTQ should aim at when its layer sees quantized inputs X^ but should give
+    the float layer's output X W (GPTAQ, arXiv 2504.02692): the minimiser of ||X^ W~ - X W||^2,
+    W~ = W + (H^ + d I)^-1 (X^T^ X W - H^ W), with H^ = X^T^ X^ and ``cross`` = X^T^ X (float64
+    [K, K], any common positive scale), dampened by d = ``percdamp`` x mean(diag H^) towards W (not
+    towards 0: directions the calibration inputs never visit keep their weights). With X^ = X it
+    is W itself. Returns float64 [K, N]."""
+    w = np.asarray(w_KxN, np.float64)
+    h = np.asarray(h_KxK, np.float64)
+    if h.shape != (w.shape[0],) * 2 or np.shape(cross_KxK) != h.shape:
+        raise ValueError(f"H^ and X^T^ X must be [{w.shape[0]}, {w.shape[0]}], got {h.shape} and {np.shape(cross_KxK)}")
+    hd = h + percdamp * np.mean(np.diag(h)) * np.eye(len(h))
+    return w + np.linalg.solve(hd, np.asarray(cross_KxK, np.float64) @ w - h @ w)
