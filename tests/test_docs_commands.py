@@ -712,7 +712,10 @@ def test_the_gptq_settings_table_is_its_data_file():
     documented = next(d.text for d in NP_JAX if "--recipe-option act_order=false --json" in d.text)
     assert _same_run(documented, data["commands"][0])
     for r, cmd in zip(rows[1:], data["commands"], strict=True):
-        assert r["command"] == cmd and r["recipe_options"] and all(f"--recipe-option {o}" in cmd for o in r["recipe_options"])
+        assert r["command"] == cmd and (r.get("recipe_options") or "--calib-windows" in cmd)
+        assert all(f"--recipe-option {o}" in cmd for o in r.get("recipe_options", []))
+        if "--calib-windows" in cmd:  # the row says what it was calibrated on
+            assert f"calibrated on {cmd.split('--calib-windows ')[1].split()[0]} training windows" in r["source"]
     numpy = _result("gptq_settings_numpy.json")
     table = _table("docs/quantization.md", "| Precision | GPTQ | Perplexity |")
     assert len(table) == len(numpy["rows"]) - 1 and numpy["held_out"]["dirs"][0].endswith("numpy")
