@@ -281,21 +281,23 @@ class _Hessians(llama._Calib):
         self.xtx: dict[tuple, jax.Array] = {}
 
     def see(self, path, v, tq, sink=None):
-        if path not in self.PATHS:
-            return
-        x = v.astype(jnp.float32)
-        if sink is not None:
-            x = jnp.where(sink[..., None], 0.0, x)
-        x = x.reshape(-1, x.shape[-1])
-        self.xtx[path] = x.T @ x
+        if path in self.PATHS:
+            x = _rows(v, sink)[0]
+            self.xtx[path] = x.T @ x
+
+
+def _rows(v, sink):
+    """A linear layer's input as [T, K] rows with the sink rows zeroed, and the rows as they are."""
+    rows = v.astype(jnp.float32).reshape(-1, v.shape[-1])
+    return (rows if sink is None else jnp.where(sink.reshape(-1, 1), 0.0, rows)), rows
 
 
 class _Inputs(_Hessians):
-    """Keeps the inputs of every linear layer as [T, K], the sink rows included."""
+    """Keeps the inputs of every linear layer: ([T, K] with the sink rows zeroed, [T, K] as they are)."""
 
     def see(self, path, v, tq, sink=None):
         if path in self.PATHS:
-            self.xtx[path] = v.astype(jnp.float32).reshape(-1, v.shape[-1])
+            self.xtx[path] = _rows(v, sink)
 
 
 def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, batch: int = 4,
@@ -384,11 +386,6 @@ def _quantize_head(params: llama.Params, prec) -> llama.Params:
     return {**params, "lm_head": {**params["lm_head"], "w": codes.astype(jnp.float32) * s, "s_w": s}}
 
 
-def _log_damps(chosen: dict, log: Log) -> None:
-    log("weights: GPTQ dampening chosen per matrix on held-out calibration windows: " + "; ".join(
-        f"{name} " + ", ".join(f"{d:g} x{c}" for d, c in sorted(counts.items())) for name, counts in chosen.items()))
-
-
 def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str, hessians: dict | None,
                      log: Log, progress_log: Log | None = None, *, act_order: bool = False,
                      refit_steps: bool = False, damp: float = 0.01, halves: tuple | None = None) -> llama.Params:
@@ -416,7 +413,8 @@ def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str
                         w[i], prec.at(i).layer(f"{name}.w"), method, None if hessians is None else hessians[hpath][i],
                         None if halves is None else tuple(hh[hpath][i] for hh in halves),
                         act_order=act_order, refit_steps=refit_steps, damp=damp)
-                    chosen[name][d] = chosen[name].get(d, 0) + 1
+                    if halves is not None:
+                        chosen[name][d] = chosen[name].get(d, 0) + 1
                     steps.append(s)
                     out.append(wq)
                     bar.update()
@@ -424,7 +422,8 @@ def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str
                 lay = llama._set(lay, tuple(name.split(".")) + ("s_w",), jnp.asarray(np.stack(steps)))
     log(f"weights: {method} for {cfg.n_layers} layers x 7 matrices in {time.perf_counter() - t0:.1f} s")
     if halves is not None:
-        _log_damps(chosen, log)
+        log("weights: GPTQ dampening chosen per matrix on held-out calibration windows: " + "; ".join(
+            f"{name} " + ", ".join(f"{d:g} x{c}" for d, c in sorted(counts.items())) for name, counts in chosen.items()))
     return _quantize_head({**params, "layers": lay}, prec)
 
 
@@ -448,22 +447,22 @@ def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, 
         pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         seen = _Inputs()
         x_new, _ = llama.layer(lp, x, pos, None, cfg, fprec, seen)
-        keep = (pos >= cfg.sink_positions).reshape(-1, 1)  # GPTQ's Hessians leave the sink rows out
-        return x_new.astype(jnp.float32), seen.xtx, keep
+        return x_new.astype(jnp.float32), seen.xtx
 
     @jax.jit
     def run(lp, x):
-        x_new, xs, keep = layer_inputs(lp, x)
-        return x_new, {k: (v * keep).T @ (v * keep) for k, v in xs.items()}
+        x_new, xs = layer_inputs(lp, x)
+        return x_new, {k: kept.T @ kept for k, (kept, _) in xs.items()}
 
     @jax.jit
     def run_pair(lp, x_q, x_f):
-        """The float stream's next input; GPTQ's Hessians of the quantized model's inputs; and,
-        the sink rows included (so that the target keeps the sink's output), X^T^ X^ and X^T^ X."""
-        xq_new, xq, keep = layer_inputs(lp, x_q)
-        xf_new, xf, _ = layer_inputs(lp, x_f)
-        return xf_new, {k: (v * keep).T @ (v * keep) for k, v in xq.items()}, \
-            {k: (v.T @ v, v.T @ xf[k]) for k, v in xq.items()}
+        """The float stream's next input; GPTQ's Hessians of the quantized model's inputs (the sink
+        rows left out); and, the sink rows included (so that the target keeps the sink's output),
+        X^T^ X^ and X^T^ X."""
+        _, xq = layer_inputs(lp, x_q)
+        xf_new, xf = layer_inputs(lp, x_f)
+        return xf_new, {k: kept.T @ kept for k, (kept, _) in xq.items()}, \
+            {k: (v.T @ v, v.T @ xf[k][1]) for k, (_, v) in xq.items()}
 
     embed = jax.jit(lambda p, t: llama.embed(p, t, fprec))
     xs = [embed(params, jnp.asarray(windows[i:i + batch])) for i in range(0, len(windows), batch)]
