@@ -190,14 +190,17 @@ def _gradient_programs(cfg, cards, micro_batches, output_cards, devices, precisi
     return pipe, jax.jit(seq), jax.jit(jax.grad(seq))
 
 
-def _check_gradients(params, cfg, tokens, *layout_and_devices):
-    """The loss through the pipeline is the sequential one, bit for bit, at the chip's FP16 and
-    with a float32 vector unit; with the latter, so is every gradient to float32 summation order.
-    Returns the FP16 pipeline gradient."""
-    pipe, seq, _ = _gradient_programs(cfg, *layout_and_devices, "w4a4")
-    lp, gp = pipe(params, tokens)
-    assert float(lp) == float(seq(params, tokens))
-    assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(gp))
+def _check_gradients(params, cfg, tokens, *layout_and_devices, fp16=True):
+    """The loss through the pipeline is the sequential one, bit for bit, at the chip's FP16 (unless
+    `fp16` is False: one compile less) and with a float32 vector unit; with the latter, so is every
+    gradient to float32 summation order. Returns the FP16 pipeline gradient (float32's without
+    `fp16`)."""
+    gp = None
+    if fp16:
+        pipe, seq, _ = _gradient_programs(cfg, *layout_and_devices, "w4a4")
+        lp, gp = pipe(params, tokens)
+        assert float(lp) == float(seq(params, tokens))
+        assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(gp))
     pipe, seq, seq_grad = _gradient_programs(cfg, *layout_and_devices, F32)
     lp, gp32 = pipe(params, tokens)
     assert float(lp) == float(seq(params, tokens))
@@ -207,16 +210,20 @@ def _check_gradients(params, cfg, tokens, *layout_and_devices):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         gaps[jax.tree_util.keystr(path)] = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
     assert all(g <= F32_GRADIENT_RTOL for g in gaps.values()), {k: g for k, g in gaps.items() if g > F32_GRADIENT_RTOL}
-    return gp
+    return gp32 if gp is None else gp
 
 
-@pytest.mark.parametrize("devices", [2, pytest.param(16, marks=pytest.mark.slow)])
-def test_gradients_through_the_pipeline_match_sequential(model, devices):
-    """16 cards over `devices` devices (2: the same shard_map pipeline, 8 cards per device, and
-    far fewer device threads to synchronise on 2 cores), 2 micro-batches, 2 output cards."""
+@pytest.mark.parametrize("cards,devices,fp16", [(4, 2, False), pytest.param(16, 2, True, marks=pytest.mark.slow),
+                                                pytest.param(16, 16, True, marks=pytest.mark.slow)])
+def test_gradients_through_the_pipeline_match_sequential(model, cards, devices, fp16):
+    """`cards` cards over `devices` devices (2: the same shard_map pipeline, several cards per
+    device, and far fewer device threads to synchronise on 2 cores), 2 micro-batches, 2 output
+    cards. The fast path: 4 cards (a layer per card, the vocabulary over two, two cards per
+    device), the float32 vector unit only; the slow ones: 16 cards (idle cards between the layers
+    and the output layer, the appliance's count), the chip's FP16 as well."""
     params, _ = model
-    gp = _check_gradients(params, CFG, jax.random.randint(jax.random.key(9), (4, 9), 0, CFG.vocab_size), 16, 2, 2,
-                          devices)
+    gp = _check_gradients(params, CFG, jax.random.randint(jax.random.key(9), (4, 9), 0, CFG.vocab_size), cards, 2, 2,
+                          devices, fp16=fp16)
     # QAT trains every static step of the transformed model: all get a gradient but the dynamic
     # ones (the online rotations' INT8 inputs: per-row steps from the vector unit, the `*.rot.x`
     # rule) and the sink's query step (position 0 attends to itself alone: its softmax is 1)

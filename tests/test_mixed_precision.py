@@ -5,6 +5,7 @@ Oracles: a mixed model's forward is its layers run one by one, each at the unifo
 takes its widths from (`llama.layer` with that preset); the pipeline is the sequential model;
 uniform policies are unchanged (every other test file)."""
 
+import functools
 import json
 import re
 
@@ -49,6 +50,12 @@ def _calibrated(params, policy):
     return llama.calibrate(p, toks, CFG, policy)
 
 
+@functools.partial(jax.jit, static_argnums=3)
+def _layer(lp, x, pos, preset):
+    """The uniform model's own layer at `preset`, compiled alone."""
+    return llama.layer(lp, x, pos, None, CFG, llama.resolve(preset, CFG))
+
+
 def _oracle_forward(p, toks, per_layer, policy):
     """Layer by layer, each at its preset (the uniform model's own layer), the head at `policy`'s."""
     prec = llama.resolve(policy, CFG)
@@ -56,7 +63,7 @@ def _oracle_forward(p, toks, per_layer, policy):
     pos = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
     for i, preset in enumerate(per_layer):
         lp = jax.tree.map(lambda a: a[i], p["layers"])
-        y, _ = llama.layer(lp, x, pos, None, CFG, llama.resolve(preset, CFG))
+        y, _ = _layer(lp, x, pos, preset)
         x = y.astype(x.dtype)
     return llama.head(p, x, CFG, prec)
 
@@ -105,9 +112,13 @@ def test_training_gradients_reach_every_layer_at_its_width(tmp_path, params):
     assert np.all(np.abs(np.asarray(g["layers"]["mlp"]["down"]["s_w"])).sum(-1) > 0)
 
 
-def test_the_appliance_runs_a_mixed_policy_as_the_sequential_model(tmp_path, params):
+@pytest.mark.parametrize("forms", [("stacked",), pytest.param(("resident", "training"), marks=pytest.mark.slow)],
+                         ids=["stacked", "resident+training"])
+def test_the_appliance_runs_a_mixed_policy_as_the_sequential_model(tmp_path, params, forms):
     """Cards holding layers of different widths (prefill through the pipeline with KV caches, the
-    card-stacked form over 2 devices and the resident per-card form), bit for bit."""
+    card-stacked form over 2 devices; slow: the resident per-card form and the training forward
+    through the pipeline, each covered for uniform policies in tests/test_appliance.py and
+    tests/test_train.py), bit for bit."""
     policy = get_policy(policy_file(tmp_path, ["w8a8", "w4a4", "a8c8w4", "w4a4"]))
     p = _calibrated(params, policy)
     users, L, S = 4, 6, 8
@@ -121,20 +132,21 @@ def test_the_appliance_runs_a_mixed_policy_as_the_sequential_model(tmp_path, par
     M = mapping.micro_batches
     x = llama.embed(serving, toks, llama.resolve(policy)).reshape(M, users // M, L, -1)
     aux = {"pos": jnp.broadcast_to(jnp.arange(L), (M, users // M, L))}
-    for devices, cards, state, axis in (
-            (2, build_cards(serving, CFG, policy, mapping),
-             {k: jnp.zeros((8, 1, users, S, CFG.n_kv_heads, CFG.head_dim), jnp.int8) for k in ("k", "v")}, 1),
-            (1, card_list(serving, CFG, policy, mapping),
-             [llama.init_cache(CFG, users, S, policy, layers=len(c.layers)) if c.role == "layers" else {}
-              for c in mapping.cards], 1)):
+    runs = {"stacked": lambda: (2, build_cards(serving, CFG, policy, mapping),
+                                {k: jnp.zeros((8, 1, users, S, CFG.n_kv_heads, CFG.head_dim), jnp.int8)
+                                 for k in ("k", "v")}, 1),
+            "resident": lambda: (1, card_list(serving, CFG, policy, mapping),
+                                 [llama.init_cache(CFG, users, S, policy, layers=len(c.layers)) if c.role == "layers"
+                                  else {} for c in mapping.cards], 1)}
+    for devices, cards, state, axis in (runs[f]() for f in forms if f in runs):
         run = jax.jit(lambda c, x, a, s: run_pipeline(mapping.schedule, card_mesh(devices), layer_fn, head_fn, c, x, a,
                                                       s, user_axis=axis))
         res, _ = run(cards, x, aux, state)
         got = jnp.concatenate([res[c] for c in mapping.schedule.output_cards], -1).reshape(users, L, -1)
         np.testing.assert_array_equal(np.asarray(got)[..., :CFG.vocab_size], np.asarray(ref))
-    # training form through the pipeline: the sequential forward's logits
-    got = pipelined_logits(p, toks, CFG, policy, mapping, card_mesh(2))
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(llama.forward(p, toks, CFG, policy)))
+    if "training" in forms:  # training form through the pipeline: the sequential forward's logits
+        got = pipelined_logits(p, toks, CFG, policy, mapping, card_mesh(2))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(llama.forward(p, toks, CFG, policy)))
 
 
 G3B = get_config("granite-3b-northpole")

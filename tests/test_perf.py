@@ -391,7 +391,7 @@ def test_cli_plan_and_dse_json(tmp_path, capsys):
     for k in ("cards_per_instance", "instances", "latency_ms", "throughput_tok_s_instance"):
         assert k in out
     png = tmp_path / "pareto.png"
-    assert main(["dse", "--json", "--grid", "small", "--steps", "10", "--starts", "2", "--plot", str(png)]) == 0
+    assert main(["dse", "--json", "--grid", "small", "--steps", "3", "--starts", "1", "--plot", str(png)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["sweep"]["n_designs"] == 48 and out["sweep"]["designs_per_s"] > 0
     assert "continuous" in out["gradient_search"] and "sensitivities" in out
