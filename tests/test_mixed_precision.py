@@ -117,8 +117,8 @@ def test_training_gradients_reach_every_layer_at_its_width(tmp_path, params):
 def test_the_appliance_runs_a_mixed_policy_as_the_sequential_model(tmp_path, params, forms):
     """Cards holding layers of different widths (prefill through the pipeline with KV caches, the
     card-stacked form over 2 devices; slow: the resident per-card form and the training forward
-    through the pipeline, each covered for uniform policies in tests/test_appliance.py and
-    tests/test_train.py), bit for bit."""
+    through the pipeline, each covered for uniform policies in tests/test_appliance.py), bit for
+    bit."""
     policy = get_policy(policy_file(tmp_path, ["w8a8", "w4a4", "a8c8w4", "w4a4"]))
     p = _calibrated(params, policy)
     users, L, S = 4, 6, 8

@@ -118,6 +118,30 @@ def test_online_rotations_are_mapped_and_charged():
     assert t_rot["system_throughput_tok_s"] <= t_plain["system_throughput_tok_s"]
 
 
+def test_rotations_all_charges_the_qk_rotation_at_every_cache_width(capsys):
+    """`--rotations all` is `recipe` with the q/k matrix at 8-bit caches too (what `--recipe-option
+    qk_rotation=true` runs): the same as `recipe` where the rule already has it (a 4-bit cache),
+    more VMM work and never more throughput where it does not; its shape is the recipe's."""
+    from np_jax.cli import main, shape_with_rotations
+
+    def perf(precision, rotations):
+        assert main(["perf", "--model", "smollm2-135m", "--users", "28", "--precision", precision, "--rotations",
+                     rotations, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    for precision in ("w4a4", "w8a8-pdd"):
+        rule, every = perf(precision, "recipe"), perf(precision, "all")
+        if precision == "w4a4":
+            assert every["system_throughput_tok_s"] == rule["system_throughput_tok_s"]
+        else:
+            assert every["layer_work_cycles_decode"] > rule["layer_work_cycles_decode"]
+            assert every["system_throughput_tok_s"] <= rule["system_throughput_tok_s"]
+    smol = get_config("smollm2-135m")
+    on = R.transformed_config(smol, dataclasses.replace(R.get_recipe("rotate-gptq"), qk_rotation=True), "w8a8-pdd")
+    shape = shape_with_rotations(smol, "w8a8-pdd", "all")
+    assert (shape.qk_rotation, shape.down_rotation) == (on.qk_rotation, on.down_rotation) == (True, (12, 128))
+
+
 def test_prepared_cache_round_trip_and_corrupt_entry(model, quantized, tmp_path, monkeypatch):
     monkeypatch.setenv("NP_JAX_CACHE", str(tmp_path))
     leaves = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]  # noqa: E731
