@@ -195,7 +195,6 @@ def _check_gradients(params, cfg, tokens, *layout_and_devices, fp16=True):
     `fp16` is False: one compile less) and with a float32 vector unit; with the latter, so is every
     gradient to float32 summation order. Returns the FP16 pipeline gradient (float32's without
     `fp16`)."""
-    gp = None
     if fp16:
         pipe, seq, _ = _gradient_programs(cfg, *layout_and_devices, "w4a4")
         lp, gp = pipe(params, tokens)
@@ -210,7 +209,7 @@ def _check_gradients(params, cfg, tokens, *layout_and_devices, fp16=True):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         gaps[jax.tree_util.keystr(path)] = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
     assert all(g <= F32_GRADIENT_RTOL for g in gaps.values()), {k: g for k, g in gaps.items() if g > F32_GRADIENT_RTOL}
-    return gp32 if gp is None else gp
+    return gp if fp16 else gp32
 
 
 @pytest.mark.parametrize("cards,devices,fp16", [(4, 2, False), pytest.param(16, 2, True, marks=pytest.mark.slow),
