@@ -62,7 +62,7 @@ class Recipe:
     fold_norms: bool = True
     rotate_residual: bool = True
     rotate_vo: bool = True
-    qk_rotation: bool | None = None  # None: when the KV cache is narrower than 8 bits (its INT8 input costs ~5 %)
+    qk_rotation: bool | None = None  # None: when the KV cache is quantized (np_jax.quant.wants_qk_rotation)
     down_rotation: bool = True
     sink: int = 1
     weights: str = "gptq"  # "gptq" or "rtn"

@@ -15,9 +15,8 @@ output layer and the online rotations keep the widest option's widths.
    weights, which the splice takes from the uniform model: the verification measures the
    difference). The forward runs layer by layer at each layer's option, each option's layer
    compiled once (`LayerwiseModel`), from the widest model's cached activations: an entry costs
-   the layers after it. The recipe rotates q and k when any layer has a 4-bit KV cache: the
-   candidates with such a layer are read from a table measured with the rotation, the others from
-   one without it (`tables_needed`).
+   the layers after it. Every option has the recipe's online q/k rotation (on whenever the KV
+   cache is quantized, `tables_needed`), so one table holds every candidate.
 2. **The candidates.** Assuming the changes add (checked below), the assignment with the least
    total change for each count of layers per option comes from one dynamic program over the layers
    (`count_optimal`): exact, for every count vector at once.
@@ -217,12 +216,16 @@ def pareto(loss: Sequence[float], throughput: Sequence[float]) -> list[int]:
     return front
 
 
-def cost_of(shape, policy: PrecisionPolicy, *, users: int, context: int, cards: int) -> dict:
-    """The appliance's predicted figures for `policy` (the planner's best mapping)."""
+def cost_of(shape, policy: PrecisionPolicy, *, users: int, context: int, cards: int,
+            qk_rotation: bool | None = None) -> dict:
+    """The appliance's predicted figures for `policy` (the planner's best mapping), with the recipe's
+    online rotations (`qk_rotation` overrides the q/k one's rule, as a recipe that fixes it does)."""
     from np_jax.cli import shape_with_rotations
     from np_jax.cost import predict
 
     s = shape_with_rotations(shape, policy, "recipe")
+    if qk_rotation is not None:
+        s = dataclasses.replace(s, qk_rotation=qk_rotation)
     r = predict(s, policy, users=users, context=context, cards=cards)
     return {k: r[k] for k in ("system_throughput_tok_s", "energy_tok_s_W", "latency_ms", "fits", "mapping")}
 
@@ -241,8 +244,7 @@ def choose(points: list[dict], *, max_ratio: float | None = None, min_throughput
 @dataclasses.dataclass(frozen=True)
 class Table:
     """A measured table: `delta` [layers, len(options)] for the search's options `options` (indices,
-    the last the base), from models prepared with the q/k rotation on or off (`qk_rotation`): each
-    candidate is read from the table whose transforms its own model has."""
+    the last the base), from models prepared with the q/k rotation on or off (`qk_rotation`)."""
 
     options: tuple[int, ...]
     delta: np.ndarray
@@ -251,39 +253,28 @@ class Table:
 
 
 def tables_needed(recipe, options: Sequence[str], n_layers: int) -> list[tuple[bool, tuple[int, ...]]]:
-    """(q/k rotation, option indices) of each table the search measures. The recipe rotates q and k
-    when any layer has a 4-bit KV cache (unless it fixes the choice): candidates with such a layer
-    are measured with the rotation and every option; when the base has no 4-bit cache, those
-    without one are measured without it, on the options without one."""
+    """(q/k rotation, option indices) of each table the search measures: one, every option prepared
+    with the transforms the mixed models share. The recipe rotates q and k whenever a KV cache is
+    quantized (`wants_qk_rotation`), so every option has the rotation unless the recipe fixes it off."""
     r = recipes.get_recipe(recipe)
-    wants = [r.qk_rotation_for(o, n_layers) for o in options]
-    if r.qk_rotation is not None or all(wants) or not any(wants) or wants[-1]:
-        return [(any(wants), tuple(range(len(options))))]
-    return [(True, tuple(range(len(options)))), (False, tuple(k for k, w in enumerate(wants) if not w))]
+    return [(any(r.qk_rotation_for(o, n_layers) for o in options), tuple(range(len(options))))]
 
 
 def _picked(tables: Sequence[Table]) -> list[tuple[Table, float, tuple[int, ...]]]:
     """(table, summed change, assignment in the search's option indices) of every count vector's
-    quality-optimal candidate, each from the table whose transforms its model has."""
-    plain = [t for t in tables if not t.qk_rotation]
-    out = []
-    for t in tables:
-        for counts, (d, assign) in sorted(count_optimal(t.delta).items()):
-            full = tuple(t.options[a] for a in assign)
-            if t.qk_rotation and plain and set(full) <= set(plain[0].options):
-                continue  # no 4-bit cache: the table without the rotation has it
-            out.append((t, d, full))
-    return out
+    quality-optimal candidate in each table."""
+    return [(t, d, tuple(t.options[a] for a in assign))
+            for t in tables for counts, (d, assign) in sorted(count_optimal(t.delta).items())]
 
 
 def search(tables: Sequence[Table], options: Sequence[str], *, float_nll: float, shape, users: int, context: int,
            cards: int, progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Every count vector's quality-optimal candidate, from the table whose transforms it has, with its
+    """Every count vector's quality-optimal candidate in each table, with its
     predicted ratio to float (changes added) and its predicted appliance figures."""
     out = []
     for t, d, full in _picked(tables):
         pol = assignment_policy(options, full)
-        c = cost_of(shape, pol, users=users, context=context, cards=cards)
+        c = cost_of(shape, pol, users=users, context=context, cards=cards, qk_rotation=t.qk_rotation)
         counts = np.bincount(np.asarray(full, int), minlength=len(options))
         out.append({"counts": dict(zip(options, (int(v) for v in counts))), "assignment": [options[a] for a in full],
                     "describe": describe(options, full), "qk_rotation": t.qk_rotation, "delta_nll": d,

@@ -162,13 +162,11 @@ def fraction(text: str) -> float:
 
 def add_rotation_argument(parser) -> None:
     """`--rotations` of `map` and `perf`: map and charge the online Hadamards a recipe adds."""
-    parser.add_argument("--rotations", choices=("none", "recipe", "all"), default="none",
+    parser.add_argument("--rotations", choices=("none", "recipe"), default="none",
                         help="none: the model as published; recipe: with the online Hadamards of the default "
-                             "quantization recipe (an INT2 +-1 matrix on q and k when the KV cache is below 8 bits, "
+                             "quantization recipe (an INT2 +-1 matrix on q and k when the KV cache is quantized, "
                              "the down-projection input's Kronecker factors), placed in core memory and charged "
-                             "as INT8 x INT2 VMMs (what `np-jax run` executes; docs/quantization.md); all: the "
-                             "same with the q/k matrix at every cache width (what `--recipe-option "
-                             "qk_rotation=true` runs)")
+                             "as INT8 x INT2 VMMs (what `np-jax run` executes; docs/quantization.md)")
 
 
 def shape_with_rotations(shape, policy, rotations: str):
@@ -180,7 +178,7 @@ def shape_with_rotations(shape, policy, rotations: str):
     from np_jax.quant import hadamard, wants_qk_rotation
 
     try:
-        return dataclasses.replace(shape, qk_rotation=rotations == "all" or wants_qk_rotation(policy, shape.n_layers),
+        return dataclasses.replace(shape, qk_rotation=wants_qk_rotation(policy, shape.n_layers),
                                    down_rotation=hadamard.factors(shape.d_ff))
     except TypeError:
         raise ValueError(f"model {shape.name} has no online-rotation settings (qk_rotation, down_rotation)") from None

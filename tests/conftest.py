@@ -26,7 +26,15 @@ if _PLATFORM == "cpu":
 # (killed-and-resumed training, the 2-process mesh). Many tests compile the same programs (a fresh
 # jit closure per training run, per generator); the cache makes the suite fit its 10-minute budget
 # on 2 cores. It stores compiled executables only, so results are unchanged. Fresh per run.
-_cache = os.environ.get("NP_JAX_TEST_COMPILATION_CACHE") or tempfile.mkdtemp(prefix="np_jax_xla_cache_")
+_OWNED = []  # the folders this process made (the run's first process): removed when the run ends
+
+
+def _own_tmpdir(prefix: str) -> str:
+    _OWNED.append(tempfile.mkdtemp(prefix=prefix))
+    return _OWNED[-1]
+
+
+_cache = os.environ.get("NP_JAX_TEST_COMPILATION_CACHE") or _own_tmpdir("np_jax_xla_cache_")
 os.environ["NP_JAX_TEST_COMPILATION_CACHE"] = _cache  # xdist workers and subprocesses share it
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -37,12 +45,20 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # The suite never reads or writes the user's np_jax cache (prepared models, file digests): a
 # folder of its own, fresh per run and shared by its workers, unless NP_JAX_CACHE is set.
 if not os.environ.get("NP_JAX_CACHE"):
-    os.environ["NP_JAX_CACHE"] = os.environ.get("NP_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="np_jax_cache_")
+    os.environ["NP_JAX_CACHE"] = os.environ.get("NP_JAX_TEST_CACHE") or _own_tmpdir("np_jax_cache_")
     os.environ["NP_JAX_TEST_CACHE"] = os.environ["NP_JAX_CACHE"]
 # start the backend now: CLI commands run in-process cannot change the count
 assert len(jax.devices()) == 16 or _PLATFORM != "cpu"
 
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    """The run's temporary caches go with it (the xdist workers inherit them from this process)."""
+    import shutil
+    for d in _OWNED:
+        shutil.rmtree(d, ignore_errors=True)
+
 
 settings.register_profile(
     "default", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]

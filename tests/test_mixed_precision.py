@@ -211,12 +211,13 @@ def test_a_bad_policy_file_is_refused_with_its_name_and_fault(tmp_path, content,
     assert str(f) in str(e.value)
 
 
-def test_the_qk_rotation_follows_any_layer_with_a_narrow_cache(tmp_path):
-    """The online q/k Hadamard is the model's: on if any layer's KV cache is below 8 bits."""
+def test_the_qk_rotation_follows_any_layer_with_a_quantized_cache(tmp_path):
+    """The online q/k Hadamard is the model's: on if any layer's KV cache is quantized."""
     from models.recipe import get_recipe
     r = get_recipe("rotate-gptq")
+    assert r.qk_rotation_for(policy_file(tmp_path, ["float", "float", "w8a8", "float"], base="float"), CFG.n_layers)
     assert r.qk_rotation_for(policy_file(tmp_path, ["w8a8", "w4a4", "w8a8", "w8a8"]), CFG.n_layers)
-    assert not r.qk_rotation_for(policy_file(tmp_path, ["w8a8"] * 4, base="w4a4", name="all8"), CFG.n_layers)
+    assert not r.qk_rotation_for(policy_file(tmp_path, ["float"] * 4, base="w4a4", name="f"), CFG.n_layers)
 
 
 def test_layers_may_differ_in_widths_not_in_what_they_hold(tmp_path):

@@ -75,7 +75,8 @@ def test_recipe_validation():
     with pytest.raises(ValueError, match="gptq or rtn"):
         R.Recipe("x", weights="awq")
     # the QK rotation is automatic: on when the KV cache is narrower than 8 bits
-    assert R.get_recipe("rotate-gptq").qk_rotation_for("w4a4") and not R.get_recipe("rotate-gptq").qk_rotation_for("w8a8")
+    assert all(R.get_recipe("rotate-gptq").qk_rotation_for(p) for p in ("w4a4", "w8a8", "w8a8-pdd"))
+    assert not R.get_recipe("rotate-gptq").qk_rotation_for("float")
     assert R.get_recipe("plain").steps("w4a4") == ["weights:rtn", "activations:mse"]
 
 
@@ -118,10 +119,10 @@ def test_online_rotations_are_mapped_and_charged():
     assert t_rot["system_throughput_tok_s"] <= t_plain["system_throughput_tok_s"]
 
 
-def test_rotations_all_charges_the_qk_rotation_at_every_cache_width(capsys):
-    """`--rotations all` is `recipe` with the q/k matrix at 8-bit caches too (what `--recipe-option
-    qk_rotation=true` runs): the same as `recipe` where the rule already has it (a 4-bit cache),
-    more VMM work and never more throughput where it does not; its shape is the recipe's."""
+def test_the_qk_rotation_is_charged_at_every_cache_width(capsys):
+    """The recipe rotates q and k whenever the KV cache is quantized (`wants_qk_rotation`), and
+    `--rotations recipe` charges what it runs: at an 8-bit cache as at a 4-bit one, more VMM work and
+    never more throughput than the model as published; the shape is the recipe's own config."""
     from np_jax.cli import main, shape_with_rotations
 
     def perf(precision, rotations):
@@ -129,17 +130,16 @@ def test_rotations_all_charges_the_qk_rotation_at_every_cache_width(capsys):
                      rotations, "--json"]) == 0
         return json.loads(capsys.readouterr().out)
 
-    for precision in ("w4a4", "w8a8-pdd"):
-        rule, every = perf(precision, "recipe"), perf(precision, "all")
-        if precision == "w4a4":
-            assert every["system_throughput_tok_s"] == rule["system_throughput_tok_s"]
-        else:
-            assert every["layer_work_cycles_decode"] > rule["layer_work_cycles_decode"]
-            assert every["system_throughput_tok_s"] <= rule["system_throughput_tok_s"]
     smol = get_config("smollm2-135m")
-    on = R.transformed_config(smol, dataclasses.replace(R.get_recipe("rotate-gptq"), qk_rotation=True), "w8a8-pdd")
-    shape = shape_with_rotations(smol, "w8a8-pdd", "all")
-    assert (shape.qk_rotation, shape.down_rotation) == (on.qk_rotation, on.down_rotation) == (True, (12, 128))
+    for precision in ("w4a4", "w8a8-pdd"):
+        bare, rec = perf(precision, "none"), perf(precision, "recipe")
+        assert rec["layer_work_cycles_decode"] > bare["layer_work_cycles_decode"]
+        assert rec["system_throughput_tok_s"] <= bare["system_throughput_tok_s"]
+        on = R.transformed_config(smol, R.get_recipe("rotate-gptq"), precision)
+        shape = shape_with_rotations(smol, precision, "recipe")
+        assert (shape.qk_rotation, shape.down_rotation) == (on.qk_rotation, on.down_rotation) == (True, (12, 128))
+    off = R.transformed_config(smol, dataclasses.replace(R.get_recipe("rotate-gptq"), qk_rotation=False), "w8a8")
+    assert not off.qk_rotation and not shape_with_rotations(smol, "float", "recipe").qk_rotation
 
 
 def test_prepared_cache_round_trip_and_corrupt_entry(model, quantized, tmp_path, monkeypatch):

@@ -144,7 +144,7 @@ def test_search_command_on_tiny(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     cands = r["candidates"]
     assert len(cands) == CFG.n_layers + 1  # count vectors of 2 options over the layers
-    assert [t["qk_rotation"] for t in r["tables"]] == [True, False]  # w8a8 alone: no 4-bit cache, no rotation
+    assert [t["qk_rotation"] for t in r["tables"]] == [True]  # every option has a quantized cache
     assert all(np.all(np.asarray(t["delta_nll"])[:, -1] == 0) for t in r["tables"])
     front = [cands[k] for k in r["front"]]
     for c in cands:  # nothing fitting beats a front point on both axes
@@ -169,25 +169,31 @@ def test_search_command_on_tiny(tmp_path, capsys):
         assert im.size[0] >= 1200
 
 
-def test_each_candidate_is_read_from_the_table_of_its_own_transforms():
-    assert S.tables_needed("rotate-gptq", OPTIONS, 30) == [(True, (0, 1, 2)), (False, (1, 2))]
+def test_one_table_with_the_recipes_rotation_and_every_count_vector_once():
+    # the recipe rotates q and k at every quantized cache: one table, every option in it
+    assert S.tables_needed("rotate-gptq", OPTIONS, 30) == [(True, (0, 1, 2))]
     fixed = dataclasses.replace(R.get_recipe("rotate-gptq"), qk_rotation=False)
     assert S.tables_needed(fixed, OPTIONS, 30) == [(False, (0, 1, 2))]
-    assert S.tables_needed("rotate-gptq", ("a8c8w4", "w8a8"), 30) == [(False, (0, 1))]
     rng = np.random.default_rng(0)
-    qk = S.Table((0, 1, 2), rng.normal(size=(CFG.n_layers, 3)) * 0.1, 2.0, True)
-    plain = S.Table((1, 2), rng.normal(size=(CFG.n_layers, 2)) * 0.1, 1.9, False)
-    qk.delta[:, -1] = plain.delta[:, -1] = 0
-    cands = S.search([qk, plain], OPTIONS, float_nll=1.8, shape=CFG, users=4, context=2048, cards=4)
-    counts = {tuple(c["counts"].values()) for c in cands}
-    assert len(cands) == len(counts) == len(S.count_optimal(qk.delta))  # every count vector, once
-    for c in cands:
-        t = qk if "w4a4" in c["assignment"] else plain
-        assert c["qk_rotation"] == t.qk_rotation
-        idx = [t.options.index(OPTIONS.index(o)) for o in c["assignment"]]
-        d = sum(t.delta[i, k] for i, k in enumerate(idx))
-        assert c["delta_nll"] == pytest.approx(d) and c["ratio"] == pytest.approx(np.exp(t.base_nll + d - 1.8))
-        assert c["delta_nll"] == pytest.approx(min(
-            sum(t.delta[i, k] for i, k in enumerate(a)) for a in itertools.product(range(len(t.options)),
-                                                                                     repeat=CFG.n_layers)
-            if sorted(a) == sorted(idx)))
+    delta = rng.normal(size=(CFG.n_layers, 3)) * 0.1
+    delta[:, -1] = 0
+    by_qk = {}
+    for qk in (True, False):
+        t = S.Table((0, 1, 2), delta, 2.0, qk)
+        cands = S.search([t], OPTIONS, float_nll=1.8, shape=CFG, users=4, context=2048, cards=4)
+        counts = {tuple(c["counts"].values()) for c in cands}
+        assert len(cands) == len(counts) == len(S.count_optimal(delta))  # every count vector, once
+        for c in cands:
+            assert c["qk_rotation"] == qk
+            idx = [OPTIONS.index(o) for o in c["assignment"]]
+            d = sum(delta[i, k] for i, k in enumerate(idx))
+            assert c["delta_nll"] == pytest.approx(d) and c["ratio"] == pytest.approx(np.exp(2.0 + d - 1.8))
+            assert c["delta_nll"] == pytest.approx(min(
+                sum(delta[i, k] for i, k in enumerate(a)) for a in itertools.product(range(3), repeat=CFG.n_layers)
+                if sorted(a) == sorted(idx)))
+        by_qk[qk] = {tuple(c["assignment"]): c for c in cands}
+    # each candidate is charged the rotation its table's models run: its phases cost latency
+    assert by_qk[True].keys() == by_qk[False].keys()
+    for k, c in by_qk[True].items():
+        assert c["latency_ms"] > by_qk[False][k]["latency_ms"]
+        assert c["throughput"] <= by_qk[False][k]["throughput"]
