@@ -11,10 +11,11 @@ from __future__ import annotations
 import sys
 
 
-def compute(devices: int = 16) -> dict:
+def compute(devices: int = 16, generate: bool = True) -> dict:
     """Tiny model on the 16-card appliance over `devices` JAX devices (16: every device of the
     two-process mesh; 1: the cards in order on one device, bit-identical as tests/test_appliance.py
-    checks): generated tokens and prefill logits."""
+    checks): prefill logits through the runtime, and the generator's tokens (prefill and decode
+    steps with the KV cache on the cards) when `generate`."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -32,8 +33,10 @@ def compute(devices: int = 16) -> dict:
     serving = llama.prepare_serving(params, cfg, "w4a4")
     mapping = map_model(cfg, "w4a4", users=4, context=32, cards=16, micro_batches=2, output_cards=2, strict=False)
     prompts = [[5, 9, 11], [7] * 9, [3, 1, 4, 1, 5, 9, 2, 6], [100, 200]]
-    gen = Generator(backend=Appliance(serving, cfg, "w4a4", mapping, cache_len=32, devices=devices))
-    tokens = gen.generate(prompts, 6).tokens
+    out = {"processes": jax.process_count(), "devices": len(jax.devices())}
+    if generate:
+        gen = Generator(backend=Appliance(serving, cfg, "w4a4", mapping, cache_len=32, devices=devices))
+        out["tokens"] = np.array(gen.generate(prompts, 6).tokens)
 
     layer_fn, head_fn = card_programs(cfg, "w4a4", mapping, result="logits")
     state = {k: np.zeros((16, 1, 4, 16, cfg.n_kv_heads, cfg.head_dim), np.int8) for k in ("k", "v")}
@@ -42,8 +45,7 @@ def compute(devices: int = 16) -> dict:
     toks = np.arange(32).reshape(4, 8) * 7 % cfg.vocab_size
     x = llama.embed(serving, jnp.asarray(toks), llama.resolve("w4a4")).reshape(2, 2, 8, -1)
     logits = rt.run(x, {"pos": jnp.broadcast_to(jnp.arange(8), (2, 2, 8))})
-    return {"tokens": np.array(tokens), "logits": np.asarray(logits), "processes": jax.process_count(),
-            "devices": len(jax.devices())}
+    return {**out, "logits": np.asarray(logits)}
 
 
 def train_config(out: str):
@@ -71,7 +73,8 @@ def train_case(out: str) -> dict:
             "losses": np.array([m["loss"] for m in res.metrics]), **{"param:" + k: v for k, v in leaves.items()}}
 
 
-def main(port: str, process_id: str, out: str, train_dir: str, cases: str = "appliance,train") -> None:
+def main(port: str, process_id: str, out: str, train_dir: str, cases: str = "generate,train") -> None:
+    """`cases`: "appliance" (prefill logits), "generate" (those and generated tokens), "train"."""
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
@@ -80,8 +83,9 @@ def main(port: str, process_id: str, out: str, train_dir: str, cases: str = "app
     from np_jax.appliance.distributed import initialize
 
     initialize(f"127.0.0.1:{port}", 2, int(process_id), timeout_s=60, heartbeat_s=20)
-    res = compute() if "appliance" in cases.split(",") else {}
-    if "train" in cases.split(","):
+    cases = cases.split(",")
+    res = compute(generate="generate" in cases) if "appliance" in cases or "generate" in cases else {}
+    if "train" in cases:
         res.update({"train:" + k: v for k, v in train_case(train_dir).items()})
     if jax.process_index() == 0:
         np.savez(out, **res)

@@ -20,7 +20,7 @@ def rand_ints(rng, shape, bits, signed=True):
     return rng.integers(lo, hi + 1, size=shape).astype(np.int8)
 
 
-@settings(max_examples=15)  # each example compiles new shapes
+@settings(max_examples=10)  # each example compiles new shapes
 @given(b=st.integers(1, 4), k=st.integers(1, 200), n=st.integers(1, 90), rows=st.integers(1, 16),
        cols=st.integers(1, 16), xb=bits_st, wb=bits_st, seed=st.integers(0, 2**31))
 def test_array_vmm_matches_oracle_and_single_core(b, k, n, rows, cols, xb, wb, seed):

@@ -78,8 +78,14 @@ def _two_process(tmp_path_factory, cases: str):
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    """The appliance case on the two workers."""
+    """The appliance case on the two workers: prefill logits through the runtime."""
     return _two_process(tmp_path_factory, "appliance")[0]
+
+
+@pytest.fixture(scope="module")
+def two_process_generation(tmp_path_factory):
+    """The appliance case with generation on the two workers (a launch of its own: only the slow test needs it)."""
+    return _two_process(tmp_path_factory, "generate")[0]
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +95,21 @@ def two_process_training(tmp_path_factory):
 
 
 def test_two_process_mesh_equals_single_process(two_process_run):
+    """The runtime's pipelined prefill over a mesh spanning two processes: the logits of one process."""
     got = two_process_run
-    assert int(got["processes"]) == 2 and int(got["devices"]) == 16
+    assert int(got["processes"]) == 2 and int(got["devices"]) == 16 and "tokens" not in got
     # the reference: one process, the 16 cards in order on one device (bit-identical to 16 devices,
     # tests/test_appliance.py), so the comparison costs one cheap run
-    ref = _case().compute(devices=1)
+    ref = _case().compute(devices=1, generate=False)
     assert ref["processes"] == 1
+    np.testing.assert_array_equal(got["logits"], ref["logits"])
+
+
+@pytest.mark.slow
+def test_two_process_generation_equals_single_process(two_process_generation):
+    """Generation (prefill and decode steps, the KV cache on cards in both processes) over two processes."""
+    got = two_process_generation
+    ref = _case().compute(devices=1)
     np.testing.assert_array_equal(got["tokens"], ref["tokens"])
     np.testing.assert_array_equal(got["logits"], ref["logits"])
 
