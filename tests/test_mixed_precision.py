@@ -272,3 +272,31 @@ def test_a_float_vmm_operand_is_refused_before_any_work(tmp_path, capsys, patter
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # nothing trained or saved
     f.write_text(json.dumps({"name": "f", "base": "w4a4", "rules": [["*.mlp.silu", "float"]]}))
     llama.resolve(load_policy(f), CFG)  # SiLU runs on the activation unit: it may stay float
+
+
+def test_a_policy_answers_every_role_with_its_first_matching_rule_however_often_asked(tmp_path):
+    """The policy remembers each role's width once matched (the planner asks thousands of times):
+    the answer is still the first matching rule, in every layer view (`at`), and a policy made
+    with other rules (`replace`) does not inherit the remembered answers."""
+    import dataclasses
+    import fnmatch
+
+    from np_jax.quant import PrecisionPolicy, load_policy
+
+    def first_match(policy, role):  # the rules read directly, nothing remembered
+        for pattern, tq in policy.rules:
+            if fnmatch.fnmatchcase(role, pattern):
+                return first_match(tq, role) if isinstance(tq, PrecisionPolicy) else tq
+        raise KeyError(role)
+
+    pol = load_policy(policy_file(tmp_path, ["w4a4", "a8c8w4", "w8a8-pdd", "w4a4-p8d8"], base="w8a8"))
+    roles = [f"layers.{i}.{r}" for i in range(5) for r in ("attn.q.w", "attn.x", "attn.kv", "attn.probs", "mlp.down.x",
+                                                           "mlp.down.w", "rot.x", "attn.q.x0")] + ["lm_head.w", "lm_head.x"]
+    for _ in range(2):  # asked again: the remembered answer
+        assert [pol(r) for r in roles] == [first_match(pol, r) for r in roles]
+    for i in range(5):
+        view = pol.at(i)
+        assert view.layer("attn.kv") == first_match(pol, f"layers.{i}.attn.kv") == pol(f"layers.{i}.attn.kv")
+    other = dataclasses.replace(pol, rules=(("*", pol("layers.0.attn.q.w")),))
+    assert all(other(r) == pol("layers.0.attn.q.w") for r in roles)
+    assert [pol(r) for r in roles] == [first_match(pol, r) for r in roles]

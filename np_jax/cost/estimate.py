@@ -297,8 +297,17 @@ def evaluate_structures(structs: list[dict], shape, policy, w: Workload, d: Desi
     n = len(structs)
     rows = structs + [structs[0]] * (_bucket(n, 512) - n)
     cards = _bucket(max(st["card_work"].shape[0] for st in rows))
-    pad = lambda a: np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, cards - a.shape[-2]), (0, 0)])  # noqa: E731
     stack = lambda k: jnp.asarray(np.array([st[k] for st in rows], np.float32))  # noqa: E731
+
+    def stack_cards(k):  # each structure's [..., cards, x] zero-padded to `cards`; the padding rows repeat the first
+        first = np.asarray(structs[0][k])
+        out = np.zeros((len(rows), *first.shape[:-2], cards, first.shape[-1]), first.dtype)
+        for i, st in enumerate(structs):
+            a = np.asarray(st[k])
+            out[i, ..., : a.shape[-2], :] = a
+        out[n:] = out[0]
+        return jnp.asarray(out)
+
     ws = jax.tree.map(lambda x: jnp.full((len(rows),), x, jnp.float32), w)
     ws = ws.replace(micro_batches=stack("micro_batches"), cards=stack("cards"))
     mixed = len(rows[0].get("card_work_groups", [()])) > 1
@@ -308,8 +317,7 @@ def evaluate_structures(structs: list[dict], shape, policy, w: Workload, d: Desi
     else:
         key = ("card_work", "card_latency")
     out = _jit_many(d, ws, bits, s, stack("n_stages"), stack("output_cards"), stack("out_cols"), stack("free"),
-                    jnp.asarray(np.stack([pad(st[key[0]]) for st in rows])),
-                    jnp.asarray(np.stack([pad(st[key[1]]) for st in rows])), group_bits)
+                    stack_cards(key[0]), stack_cards(key[1]), group_bits)
     return floats({k: np.asarray(v)[:n] for k, v in out.items()})
 
 

@@ -42,10 +42,26 @@ class PrecisionPolicy:
     layer_index: int = 0  # the layer `layer` speaks of (`at`)
 
     def __call__(self, role: str) -> TensorQuant:
+        memo = self._memo()
+        try:
+            return memo[role]
+        except KeyError:
+            pass
         for pattern, tq in self.rules:
             if fnmatch.fnmatchcase(role, pattern):
-                return tq(role) if isinstance(tq, PrecisionPolicy) else tq
+                memo[role] = tq = tq(role) if isinstance(tq, PrecisionPolicy) else tq
+                return tq
         raise KeyError(f"precision policy {self.name!r} has no rule for tensor {role!r}")
+
+    def _memo(self) -> dict:
+        """Each role's width, once matched (the planner asks for the same roles many thousand times);
+        shared by the layer views of `at`, which have the same rules. Not a field: equality, hashing
+        and `replace` ignore it."""
+        memo = self.__dict__.get("_memo_roles")
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, "_memo_roles", memo)
+        return memo
 
     @property
     def is_float(self) -> bool:
@@ -53,7 +69,11 @@ class PrecisionPolicy:
 
     def at(self, i: int) -> "PrecisionPolicy":
         """Layer i's view: `layer(role)` is layer i's width."""
-        return self if i == self.layer_index else dataclasses.replace(self, layer_index=i)
+        if i == self.layer_index:
+            return self
+        view = dataclasses.replace(self, layer_index=i)
+        object.__setattr__(view, "_memo_roles", self._memo())
+        return view
 
     def layer(self, role: str) -> TensorQuant:
         """The width of `role` in this view's layer (`at`; layer 0 by default), e.g. "attn.q.w"."""
