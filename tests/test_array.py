@@ -160,6 +160,19 @@ def test_byte_accounting_at_stored_width(k, n, bits):
     assert mem.bytes_by_kind() == {"weights": int(per.sum())}
 
 
+def test_a_name_is_placed_once_until_released():
+    mem, per = CoreMemory(card=2), np.ones((NORTHPOLE.grid_rows, NORTHPOLE.grid_cols), np.int64)
+    mem.allocate("kv", per, kind="kv_cache")
+    with pytest.raises(ValueError, match="card 2: 'kv' is already placed"):
+        mem.allocate("kv", per)
+    mem.release("kv")
+    assert mem.used_RxC.sum() == 0 and not mem.allocations
+    mem.allocate("kv", 2 * per)  # released: the name is free again
+    assert mem.used_RxC.sum() == 2 * per.sum()
+    with pytest.raises(KeyError, match="nothing named 'w'"):
+        mem.release("w")
+
+
 def test_subgrid_tiling_places_on_its_cores_only():
     t = na.Tiling(64, 32, rows=4, cols=2, row0=10, col0=14)
     per = t.bytes_on_chip(4)

@@ -41,6 +41,7 @@ class CoreMemory:
         self.chip, self.card = chip, card
         self.used_RxC = np.zeros((chip.grid_rows, chip.grid_cols), np.int64)
         self.allocations: list[Allocation] = []
+        self._names: set[str] = set()  # the allocations' names (a mapping places thousands)
 
     @property
     def capacity_bytes(self) -> int:
@@ -73,13 +74,14 @@ class CoreMemory:
         `force=True` records an over-capacity placement instead (for reports of mappings
         that do not fit).
         """
-        if any(a.name == name for a in self.allocations):
+        if name in self._names:
             raise ValueError(f"card {self.card}: {name!r} is already placed")
         if not force:
             self.check(bytes_RxC, name)
         alloc = Allocation(name, kind, np.asarray(bytes_RxC, np.int64).copy())
         self.used_RxC += alloc.bytes_RxC
         self.allocations.append(alloc)
+        self._names.add(name)
         return alloc
 
     def release(self, name: str) -> None:
@@ -87,6 +89,7 @@ class CoreMemory:
             if a.name == name:
                 self.used_RxC -= a.bytes_RxC
                 del self.allocations[i]
+                self._names.discard(name)
                 return
         raise KeyError(f"card {self.card}: nothing named {name!r} is placed")
 

@@ -213,6 +213,10 @@ class Bits:
     FLAGS = ("probs_dynamic",) + tuple(DYNAMIC_INPUTS)
 
     def __post_init__(self):
+        plain = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        if all(type(v) is float for v in plain) and all(getattr(self, n) in (0.0, 1.0) for n in self.FLAGS) \
+                and all(v in SUPPORTED_BITS for f, v in zip(dataclasses.fields(self), plain) if f.name not in self.FLAGS):
+            return  # plain numbers, every one valid (the planner builds thousands): the checks below would pass
         for name in self.FLAGS:
             a = _concrete(self, name)
             if a is not None and not np.all(np.isin(a, (0.0, 1.0))):

@@ -54,9 +54,9 @@ class PrecisionPolicy:
         raise KeyError(f"precision policy {self.name!r} has no rule for tensor {role!r}")
 
     def _memo(self) -> dict:
-        """Each role's width, once matched (the planner asks for the same roles many thousand times);
-        shared by the layer views of `at`, which have the same rules. Not a field: equality, hashing
-        and `replace` ignore it."""
+        """Each role's width, once matched (the planner asks for the same roles many thousand times),
+        and the layer ranges whose VMM operands passed `check_vmm_operands`; shared by the layer views
+        of `at`, which have the same rules. Not a field: equality, hashing and `replace` ignore it."""
         memo = self.__dict__.get("_memo_roles")
         if memo is None:
             memo = {}
@@ -134,7 +134,8 @@ class PrecisionPolicy:
         those products run on the core array's VMM, whose operands are INT8/INT4/INT2 (the float
         preset runs none of them; SiLU, on the activation unit, may stay float). Layers `first` to
         `n_layers - 1`."""
-        if self.is_float:
+        memo, checked = self._memo(), ("vmm operands checked", n_layers, first)
+        if self.is_float or checked in memo:
             return
         for i in range(first, n_layers):
             for r in self.VMM_ROLES:
@@ -145,6 +146,7 @@ class PrecisionPolicy:
             if self.output(r).is_float:
                 raise ValueError(f"policy {self.name!r} makes lm_head.{r} float; the output layer runs on the VMM, "
                                  "whose operands are INT8, INT4 or INT2: give it a width")
+        memo[checked] = True
 
     def key(self) -> str:
         """What identifies the policy's widths (a preset: its name; a file: its name and rules' hash)."""
