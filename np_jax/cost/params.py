@@ -25,6 +25,16 @@ from np_jax.quant.policy import PrecisionPolicy, get_policy
 from np_jax.spec import APPLIANCE, PUBLISHED_RUN, RACK, ApplianceSpec, sourced
 
 
+def _all_in(record, name, allowed) -> bool:
+    """Whether every value of a field is in `allowed` (an abstract one passes: `_concrete`). A plain
+    float, what the planner builds thousands of records from, is checked without numpy."""
+    v = getattr(record, name)
+    if type(v) is float:
+        return v in allowed
+    a = _concrete(record, name)
+    return a is None or bool(np.all(np.isin(a, allowed)))
+
+
 def _concrete(record, name):
     """A field's value as float64 numpy, or None where it is abstract: a tracer, or a placeholder
     JAX puts in a leaf when it rebuilds the pytree (None, a shape, a ShapeDtypeStruct, a mask's
@@ -213,19 +223,11 @@ class Bits:
     FLAGS = ("probs_dynamic",) + tuple(DYNAMIC_INPUTS)
 
     def __post_init__(self):
-        plain = [getattr(self, f.name) for f in dataclasses.fields(self)]
-        if all(type(v) is float for v in plain) and all(getattr(self, n) in (0.0, 1.0) for n in self.FLAGS) \
-                and all(v in SUPPORTED_BITS for f, v in zip(dataclasses.fields(self), plain) if f.name not in self.FLAGS):
-            return  # plain numbers, every one valid (the planner builds thousands): the checks below would pass
         for name in self.FLAGS:
-            a = _concrete(self, name)
-            if a is not None and not np.all(np.isin(a, (0.0, 1.0))):
+            if not _all_in(self, name, (0.0, 1.0)):
                 raise ValueError(f"Bits.{name} must be 0 or 1, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
-            if f.name in self.FLAGS:
-                continue
-            a = _concrete(self, f.name)
-            if a is not None and not np.all(np.isin(a, SUPPORTED_BITS)):
+            if f.name not in self.FLAGS and not _all_in(self, f.name, SUPPORTED_BITS):
                 raise ValueError(f"Bits.{f.name} must be one of {SUPPORTED_BITS} (the VMM's INT2/INT4/INT8 operand "
                                  f"widths), got {getattr(self, f.name)!r}")
 
