@@ -148,22 +148,36 @@ def _grid_decode(data: np.ndarray, bits, shape: tuple[int, ...]) -> np.ndarray:
     return np.stack(out).reshape(shape)
 
 
-def _rotation(rotation: dict) -> jax.Array:
-    return jnp.asarray(hadamard.orthogonal(int(rotation["hadamard"]), int(rotation["seed"])), jnp.float32)
+def _rotations(rotation: dict, arrays: dict[str, np.ndarray]) -> list[jax.Array]:
+    """The residual rotations in the order the recipe folds them: the Hadamard Q, then the learned
+    R (`recipe.learn_rotation`) when the record names the entry's array that holds it."""
+    out = [jnp.asarray(hadamard.orthogonal(int(rotation["hadamard"]), int(rotation["seed"])), jnp.float32)]
+    if rotation.get("learned") is not None:
+        try:
+            out.append(jnp.asarray(arrays[rotation["learned"]], jnp.float32))
+        except KeyError:
+            raise DamagedEntry(f"its learned rotation {rotation['learned']!r} is missing") from None
+    return out
 
 
-def _derive(rec: dict, files: dict[str, np.ndarray], step: np.ndarray | None = None) -> jax.Array:
+def _derive(rec: dict, files: dict[str, np.ndarray], step: np.ndarray | None = None,
+            arrays: dict[str, np.ndarray] | None = None) -> jax.Array:
     """A leaf the entry holds no array for, recomputed from the model file's tensors (`files`)
     exactly as the recipe computes it:
-    - "rotated": the embedding times the residual rotation (`recipe.rotate_residual`);
+    - "rotated": the embedding times the residual rotation (`recipe.rotate_residual`; then the
+      learned one, an array of the entry's `arrays`, if `recipe.learn_rotation`);
     - "head": the output layer's codes times their steps: the embedding's transpose times the
       final norm's gain (`recipe.fold_norms`), rotated (`rotate_residual`), rounded to its
       `bits`-bit grid of steps `step` (`recipe` weights step: round-to-nearest)."""
     if rec["codec"] == "rotated":
-        return jnp.asarray(files[rec["tensor"]], jnp.float32) @ _rotation(rec["rotation"])
+        x = jnp.asarray(files[rec["tensor"]], jnp.float32)
+        for q in _rotations(rec["rotation"], arrays or {}):
+            x = x @ q
+        return x
     w = jnp.asarray(files["embed"], jnp.float32).T * jnp.asarray(files["final_norm"], jnp.float32)[:, None]
     if rec["rotation"] is not None:
-        w = _rotation(rec["rotation"]).T @ w
+        for q in _rotations(rec["rotation"], arrays or {}):
+            w = q.T @ w
     s = jnp.asarray(step)
     return gptq.rtn(w, s, int(rec["bits"])).astype(jnp.float32) * s
 
@@ -207,13 +221,13 @@ def _encode_plain(a: np.ndarray) -> list[tuple[dict, list[np.ndarray]]]:
 
 
 def _encode_leaf(path: Path_, a: np.ndarray, siblings: dict, derived: dict,
-                 files: dict[str, np.ndarray]) -> tuple[dict, list[np.ndarray]]:
+                 files: dict[str, np.ndarray], arrays: dict[str, np.ndarray] | None = None) -> tuple[dict, list[np.ndarray]]:
     """The smallest exact form of one parameter: (record without buffers, arrays). A leaf of
     `derived` (path -> a `_derive` record) that recomputes bit for bit from `files` is stored as
     that record alone, with the SHA-256 its recomputation must match."""
     if path in derived:
         rec = derived[path]
-        got = np.asarray(_derive(rec, files, siblings.get("s_w")))
+        got = np.asarray(_derive(rec, files, siblings.get("s_w"), arrays))
         if _same(got, a):
             return {**rec, "sha256": hashlib.sha256(_bits(a)).hexdigest()}, []
     forms = _encode_plain(a)
@@ -278,23 +292,29 @@ def _tmp_dir(root: Path) -> Path:
 
 
 def write_entry(d: Path, cfg: ModelConfig, params: llama.Params, inputs: dict,
-                derived: dict[Path_, dict] | None = None, files: dict[str, np.ndarray] | None = None) -> dict:
+                derived: dict[Path_, dict] | None = None, files: dict[str, np.ndarray] | None = None,
+                arrays: dict[str, np.ndarray] | None = None) -> dict:
     """Write the entry `d` whole or not at all; returns its meta. `derived`: path -> a `_derive`
     record for a leaf that may be stored as its recomputation from the model file's tensors
-    `files` (the entry's inputs name the file by its SHA-256). Raises OSError (disk full, not
-    writable) with nothing left behind."""
+    `files` (the entry's inputs name the file by its SHA-256) and the entry's named `arrays`
+    (a learned rotation; stored as they are). Raises OSError (disk full, not writable) with
+    nothing left behind."""
     writer, records = _Writer(), []
+    arrays = {k: np.asarray(v) for k, v in (arrays or {}).items()}
+    named = {k: writer.add(v) for k, v in arrays.items()}
     numpy_tree: dict = {}
     for path, _, x in _leaves(params):
         _set(numpy_tree, path, np.asarray(x))
     for path, parent, a in _leaves(numpy_tree):
-        rec, arrays = _encode_leaf(path, a, parent, derived or {}, files or {})
+        rec, bufs = _encode_leaf(path, a, parent, derived or {}, files or {}, arrays)
         rec = {"path": list(path), **rec}
         if rec["codec"] not in DERIVED:
-            rec["buffers"] = [writer.add(x) for x in arrays]
+            rec["buffers"] = [writer.add(x) for x in bufs]
         records.append(rec)
     meta = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "inputs": inputs,
             "model_config": dataclasses.asdict(cfg), "jax": jax.__version__, "leaves": records, "bytes": writer.size}
+    if named:
+        meta["arrays"] = named
     h = hashlib.sha256(_canonical(meta) + b"\0")
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_dir(d.parent)
@@ -398,9 +418,10 @@ def _read_entry(d: Path, inputs: dict | None, files) -> tuple[ModelConfig, llama
         if files is None:
             raise DamagedEntry("its derived leaves need the model file, which was not given")
         tensors = files(FILE_TENSORS)
+        named = {k: _buffer(blob, b) for k, b in meta.get("arrays", {}).items()}
         for rec in derived:  # dispatched now, runs while the codes are decoded
             step = np.asarray(_get(tree, tuple(rec["path"][:-1]) + ("s_w",))) if rec["codec"] == "head" else None
-            _set(tree, tuple(rec["path"]), _derive(rec, tensors, step))
+            _set(tree, tuple(rec["path"]), _derive(rec, tensors, step, named))
     for rec in grid:  # after their steps
         step = np.asarray(_get(tree, tuple(rec["step"])))
         shape = tuple(rec["shape"])
@@ -581,17 +602,22 @@ def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: Da
     log(f"preparing {model.cfg.name} for {get_policy(policy).name} with recipe {recipe.name} ({', '.join(recipe.steps(policy, model.cfg.n_layers))}); "
         + ("this runs once and is cached" if cacheable else "not cached"))
     windows = calibration_windows(model, recipe.calib_windows, data, seed)
-    cfg, params = recipes.apply(model.params, model.cfg, recipe, policy, windows, progress_log)
+    learned: dict = {}
+    cfg, params = recipes.apply(model.params, model.cfg, recipe, policy, windows, progress_log, rotation=learned)
     info["prepare_s"] = time.perf_counter() - t0
     if cacheable:
         rotation = {"hadamard": model.cfg.d_model, "seed": recipe.seed} if recipe.rotate_residual else None
+        arrays = {}
+        if rotation is not None and "learned" in learned:
+            arrays["residual_rotation"] = np.asarray(learned["learned"], np.float32)
+            rotation["learned"] = "residual_rotation"
         head = get_policy(policy).output("w")
         derived: dict[Path_, dict] = {} if head.is_float else {
             ("lm_head", "w"): {"codec": "head", "rotation": rotation, "bits": head.bits}}
         if rotation is not None:  # the embedding is the model file's table times the rotation
             derived[("embed",)] = {"codec": "rotated", "tensor": "embed", "rotation": rotation}
         try:
-            meta = write_entry(d, cfg, params, inputs, derived, model.file_tensors(FILE_TENSORS))
+            meta = write_entry(d, cfg, params, inputs, derived, model.file_tensors(FILE_TENSORS), arrays)
             as_is = [".".join(r["path"]) for r in meta["leaves"] if r["codec"] == "raw"
                      and sum(b["nbytes"] for b in r["buffers"]) > 1 << 20]
             log(f"cached the prepared model in {d} ({meta['bytes'] / 1e6:.0f} MB"

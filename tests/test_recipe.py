@@ -175,6 +175,56 @@ def test_prepared_cache_round_trip_and_corrupt_entry(model, quantized, tmp_path,
     assert not prepared.prepare(model, RECIPE, "w4a4", log=logs.append)[2]["cached"]
 
 
+def test_the_learned_rotation_is_orthogonal_lowers_its_loss_keeps_the_float_function_and_caches(model, tmp_path,
+                                                                                                monkeypatch):
+    """`learn_rotation`: the rows it learns on are every layer's normed attention and MLP inputs
+    beyond the sink; R is orthogonal and lowers their fourth moment below the Hadamard's (R = I);
+    folded, the model computes the float function; the recipe folds it, and a prepared entry keeps
+    R beside the codes, recomputes the embedding and the output layer through it, and reads back
+    bit for bit. Off, the switch leaves the cache keys of the recipes before it unchanged."""
+    on = dataclasses.replace(RECIPE, learn_rotation=12, learn_rotation_lr=1e-2)
+    windows = prepared.calibration_windows(model, 2)
+    cfg, f = R.transform(model.params, CFG, on, "w4a4")
+    x = R.rotation_inputs(f, cfg, windows, sample=16, batch=1)
+    assert x.shape == (cfg.n_layers * 2 * 2 * 16, cfg.d_model)
+    ms = np.mean(x.astype(np.float64) ** 2, axis=-1)  # normed: RMS 1 per row but for the norm's epsilon
+    assert np.all(ms > 0.9) and np.all(ms < 1.001)
+    h0 = np.asarray(jax.vmap(lambda e: e * jax.lax.rsqrt(jnp.mean(e * e, -1, keepdims=True) + cfg.rms_eps))(
+        llama.embed(f, jnp.asarray(windows[:1]), llama.resolve("float", cfg)).astype(jnp.float32)))[0]
+    first = x[:16]  # layer 0's attention input in the first window: normed embeddings at positions >= the sink
+    gap = np.abs(first[:, None, :] - h0[None, :, :]).max(-1)
+    assert np.all(gap.min(1) < 1e-5) and np.all(gap[:, :cfg.sink_positions].min(1) > 1e-3)
+    r = R.learn_residual_rotation(x, on.learn_rotation, on.learn_rotation_lr)
+    assert r.dtype == np.float64 and np.abs(r.T @ r - np.eye(cfg.d_model)).max() < 1e-12
+    assert float(R.rotation_loss(jnp.asarray(r, jnp.float32), jnp.asarray(x))) < \
+        float(R.rotation_loss(jnp.eye(cfg.d_model), jnp.asarray(x))) - 0.01
+    c = R.cayley(jax.random.normal(jax.random.key(5), (cfg.d_model, cfg.d_model)) * 0.1)
+    np.testing.assert_allclose(np.asarray(c.T @ c), np.eye(cfg.d_model), atol=1e-5)
+    ref = np.asarray(llama.forward(model.params, TOKS, CFG, "float"))
+    got = np.asarray(llama.forward(R.rotate_residual_by(f, r), TOKS, cfg, "float"))
+    np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max())
+    # the recipe learns it on its windows and folds it (the embedding: the Hadamard's times R)
+    monkeypatch.setenv("NP_JAX_CACHE", str(tmp_path))
+    cfg1, p1, info1 = prepared.prepare(model, on, "w4a4")
+    assert not info1["cached"] and "learn_rotation:12" in info1["steps"]
+    meta = json.loads(next((tmp_path / "prepared").glob("*/meta.json")).read_text())
+    rec = {".".join(x["path"]): x for x in meta["leaves"]}
+    assert rec["embed"]["codec"] == "rotated" and rec["embed"]["rotation"]["learned"] == "residual_rotation"
+    assert rec["lm_head.w"]["codec"] == "head" and meta["arrays"]["residual_rotation"]["shape"] == [cfg.d_model] * 2
+    stored = prepared._buffer((tmp_path / "prepared" / next((tmp_path / "prepared").iterdir()).name / "arrays.bin")
+                              .read_bytes(), meta["arrays"]["residual_rotation"])
+    np.testing.assert_array_equal(np.asarray(p1["embed"]), np.asarray(f["embed"] @ jnp.asarray(stored)))
+    assert not np.allclose(stored, np.eye(cfg.d_model), atol=1e-3)
+    cfg2, p2, info2 = prepared.prepare(model, on, "w4a4")
+    assert info2["cached"] and cfg2 == cfg1
+    assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
+               for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True))
+    assert "learn_rotation" not in RECIPE.to_json() and on.to_json()["learn_rotation"] == 12
+    for bad in (dict(learn_rotation=-1), dict(learn_rotation=3, rotate_residual=False, rotate_vo=False)):
+        with pytest.raises(ValueError, match="learn_rotation"):
+            dataclasses.replace(RECIPE, **bad)
+
+
 def test_block_reconstruction_keeps_the_codes_and_fits_the_float_layers(model, quantized):
     """Every layer's steps are fitted to the float layer's output: the relative error of the layers'
     outputs falls, each matrix keeps its integer codes (on its grid, as the cache stores it), and the
@@ -386,16 +436,16 @@ def test_damp_choice_is_the_best_on_the_other_windows(seed, refit):
 def test_recipe_options_set_fields_by_their_types():
     """`eval --recipe-option KEY=VALUE`: every settable field round-trips from its own value written
     as text; bad keys, values and results are refused with the choices named."""
-    base = R.get_recipe("rotate-gptq")
+    base = R.get_recipe("rotate-gptq-learned")  # every switch on: each field below differs from it
     flipped = dict(fold_norms=True, rotate_residual=False, rotate_vo=False, qk_rotation=True, down_rotation=False,
                    sink=2, weights="rtn", act_order=False, refit_steps=False, gptq_damp=0.03,
                    gptq_sequential=True, gptq_asymmetric=True, gptq_damp_select=False,
                    activations="lsq",
                    sink_activations=None, calib_windows=7, seed=3, reconstruct=4, reconstruct_windows=2,
-                   reconstruct_lr=0.25)
+                   reconstruct_lr=0.25, learn_rotation=0, learn_rotation_lr=0.01)
     settable = {f.name for f in dataclasses.fields(R.Recipe)} - {"name", "description"}
     assert set(flipped) == settable
-    got = R.with_options("rotate-gptq", [f"{k.replace('_', '-')}={v}" for k, v in flipped.items()])
+    got = R.with_options("rotate-gptq-learned", [f"{k.replace('_', '-')}={v}" for k, v in flipped.items()])
     assert got == dataclasses.replace(base, **flipped)
     assert R.with_options(base, []) == base
     assert R.with_options(base, ["act_order=off", "qk_rotation=none"]).act_order is False

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from np_jax.cli import Formatter, count, precision_type, PRECISIONS
 
-RECIPES = ("rotate-gptq", "rotate", "plain", "rotate-gptq-recon")  # models.recipe.RECIPES, spelled out: --help imports no JAX
+RECIPES = ("rotate-gptq", "rotate", "plain", "rotate-gptq-recon", "rotate-gptq-learned")  # models.recipe.RECIPES, spelled out: --help imports no JAX
 
 
 def _writable(flag: str, path: str, suffix: str) -> Path:

@@ -21,7 +21,7 @@ from np_jax.progress import Progress
 
 # Spelled out so that `--help` needs no JAX import; tests/test_train.py keeps them equal to
 # models.recipe.RECIPES and models.llama.CALIBRATIONS.
-RECIPES = ("rotate-gptq", "rotate", "plain", "rotate-gptq-recon")
+RECIPES = ("rotate-gptq", "rotate", "plain", "rotate-gptq-recon", "rotate-gptq-learned")
 CALIBRATIONS = ("mse", "lsq", "max")
 
 TRAIN_EPILOG = """\
