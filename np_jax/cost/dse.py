@@ -110,7 +110,7 @@ def sensitivities(shape, names=("clock_hz", "n_cores", "sram_per_core_bytes", "v
         out = f({n: jnp.exp(v) for n, v in lp.items()})
         return {m: jnp.log(out[m]) for m in metrics}
 
-    jac = jax.jacfwd(logm)(logp)
+    jac = jax.jit(jax.jacfwd(logm))(logp)
     return {m: {n: float(jac[m][n]) for n in names} for m in metrics}
 
 
@@ -250,9 +250,10 @@ def gradient_search(shape, *, bounds: dict[str, tuple[float, float]] | None = No
     t0 = time.perf_counter()
     z, hist = jax.block_until_ready(run(z0))
     wall = time.perf_counter() - t0
-    final = jax.vmap(metrics)(z)
+    # jitted: run op by op, the vmapped model dispatches (and compiles) a few hundred small programs
+    final = jax.jit(jax.vmap(metrics))(z)
     final = {k2: np.asarray(v) for k2, v in final.items() if np.ndim(v) == 1}
-    params = jax.vmap(lambda zz: _to_params(zz, bounds))(z)
+    params = jax.jit(jax.vmap(lambda zz: _to_params(zz, bounds)))(z)
     params = {n: np.asarray(v) for n, v in params.items()}
     feas = np.asarray(_feasible(final, latency_bound_ms))
     pick = np.flatnonzero(feas) if feas.any() else np.arange(starts)
