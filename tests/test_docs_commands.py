@@ -743,19 +743,23 @@ def test_the_search_table_is_its_data_file():
     assert _shown(re.search(r"\(([\d.]+)x in the quality table\)", w4_measured)[1], quality["w4a4-pdd"]["vs_float"])
 
 
-def test_the_reconstruction_table_is_its_data_file():
-    data, base = _result("quality_recon_smollm2.json"), _result("quality_smollm2.json")
-    rows = {r["precision"]: r for r in data["rows"] if r["recipe"] == "rotate-gptq-recon"}
+@pytest.mark.parametrize("file,recipe", [("quality_recon_smollm2.json", "rotate-gptq-recon"),
+                                         ("learned_rotation_smollm2.json", "rotate-gptq-learned")])
+def test_a_recipe_table_is_its_data_file(file, recipe):
+    data, base = _result(file), _result("quality_smollm2.json")
+    rows = {r["precision"]: r for r in data["rows"] if r["recipe"] == recipe}
     before = {r["precision"]: r for r in base["rows"] if r["recipe"] == "rotate-gptq"}
-    table = _table("docs/quantization.md", "| Precision | rotate-gptq vs float | rotate-gptq-recon: Perplexity |")
+    table = _table("docs/quantization.md", f"| Precision | rotate-gptq vs float | {recipe}: Perplexity |")
     assert len(table) == len(rows)
     for precision, vs0, ppl, vs, kl, top1, same, prepare in table:
         r = rows[precision]
         assert _shown(vs0, before[precision]["vs_float"]) and _shown(ppl, r["perplexity"]), precision
         assert _shown(vs, r["vs_float"]) and _shown(kl, r["kl"]) and _shown(top1, r["top1_agreement"]), precision
         assert _shown(same, r["same_as_float_tokens"]) and _shown(prepare, r["prepare_minutes"]), precision
-    doc = next(d for d in NP_JAX if d.text.endswith("> quality_recon_smollm2.json"))
+    doc = next(d for d in NP_JAX if d.text.endswith(f"> {file}"))
     assert _same_run(doc.text, data["command"]) and data["held_out"] == base["held_out"]
+    # one float reference for both files (to float32 summation)
+    assert data["rows"][0]["perplexity"] == pytest.approx(base["rows"][0]["perplexity"], rel=1e-5)
 
 
 def test_the_qat_tables_are_their_data_files():
