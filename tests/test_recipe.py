@@ -211,8 +211,9 @@ def test_the_learned_rotation_is_orthogonal_lowers_its_loss_keeps_the_float_func
     rec = {".".join(x["path"]): x for x in meta["leaves"]}
     assert rec["embed"]["codec"] == "rotated" and rec["embed"]["rotation"]["learned"] == "residual_rotation"
     assert rec["lm_head.w"]["codec"] == "head" and meta["arrays"]["residual_rotation"]["shape"] == [cfg.d_model] * 2
-    stored = prepared._buffer((tmp_path / "prepared" / next((tmp_path / "prepared").iterdir()).name / "arrays.bin")
-                              .read_bytes(), meta["arrays"]["residual_rotation"])
+    spec = meta["arrays"]["residual_rotation"]  # where in arrays.bin, as meta.json records it
+    blob = (next((tmp_path / "prepared").iterdir()) / "arrays.bin").read_bytes()
+    stored = np.frombuffer(blob, spec["dtype"], count=cfg.d_model ** 2, offset=spec["offset"]).reshape(cfg.d_model, -1)
     np.testing.assert_array_equal(np.asarray(p1["embed"]), np.asarray(f["embed"] @ jnp.asarray(stored)))
     assert not np.allclose(stored, np.eye(cfg.d_model), atol=1e-3)
     cfg2, p2, info2 = prepared.prepare(model, on, "w4a4")
