@@ -193,7 +193,7 @@ def test_the_learned_rotation_is_orthogonal_lowers_its_loss_keeps_the_float_func
         llama.embed(f, jnp.asarray(windows[:1]), llama.resolve("float", cfg)).astype(jnp.float32)))[0]
     first = x[:16]  # layer 0's attention input in the first window: normed embeddings at positions >= the sink
     gap = np.abs(first[:, None, :] - h0[None, :, :]).max(-1)
-    assert np.all(gap.min(1) < 1e-5) and np.all(gap[:, :cfg.sink_positions].min(1) > 1e-3)
+    assert np.all((gap[:, cfg.sink_positions:] < 1e-5).any(1))  # (a token at the sink may recur past it)
     r = R.learn_residual_rotation(x, on.learn_rotation, on.learn_rotation_lr)
     assert r.dtype == np.float64 and np.abs(r.T @ r - np.eye(cfg.d_model)).max() < 1e-12
     assert float(R.rotation_loss(jnp.asarray(r, jnp.float32), jnp.asarray(x))) < \
