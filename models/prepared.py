@@ -221,7 +221,8 @@ def _encode_plain(a: np.ndarray) -> list[tuple[dict, list[np.ndarray]]]:
 
 
 def _encode_leaf(path: Path_, a: np.ndarray, siblings: dict, derived: dict,
-                 files: dict[str, np.ndarray], arrays: dict[str, np.ndarray] | None = None) -> tuple[dict, list[np.ndarray]]:
+                 files: dict[str, np.ndarray],
+                 arrays: dict[str, np.ndarray] | None = None) -> tuple[dict, list[np.ndarray]]:
     """The smallest exact form of one parameter: (record without buffers, arrays). A leaf of
     `derived` (path -> a `_derive` record) that recomputes bit for bit from `files` is stored as
     that record alone, with the SHA-256 its recomputation must match."""

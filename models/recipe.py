@@ -360,7 +360,8 @@ def learn_residual_rotation(x: np.ndarray, steps: int, lr: float = 2e-3, log: Lo
     a = jnp.zeros((x.shape[1], x.shape[1]), jnp.float32)
     state = opt.init(a)
     first = None
-    with Progress(f"learned residual rotation ({steps} steps on {x.shape[0]} rows)", steps, unit="step", log=log) as bar:
+    with Progress(f"learned residual rotation ({steps} steps on {x.shape[0]} rows)", steps, unit="step",
+                  log=log) as bar:
         for _ in range(steps):
             a, state, value = step(a, state)
             first = float(value) if first is None else first

@@ -182,7 +182,8 @@ def test_the_learned_rotation_is_orthogonal_lowers_its_loss_keeps_the_float_func
     folded, the model computes the float function; the recipe folds it, and a prepared entry keeps
     R beside the codes, recomputes the embedding and the output layer through it, and reads back
     bit for bit. Off, the switch leaves the cache keys of the recipes before it unchanged."""
-    on = dataclasses.replace(RECIPE, learn_rotation=12, learn_rotation_lr=1e-2, weights="rtn")  # (GPTQ: not its subject)
+    # round-to-nearest weights: GPTQ is not this test's subject
+    on = dataclasses.replace(RECIPE, learn_rotation=12, learn_rotation_lr=1e-2, weights="rtn")
     windows = prepared.calibration_windows(model, 2)
     cfg, f = R.transform(model.params, CFG, on, "w4a4")
     x = R.rotation_inputs(f, cfg, windows, sample=16, batch=1)
