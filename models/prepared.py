@@ -604,13 +604,12 @@ def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: Da
         + ("this runs once and is cached" if cacheable else "not cached"))
     windows = calibration_windows(model, recipe.calib_windows, data, seed)
     learned: dict = {}
-    cfg, params = recipes.apply(model.params, model.cfg, recipe, policy, windows, progress_log, rotation=learned)
+    cfg, params = recipes.apply(model.params, model.cfg, recipe, policy, windows, progress_log, learned=learned)
     info["prepare_s"] = time.perf_counter() - t0
     if cacheable:
         rotation = {"hadamard": model.cfg.d_model, "seed": recipe.seed} if recipe.rotate_residual else None
-        arrays = {}
-        if rotation is not None and "learned" in learned:
-            arrays["residual_rotation"] = np.asarray(learned["learned"], np.float32)
+        arrays = {k: np.asarray(v, np.float32) for k, v in learned.items()}  # the learned rotation R, if any
+        if arrays:  # the embedding and the output layer are recomputed through Q, then R
             rotation["learned"] = "residual_rotation"
         head = get_policy(policy).output("w")
         derived: dict[Path_, dict] = {} if head.is_float else {

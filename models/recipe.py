@@ -722,13 +722,13 @@ def transform(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, poli
 
 
 def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, windows: np.ndarray,
-          log: Log | None = None, rotation: dict | None = None) -> tuple[ModelConfig, llama.Params]:
+          log: Log | None = None, learned: dict | None = None) -> tuple[ModelConfig, llama.Params]:
     """Run `recipe` on float `params`: (transformed config, parameters with every step set).
 
     `windows`: calibration token windows [n, L] from the training split (the first
     `recipe.calib_windows` are used). `log`: each stage's line and its progress (none if None).
-    `rotation` (a dict): receives the learned residual rotation R as "learned" (`learn_rotation`:
-    the residual stream is then x Q R).
+    `learned` (a dict): receives the learned residual rotation R as "residual_rotation"
+    (`learn_rotation`: the residual stream is then x Q R).
     """
     progress_log, log = log, log or (lambda m: None)
     recipe = get_recipe(recipe)
@@ -746,8 +746,8 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
         x = rotation_inputs(params, cfg, windows[:ROTATION_WINDOWS], recipe.seed)
         r = learn_residual_rotation(x, recipe.learn_rotation, recipe.learn_rotation_lr, log=progress_log)
         params = rotate_residual_by(params, r)
-        if rotation is not None:
-            rotation["learned"] = r
+        if learned is not None:
+            learned["residual_rotation"] = r
         log(f"recipe {recipe.name}: learned residual rotation ({recipe.learn_rotation} steps on "
             f"{min(len(windows), ROTATION_WINDOWS)} windows) in {time.perf_counter() - t0:.1f} s")
     hess, halves = None, None

@@ -91,7 +91,7 @@ def fast(real, monkeypatch, tmp_path):
     monkeypatch.setenv("NP_JAX_CACHE", str(tmp_path))
     calls = []
 
-    def apply(params, cfg, recipe, policy, windows, log=None, rotation=None):
+    def apply(params, cfg, recipe, policy, windows, log=None, learned=None):
         calls.append(policy)
         return real.cfg, real.params
 

@@ -79,8 +79,9 @@ def register(sub) -> None:
     p.add_argument("--recipe", default=None,
                    help="quantization recipe from the float model (docs/quantization.md): rotate-gptq (rotations, "
                         "the attention-sink prefix, GPTQ), rotate-gptq-recon (and block-wise reconstruction of the "
-                        "steps), rotate-gptq-learned (and a learned residual rotation), rotate, or plain (the earlier path); prepared once per "
-                        "model file and cached (default: rotate-gptq; not with --checkpoint)")
+                        "steps), rotate-gptq-learned (and a learned residual rotation), rotate, or plain (the "
+                        "earlier path); prepared once per model file and cached (default: rotate-gptq; not with "
+                        "--checkpoint)")
     p.add_argument("--recipe-option", action="append", default=[], metavar="KEY=VALUE", type=recipe_option,
                    help="set one field of the recipe, e.g. gptq_damp_select=true or calib_windows=128 (repeatable; "
                         "the fields are models.recipe.Recipe's, docs/quantization.md; not with --checkpoint)")

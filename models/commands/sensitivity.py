@@ -12,9 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from models.commands.train import RECIPES  # models.recipe.RECIPES, spelled out once there: --help imports no JAX
 from np_jax.cli import Formatter, count, precision_type, PRECISIONS
-
-RECIPES = ("rotate-gptq", "rotate", "plain", "rotate-gptq-recon", "rotate-gptq-learned")  # models.recipe.RECIPES, spelled out: --help imports no JAX
 
 
 def _writable(flag: str, path: str, suffix: str) -> Path:
