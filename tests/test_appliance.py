@@ -180,14 +180,14 @@ def _nll(logits, tokens):
 @functools.lru_cache(maxsize=4)  # hypothesis examples with the same shapes reuse the compiled programs
 def _gradient_programs(cfg, cards, micro_batches, output_cards, devices, precision):
     """Jitted loss and gradient through the pipeline (`cfg` on `cards` cards over `devices`
-    devices, 4 users), and through `llama.forward` (each compiled when first called)."""
+    devices, 4 users) and through `llama.forward` (each compiled when first called)."""
     mapping = map_model(cfg, "w4a4", users=4, context=16, cards=cards, micro_batches=micro_batches,
                         output_cards=output_cards, strict=False)
     mesh = card_mesh(devices)
     pipe = jax.jit(jax.value_and_grad(
         lambda p, t: _nll(pipelined_logits(p, t[:, :-1], cfg, precision, mapping, mesh), t)))
-    seq = lambda p, t: _nll(llama.forward(p, t[:, :-1], cfg, precision), t)  # noqa: E731
-    return pipe, jax.jit(seq), jax.jit(jax.grad(seq))
+    seq = jax.jit(jax.value_and_grad(lambda p, t: _nll(llama.forward(p, t[:, :-1], cfg, precision), t)))
+    return pipe, seq
 
 
 def _check_gradients(params, cfg, tokens, *layout_and_devices, fp16=True):
@@ -196,14 +196,14 @@ def _check_gradients(params, cfg, tokens, *layout_and_devices, fp16=True):
     gradient to float32 summation order. Returns the FP16 pipeline gradient (float32's without
     `fp16`)."""
     if fp16:
-        pipe, seq, _ = _gradient_programs(cfg, *layout_and_devices, "w4a4")
+        pipe, seq = _gradient_programs(cfg, *layout_and_devices, "w4a4")
         lp, gp = pipe(params, tokens)
-        assert float(lp) == float(seq(params, tokens))
+        assert float(lp) == float(seq(params, tokens)[0])
         assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(gp))
-    pipe, seq, seq_grad = _gradient_programs(cfg, *layout_and_devices, F32)
+    pipe, seq = _gradient_programs(cfg, *layout_and_devices, F32)
     lp, gp32 = pipe(params, tokens)
-    assert float(lp) == float(seq(params, tokens))
-    gs32 = seq_grad(params, tokens)
+    ls32, gs32 = seq(params, tokens)
+    assert float(lp) == float(ls32)
     gaps = {}
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gp32), jax.tree.leaves(gs32)):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -140,13 +140,14 @@ def test_qat_recovers_most_of_the_ptq_loss(float_run, held, tmp_path):
     stream = TrainStream(Corpus(tc.data, load_model("tiny").encoder), 64, 8, 1, 0)
     ptq = llama.calibrate(res.params, stream.calibration(4), cfg, "w4a4", "lsq")
     ptq_nll = evaluate(ptq, cfg, "w4a4", held)["nll"]
-    steps = 40
+    steps = 20  # measured: QAT ends 0.02 nats below the control (the bound: half the PTQ gap of 0.50 nats)
     # control: the float model trained for the same extra steps (QAT also keeps learning the task)
     ctl = train.train(train.TrainConfig(out=str(tmp_path / "ctl"), init_from=tc.out, precision="float",
                                         steps=steps, lr=1e-3, **COMMON), **QUIET)
     ctl_nll = evaluate(ctl.params, cfg, "float", held)["nll"]
     qtc = train.TrainConfig(out=str(tmp_path / "qat"), init_from=tc.out, precision="w4a4", calibration="lsq",
-                            recipe="plain", calib_windows=4, steps=steps, lr=3e-3, act_step_lr_mult=10, act_step_warmup_steps=20, **COMMON)
+                            recipe="plain", calib_windows=4, steps=steps, lr=3e-3, act_step_lr_mult=10, act_step_warmup_steps=10,
+                            **COMMON)
     q = train.train(qtc, **QUIET)
     q_nll = evaluate(q.params, cfg, "w4a4", held)["nll"]
     assert ptq_nll > f_nll + 0.2, (f_nll, ptq_nll)  # w4a4 PTQ hurts
