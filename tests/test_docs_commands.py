@@ -19,7 +19,7 @@ The rewrites, each for a reason:
   predicted; no weights loaded); slow, real generation of at most 4 tokens (the first run
   prepares the model: minutes).
 - `train`, `eval` and `search` of SmolLM2 (minutes to hours): slow, on `tiny` with the documented flags;
-  those of `tiny`: fast. Both with the sizes of `SMALL` (2 steps, 2 windows, ...).
+  those of `tiny`: fast. Both with the sizes of `SMALL` (2 steps, 2 windows, 2 agreement prompts, ...).
 - `--humaneval` (generated code run in subprocesses): slow, on SmolLM2 itself (a HumanEval prompt
   does not fit tiny's 128 positions); never on a checkpoint of a SmolLM2 QAT run, which would
   need that hour-long run first. `dse` compiles three searches (~20 s): slow.
@@ -198,9 +198,11 @@ def test_the_extraction_sees_the_docs():
 # The sizes train and eval are cut to (a documented value already smaller is kept); FORCED ones
 # are added where the command leaves them at their default, the others only cut.
 SMALL = {"--steps": 2, "--seq-len": 32, "--grad-accum": 1, "--calib-windows": 2, "--warmup-steps": 1, "--windows": 2,
-         "--problems": 1, "--samples": 2, "--max-new-tokens": 8, "--verify": 1, "--eval-windows": 1}
+         "--problems": 1, "--samples": 2, "--max-new-tokens": 8, "--verify": 1, "--eval-windows": 1,
+         "--agreement-prompts": 2, "--agreement-tokens": 8}
 FORCED = {"train": {"--steps", "--seq-len", "--grad-accum", "--calib-windows"},
-          "eval": {"--windows", "--seq-len", "--calib-windows"}, "humaneval": {"--problems", "--max-new-tokens"},
+          "eval": {"--windows", "--seq-len", "--calib-windows", "--agreement-prompts", "--agreement-tokens"},
+          "humaneval": {"--problems", "--max-new-tokens"},
           "search": {"--windows", "--verify", "--eval-windows"}}
 NEVER_RUN = {"--coordinator": "several processes on several hosts (tests/test_multiprocess.py runs two processes)"}
 
