@@ -146,8 +146,8 @@ def test_qat_recovers_most_of_the_ptq_loss(float_run, held, tmp_path):
                                         steps=steps, lr=1e-3, **COMMON), **QUIET)
     ctl_nll = evaluate(ctl.params, cfg, "float", held)["nll"]
     qtc = train.TrainConfig(out=str(tmp_path / "qat"), init_from=tc.out, precision="w4a4", calibration="lsq",
-                            recipe="plain", calib_windows=4, steps=steps, lr=3e-3, act_step_lr_mult=10, act_step_warmup_steps=10,
-                            **COMMON)
+                            recipe="plain", calib_windows=4, steps=steps, lr=3e-3, act_step_lr_mult=10,
+                            act_step_warmup_steps=10, **COMMON)
     q = train.train(qtc, **QUIET)
     q_nll = evaluate(q.params, cfg, "w4a4", held)["nll"]
     assert ptq_nll > f_nll + 0.2, (f_nll, ptq_nll)  # w4a4 PTQ hurts
