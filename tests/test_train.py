@@ -484,6 +484,30 @@ def test_qat_from_a_float_checkpoint_takes_its_context(float_run, tmp_path, caps
     assert sorted(q.name for q in out.iterdir()) == ["1", "metrics.jsonl"]  # the lock file is gone
 
 
+def test_recipe_options_make_the_start_are_saved_and_evaluated(float_run, tmp_path, capsys):
+    """`train --recipe-option KEY=VALUE` sets a field of the recipe that makes QAT's start (here
+    GPTQ weights in the plain recipe); the run saves it, a resume with other options is refused,
+    and eval's PTQ row for the checkpoint is that start, options included."""
+    from np_jax.cli import main
+
+    tc, _ = float_run
+    out = tmp_path / "qat"
+    args = ["train", "--precision", "w4a4", "--recipe", "plain", "--calib-windows", "1", "--init-from", tc.out,
+            "--out", str(out), "--steps", "1", "--grad-accum", "1", "--seq-len", "32"]
+    assert main(args + ["--recipe-option", "damp=1"]) == 2  # an unknown field: one line, before any work
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("np-jax train: error: argument --recipe-option:") and "\n" not in err and not out.exists()
+    assert main(args + ["--recipe-option", "weights=gptq"]) == 0
+    assert "recipe plain (weights:gptq, activations:mse)" in capsys.readouterr().err  # the start it made
+    ck = train.load_checkpoint(out, log=lambda s: None)
+    assert ck.train_config.recipe_options == ("weights=gptq",) and ck.train_config.quant_recipe().weights == "gptq"
+    assert main(args + ["--steps", "2", "--recipe-option", "weights=rtn"]) == 2
+    assert "recipe_options: ['weights=gptq'] (saved) vs ['weights=rtn'] (now)" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(out), "--windows", "1", "--agreement-prompts", "0", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[1]["name"] == "ptq plain [weights=gptq]" and "weights:gptq" in rows[1]["recipe_steps"]
+
+
 # --- command line --------------------------------------------------------------------------------------
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

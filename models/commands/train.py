@@ -153,6 +153,10 @@ def register(sub) -> None:
         epilog=TRAIN_EPILOG, formatter_class=Formatter)
     for flag, dest, typ, choices, help_ in TRAIN_FLAGS:
         p.add_argument(flag, dest=dest, type=typ, choices=choices, default=argparse.SUPPRESS, help=help_)
+    p.add_argument("--recipe-option", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                   type=recipe_option, dest="recipe_options",
+                   help="set one field of the recipe that makes QAT's start, as eval's --recipe-option does: e.g. "
+                        "reconstruct=20 (repeatable; saved with the run; default: none)")
     p.add_argument("--data", action="append", default=argparse.SUPPRESS, metavar="DIR",
                    help="directory of .py files (repeatable; default: the Python standard library)")
     p.add_argument("--devices", type=count, default=None,
@@ -248,6 +252,8 @@ def train_command(args) -> int:
         kw["grad_clip"] = None
     if hasattr(args, "data"):
         kw["data_dirs"] = tuple(args.data)
+    if hasattr(args, "recipe_options"):
+        kw["recipe_options"] = tuple(args.recipe_options)
     note = None
     if "seq_len" not in kw:  # the default must fit the model
         context = _model_context(kw, T.TrainConfig.model)
@@ -421,6 +427,8 @@ def eval_command(args) -> int:
     ref = q_cks[0].train_config if q_cks else first
     precisions = list(dict.fromkeys(args.precision or [ref.precision if q_cks else "w4a4"]))
     recipe_names = list(dict.fromkeys(args.recipe or [ref.recipe if q_cks else DEFAULT_RECIPE]))
+    if not args.recipe_option and not args.recipe and q_cks:  # the checkpoint's start: its recipe's options too
+        args.recipe_option = list(ref.recipe_options)
     recipes = {r: with_options(r, args.recipe_option) for r in recipe_names}  # unknown ones fail before any work
     for p in precisions:  # ... and policies the chip cannot run
         get_policy(p).check_vmm_operands(base.cfg.n_layers)

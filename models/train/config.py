@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from models import llama
 from models.io.load import DEFAULT_MODEL
-from models.recipe import DEFAULT_RECIPE, get_recipe
+from models.recipe import DEFAULT_RECIPE, get_recipe, with_options
 from models.train.data import DataConfig
 from np_jax.quant import get_policy
 
@@ -27,6 +27,7 @@ class TrainConfig:
     init_from: str | None = None            # start from the newest checkpoint of this run directory
     precision: str = "float"                # float: float training; w4a4, a8c8w4, w8a8: QAT
     recipe: str = DEFAULT_RECIPE            # how QAT's starting point is made from the float model (models.recipe)
+    recipe_options: tuple[str, ...] = ()    # KEY=VALUE fields of that recipe set for this run (recipe.with_options)
     calibration: str = "mse"                # initial step sizes for QAT: mse or lsq
     calib_windows: int | None = None        # training windows the steps are calibrated on (None: the recipe's)
     steps: int = 100
@@ -56,7 +57,7 @@ class TrainConfig:
 
     def __post_init__(self):
         get_policy(self.precision)
-        get_recipe(self.recipe)
+        with_options(self.recipe, self.recipe_options)  # an unknown recipe, key or value fails here
         if self.calibration not in llama.CALIBRATIONS:
             raise ValueError(f"unknown calibration {self.calibration!r}; choose one of {', '.join(llama.CALIBRATIONS)}")
         if self.schedule not in ("cosine", "constant"):
@@ -93,6 +94,7 @@ class TrainConfig:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["data_dirs"] = list(self.data_dirs)
+        d["recipe_options"] = list(self.recipe_options)
         return d
 
     @classmethod
@@ -100,13 +102,14 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["data_dirs"] = tuple(d.get("data_dirs", ()))
+        d["recipe_options"] = tuple(d.get("recipe_options", ()))  # runs saved before options: none
         d.setdefault("recipe", "plain")  # runs saved before recipes calibrated the plain way
         d.setdefault("calib_windows", 4)
         return cls(**d)
 
     def quant_recipe(self):
         """The Recipe that makes QAT's starting point (this run's calibration settings applied)."""
-        r = get_recipe(self.recipe)
+        r = with_options(self.recipe, self.recipe_options)
         return dataclasses.replace(r, activations=self.calibration,
                                    calib_windows=self.calib_windows or r.calib_windows)
 
@@ -114,6 +117,6 @@ class TrainConfig:
         """Settings that change the trajectory and differ (`steps` only matters for the cosine schedule)."""
         free = set(self.FREE) | ({"steps"} if self.schedule == other.schedule == "constant" else set())
         if get_policy(self.precision).is_float and get_policy(other.precision).is_float:
-            free |= {"recipe", "calibration", "calib_windows"}  # they only make QAT's starting point
+            free |= {"recipe", "recipe_options", "calibration", "calib_windows"}  # they only make QAT's start
         a, b = self.to_json(), other.to_json()
         return [f"{k}: {b[k]!r} (saved) vs {a[k]!r} (now)" for k in a if k not in free and a[k] != b[k]]
