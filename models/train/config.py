@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from models import llama
 from models.io.load import DEFAULT_MODEL
-from models.recipe import DEFAULT_RECIPE, get_recipe, with_options
+from models.recipe import DEFAULT_RECIPE, with_options
 from models.train.data import DataConfig
 from np_jax.quant import get_policy
 
