@@ -427,9 +427,9 @@ def eval_command(args) -> int:
     ref = q_cks[0].train_config if q_cks else first
     precisions = list(dict.fromkeys(args.precision or [ref.precision if q_cks else "w4a4"]))
     recipe_names = list(dict.fromkeys(args.recipe or [ref.recipe if q_cks else DEFAULT_RECIPE]))
-    if not args.recipe_option and not args.recipe and q_cks:  # the checkpoint's start: its recipe's options too
-        args.recipe_option = list(ref.recipe_options)
-    recipes = {r: with_options(r, args.recipe_option) for r in recipe_names}  # unknown ones fail before any work
+    # the flags' options, else (no --recipe either) the checkpoint's: its PTQ row is then exactly its start
+    options = args.recipe_option or (list(ref.recipe_options) if q_cks and not args.recipe else [])
+    recipes = {r: with_options(r, options) for r in recipe_names}  # unknown ones fail before any work
     for p in precisions:  # ... and policies the chip cannot run
         get_policy(p).check_vmm_operands(base.cfg.n_layers)
     add("float", base.params, "float", source=base.source, recipe=None, qat=False)
@@ -446,11 +446,11 @@ def eval_command(args) -> int:
                                               (ref.calib_windows if ref and ref.calib_windows else rec.calib_windows))
                     t0 = time.perf_counter()
                     cfg_q, q, info = prepare(base, rec, precision, data=data, seed=seed, log=log)
-                    name = (f"ptq {rname}" + (f" [{' '.join(args.recipe_option)}]" if args.recipe_option else "")
+                    name = (f"ptq {rname}" + (f" [{' '.join(options)}]" if options else "")
                             + (f" ({m})" if len(methods) > 1 or m != "mse" else ""))
                     c = info["calibration"]
                     add(name, q, precision, cfg_=cfg_q, recipe=rname, recipe_steps=info["steps"], qat=False,
-                        **({"recipe_options": list(args.recipe_option)} if args.recipe_option else {}),
+                        **({"recipe_options": options} if options else {}),
                         calibration=m, prepare_minutes=(time.perf_counter() - t0) / 60, prepared_cached=info["cached"],
                         source=f"{base.source}, calibrated on {c['windows']} training windows of {c['seq_len']} tokens")
     for ck in cks:
