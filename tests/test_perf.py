@@ -283,8 +283,12 @@ def test_grad_matches_finite_differences(name):
     assert np.isfinite(g)
 
 
+# The next three tests call the search functions as `np-jax dse --grid small --steps 60 --starts 3`
+# does (test_cli_plan_and_dse_json, later in this file): the command then finds their programs in
+# the suite's compilation cache.
+
 def test_sensitivities_signs():
-    s = dse.sensitivities(G3B, names=("clock_hz", "pcie_latency_s", "phase_latency_cycles", "users", "bits.w"))
+    s = dse.sensitivities(G3B, bits=cost.Bits.from_policy("w4a4"))
     t = s["system_throughput_tok_s"]
     assert t["clock_hz"] > 0 and t["pcie_latency_s"] < 0 and t["phase_latency_cycles"] < 0 and t["users"] > 0
     # a relaxed (traced) width is not checked against the chip's widths: it stays differentiable
@@ -295,13 +299,13 @@ def test_sensitivities_signs():
 # --- design-space exploration -------------------------------------------------------------------------
 
 def test_sweep_evaluates_every_design_and_finds_the_pareto_front():
-    grid = {"clock_hz": [300e6, 400e6, 600e6], "users": [14.0, 28.0], "micro_batches": [7.0, 14.0]}
-    r = dse.sweep(G3B, grid, latency_bound_ms=1.2)
-    assert r["n_designs"] == 12 and r["designs_per_s"] > 0
+    r = dse.sweep(G3B, dse.SMALL_GRID, latency_bound_ms=1.2, bits=cost.Bits.from_policy("w4a4"))
+    assert r["n_designs"] == 48 and r["designs_per_s"] > 0
     lat, en = r["metrics"]["latency_ms"], r["metrics"]["energy_tok_s_W"]
     # the published design is one of the grid points: the vmapped result equals a single evaluation
-    i = next(i for i in range(12) if (r["params"]["clock_hz"][i], r["params"]["users"][i],
-                                      r["params"]["micro_batches"][i]) == (400e6, 28.0, 14.0))
+    d = cost.Design()
+    i = next(i for i in range(48) if tuple(float(r["params"][n][i]) for n in r["names"]) == (
+        400e6, float(np.float32(d.sram_per_core_bytes)), float(d.n_cores), 28.0, 14.0))
     assert lat[i] == pytest.approx(ev()["latency_ms"], rel=1e-5)
     best = r["best"]["metrics"]["energy_tok_s_W"]
     assert best == pytest.approx(en[r["feasible"]].max())
@@ -321,7 +325,7 @@ def test_pareto_front_hand_case():
 
 
 def test_gradient_search_improves_on_the_published_design_within_its_constraints():
-    r = dse.gradient_search(G3B, steps=60, starts=3, latency_bound_ms=1.0)
+    r = dse.gradient_search(G3B, steps=60, starts=3, latency_bound_ms=1.0, bits=cost.Bits.from_policy("w4a4"))
     base = ev()["energy_tok_s_W"]
     c = r["continuous"]
     assert c["feasible"] and c["metrics"]["latency_ms"] <= 1.0 and c["metrics"]["fits_margin_bytes"] >= 0
@@ -391,7 +395,7 @@ def test_cli_plan_and_dse_json(tmp_path, capsys):
     for k in ("cards_per_instance", "instances", "latency_ms", "throughput_tok_s_instance"):
         assert k in out
     png = tmp_path / "pareto.png"
-    assert main(["dse", "--json", "--grid", "small", "--steps", "3", "--starts", "1", "--plot", str(png)]) == 0
+    assert main(["dse", "--json", "--grid", "small", "--steps", "60", "--starts", "3", "--plot", str(png)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["sweep"]["n_designs"] == 48 and out["sweep"]["designs_per_s"] > 0
     assert "continuous" in out["gradient_search"] and "sensitivities" in out

@@ -15,7 +15,7 @@ from pathlib import Path
 from np_jax.cli import (PRECISIONS, Formatter, add_mapping_arguments, add_rotation_argument, count, get_shape,
                         model_shapes, positive, precision_type, shape_with_rotations)
 from np_jax.commands.map import mapping_from_args
-from np_jax.spec import GPU_POINTS, MIB, PUBLISHED_RUN, RACK
+from np_jax.spec import GPU_POINTS, PUBLISHED_RUN, RACK
 
 
 
@@ -253,9 +253,7 @@ def dse_command(args) -> int:
         _check_writable(Path(args.plot).parent)
     bits = cost.Bits.from_policy(args.precision)
     objective = _OBJ[args.objective]
-    grid = dse.DEFAULT_GRID if args.grid == "default" else {
-        "clock_hz": [300e6, 400e6, 600e6], "sram_per_core_bytes": [0.75 * MIB, 1.0 * MIB],
-        "n_cores": [196.0, 256.0], "users": [14.0, 28.0], "micro_batches": [7.0, 14.0]}
+    grid = dse.DEFAULT_GRID if args.grid == "default" else dse.SMALL_GRID
     base = {k: float(v) for k, v in cost.evaluate(cost.Design(), cost.Workload(), bits, cfg).items()
             if jnp.ndim(v) == 0}
     sens = dse.sensitivities(cfg, bits=bits)

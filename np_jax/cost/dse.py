@@ -36,6 +36,10 @@ DEFAULT_GRID: dict[str, list[float]] = {
     "users": [8.0, 14.0, 28.0, 42.0, 56.0, 84.0],
     "micro_batches": [4.0, 7.0, 14.0, 28.0, 42.0],
 }
+# A quick look (`np-jax dse --grid small`): 48 designs around the published one, which is among them.
+SMALL_GRID: dict[str, list[float]] = {
+    "clock_hz": [300e6, 400e6, 600e6], "sram_per_core_bytes": [0.75 * MIB, 1.0 * MIB],
+    "n_cores": [196.0, 256.0], "users": [14.0, 28.0], "micro_batches": [7.0, 14.0]}
 
 # Box bounds of the gradient search (log-scaled inside).
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
