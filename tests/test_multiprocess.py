@@ -150,7 +150,7 @@ def test_unreachable_coordinator_fails_fast_with_a_clear_error():
     code = ("import jax; jax.config.update('jax_num_cpu_devices', 2)\n"
             "from np_jax.appliance.distributed import initialize, DistributedError\n"
             "try:\n"
-            f"    initialize('127.0.0.1:{_free_port()}', 2, 1, timeout_s=5)\n"
+            f"    initialize('127.0.0.1:{_free_port()}', 2, 1, timeout_s=2)\n"
             "except DistributedError as e:\n"
             "    print('CLEAR:', e); raise SystemExit(3)\n")
     t0 = time.monotonic()
@@ -163,7 +163,7 @@ def test_coordinator_without_peers_ends_in_bounded_time():
     """The coordinator of two processes started alone terminates (non-zero) instead of hanging."""
     code = ("import jax; jax.config.update('jax_num_cpu_devices', 2)\n"
             "from np_jax.appliance.distributed import initialize\n"
-            f"initialize('127.0.0.1:{_free_port()}', 2, 0, timeout_s=5)\n"
+            f"initialize('127.0.0.1:{_free_port()}', 2, 0, timeout_s=2)\n"
             "print('JOINED')\n")
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
