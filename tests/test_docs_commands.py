@@ -699,6 +699,18 @@ def test_the_quality_table_is_its_data_file():
     assert f"{data['held_out']['tokens']:,} scored" in _page("docs/quantization.md")
 
 
+def test_the_floor_table_is_its_data_file():
+    data, base = _result("agreement_floor_smollm2.json"), _result("quality_smollm2.json")
+    rows = {r["name"]: r for r in data["rows"]}
+    table = _table("docs/quantization.md", "| Floor row | vs float |")
+    assert len(table) == len(rows) - 1 and data["held_out"] == base["held_out"] and data["agreement"] == base["agreement"]
+    for name, vs, kl, top1, same in table:
+        r = rows[name.split(" (")[0]]
+        assert _shown(vs, r["vs_float"]) and _shown(kl, r["kl"]) and _shown(top1, r["top1_agreement"]), name
+        assert _shown(same, r["same_as_float_tokens"]), name
+    assert f"`{data['commands'][0].split(' > ')[0]}`" in _page("docs/quantization.md").replace("\n", " ")
+
+
 def test_the_gptq_settings_table_is_its_data_file():
     data, base = _result("gptq_settings_smollm2.json"), _result("quality_smollm2.json")
     rows = data["rows"][1:]

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from models import llama
 from models.evaluate.agreement import PROMPT_TOKENS, common_prefix_lengths, greedy_continuations, held_out_prompts
-from models.evaluate.perplexity import evaluate, token_kl
+from models.evaluate.perplexity import evaluate, rounded_weights, token_kl
 from models.io.load import load_model
 from models.train.data import Corpus, DataConfig, held_out_windows
 
@@ -119,6 +119,31 @@ def test_float_continuations_agree_with_themselves(tiny, sharp, corpus):
         np.testing.assert_array_equal(np.argmax(logits, -1), row)
 
 
+def _np_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 -> float32 by the bits: round to nearest, ties to even (finite inputs)."""
+    b = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.astype(np.uint32).view(np.float32)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(1e-3, 1e3))
+def test_rounded_weights_are_the_nearest_bf16_and_fp16(seed, scale):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((5, 7)) * scale).astype(np.float32)
+    ties = np.array([1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, 2049.0, -2051.0], np.float32)  # exact halfway cases
+    params = {"w": w, "t": ties, "codes": np.arange(6, dtype=np.int8)}
+    b, h = rounded_weights(params, "bf16"), rounded_weights(params, "fp16")
+    np.testing.assert_array_equal(np.asarray(b["w"]), _np_bf16(w))
+    np.testing.assert_array_equal(np.asarray(b["t"]), _np_bf16(ties))
+    np.testing.assert_array_equal(np.asarray(h["w"]), w.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(h["t"]), ties.astype(np.float16).astype(np.float32))
+    assert np.asarray(b["w"]).dtype == np.float32 and np.asarray(b["codes"]).dtype == np.int8
+    np.testing.assert_array_equal(np.asarray(b["codes"]), params["codes"])  # integers are not weights to round
+    with pytest.raises(ValueError, match="bf16"):
+        rounded_weights(params, "fp8")
+
+
 def test_cli_rows_carry_kl_and_same_as_float(capsys):
     from np_jax.cli import main
 
@@ -130,9 +155,13 @@ def test_cli_rows_carry_kl_and_same_as_float(capsys):
     assert rep["agreement"] == {"prompts": 2, "tokens": 4, "prompt_tokens": PROMPT_TOKENS}
     assert "kl" not in fl and "same_as_float_tokens" not in fl  # the reference row
     assert q["kl"] >= 0 and 0 <= q["same_as_float_tokens"] <= 4 and 0 <= q["top1_agreement"] <= 1
-    assert main(base + ["--no-ptq", "--agreement-prompts", "0"]) == 0
-    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model"))
+    assert main(base + ["--no-ptq", "--agreement-prompts", "0", "--rounded-float", "bf16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("model"))
     assert header.split()[-2:] == ["top-1", "KL"]  # no agreement column when skipped
+    # the rounded float row is measured against float like a quantized one, and lines up with it
+    row = next(line for line in lines if line.startswith("float, weights in bf16 "))
+    assert len(row.split()) == len(header.split()) + 1 and float(row.split()[-1]) >= 0  # 4-word name, 2 2-word heads
 
 
 @pytest.mark.parametrize("extra, msg", [

@@ -210,6 +210,10 @@ def register(sub) -> None:
                    help="fraction of files held out (default: the checkpoint's, else 0.05)")
     p.add_argument("--split-seed", type=int, default=None, help="seed of the split (default: the checkpoint's, else 0)")
     p.add_argument("--no-ptq", action="store_true", help="skip the PTQ row(s)")
+    p.add_argument("--rounded-float", action="append", default=[], choices=["bf16", "fp16"], metavar="FORMAT",
+                   help="also a row of the float model with its weights rounded to FORMAT (bf16 or fp16; "
+                        "repeatable): a perturbation far below any quantizer's, so the floor of each measure "
+                        "(default: none)")
     p.add_argument("--agreement-prompts", type=count_or_zero, default=32,
                    help="held-out code prompts for 'same as float': the mean number of leading greedy tokens "
                         "identical to float's continuation (0: skip)")
@@ -320,7 +324,7 @@ def eval_command(args) -> int:
     from models import train as T
     from models.evaluate.agreement import (BATCH, PROMPT_TOKENS, common_prefix_lengths, greedy_continuations,
                                             held_out_prompts)
-    from models.evaluate.perplexity import evaluate
+    from models.evaluate.perplexity import evaluate, rounded_weights
     from models.io.load import DEFAULT_MODEL
     from models.prepared import prepare
     from models.recipe import DEFAULT_RECIPE, with_options
@@ -433,6 +437,9 @@ def eval_command(args) -> int:
     for p in precisions:  # ... and policies the chip cannot run
         get_policy(p).check_vmm_operands(base.cfg.n_layers)
     add("float", base.params, "float", source=base.source, recipe=None, qat=False)
+    for fmt in dict.fromkeys(args.rounded_float):
+        add(f"float, weights in {fmt}", rounded_weights(base.params, fmt), "float",
+            source=f"{base.source}, every weight rounded to {fmt}", recipe=None, qat=False, rounded_to=fmt)
     if not args.no_ptq:
         methods = list(dict.fromkeys(args.calibration or [first.calibration if first else "mse"]))
         seed = args.seed if args.seed is not None else (ref.seed if ref else 0)
@@ -491,13 +498,14 @@ def eval_command(args) -> int:
     if prompts:
         print(f"same: mean leading greedy tokens (of {t_agree}) identical to float's continuation, over "
               f"{len(prompts)} held-out prompts")
-    print(f"{'model':<20} {'precision':<9} {'step':>6} {'train tokens':>12} {'NLL':>8} {'perplexity':>12} "
+    wn, wp = max(20, *(len(r["name"]) for r in rows)), max(9, *(len(r["precision"]) for r in rows))
+    print(f"{'model':<{wn}} {'precision':<{wp}} {'step':>6} {'train tokens':>12} {'NLL':>8} {'perplexity':>12} "
           f"{'vs float':>9} {'top-1':>6} {'KL':>7}" + (f" {'same':>5}" if prompts else ""))
     for r in rows:
         step = r.get("step")
         tt = r.get("train_tokens")
         he = r.get("humaneval")
-        print(f"{r['name']:<20} {r['precision']:<9} {'-' if step is None else step:>6} {'-' if tt is None else tt:>12} "
+        print(f"{r['name']:<{wn}} {r['precision']:<{wp}} {'-' if step is None else step:>6} {'-' if tt is None else tt:>12} "
               f"{r['nll']:8.4f} {r['perplexity']:12.3f} {r['vs_float']:8.2f}x "
               + (f"{r['top1_agreement']:6.3f}" if "top1_agreement" in r else f"{'-':>6}")
               + (f" {r['kl']:7.4f}" if "kl" in r else f" {'-':>7}")

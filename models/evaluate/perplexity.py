@@ -103,3 +103,20 @@ def held_out(encoder: Encoder, data: DataConfig, seq_len: int, n_windows: int) -
     corpus = Corpus(data, encoder)
     w = held_out_windows(corpus, seq_len, n_windows)
     return w, corpus.describe()
+
+
+ROUNDED_FORMATS = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+def rounded_weights(params: llama.Params, fmt: str) -> llama.Params:
+    """The float model with every floating-point parameter rounded to `fmt` (bf16: 8 significant
+    bits; fp16: 11, and its range) and back to its own type, to nearest: a perturbation of the
+    weights far below any quantizer's (2**-8 and 2**-11 of each weight at most, where INT8's error
+    reaches 2**-8 of the largest weight of its row).
+    Its rows in `np-jax eval --rounded-float` are the floor of each measure: how far from float a
+    model so close to it already lands."""
+    if fmt not in ROUNDED_FORMATS:
+        raise ValueError(f"rounded format must be one of {sorted(ROUNDED_FORMATS)}, got {fmt!r}")
+    to = ROUNDED_FORMATS[fmt]
+    return jax.tree.map(lambda x: jnp.asarray(x).astype(to).astype(x.dtype)
+                        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, params)
