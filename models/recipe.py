@@ -77,6 +77,9 @@ class Recipe:
     gptq_damp_select: bool = False  # each matrix's dampening chosen on held-out calibration windows (GPTQ_DAMPS)
     gptq_sequential: bool = False  # each layer's Hessians from the inputs the quantized layers before it give
     gptq_asymmetric: bool = False  # ... and each matrix fitted to the float model's outputs (sets gptq_sequential)
+    # the sink rows' weight in GPTQ's Hessians: each counts as this many ordinary rows (0: left out,
+    # the rule so far); every later position reads the sink's keys and values, made from its stream
+    gptq_sink_weight: float = 0.0
     activations: str = "mse"  # "mse" or "lsq" (or "max")
     sink_activations: str | None = "max"  # the sink rows' own steps (None: as `activations`, the earlier rule)
     calib_windows: int = 32  # training windows of 256 tokens for the Hessians and the steps
@@ -98,6 +101,11 @@ class Recipe:
             raise ValueError("rotations need folded norms (RMSNorm commutes with a rotation only at unit gain)")
         if self.gptq_asymmetric and not self.gptq_sequential:  # asymmetric GPTQ is layer by layer
             object.__setattr__(self, "gptq_sequential", True)
+        if not 0 <= self.gptq_sink_weight < 1e6:
+            raise ValueError(f"gptq_sink_weight must be in [0, 1e6), got {self.gptq_sink_weight}")
+        if self.gptq_sink_weight and (self.gptq_damp_select or not self.sink):
+            raise ValueError("gptq_sink_weight weighs the sink rows of GPTQ's Hessians: it needs a sink, and "
+                             "gptq_damp_select (which chooses on each half's Hessians) off")
         if self.gptq_damp_select and self.gptq_sequential:
             raise ValueError("recipe gptq_damp_select and gptq_sequential are not implemented together; choose one")
         if not 0 < self.gptq_damp < 10:
@@ -124,6 +132,7 @@ class Recipe:
         if weights == "gptq":  # the layer-by-layer and per-matrix-damping variants named (the default is not)
             weights += (":asymmetric" if self.gptq_asymmetric else ":sequential" if self.gptq_sequential else
                         ":damp-select" if self.gptq_damp_select else "")
+            weights += f":sink-weight-{self.gptq_sink_weight:g}" if self.gptq_sink_weight else ""
         return (on + ([f"sink{self.sink}{sink_acts}"] if self.sink else []) + [f"weights:{weights}",
                                                                                f"activations:{self.activations}"]
                 + ([f"reconstruct:{self.reconstruct}"] if self.reconstruct else []))
@@ -143,7 +152,7 @@ class Recipe:
             out["gptq_damp_candidates"] = list(GPTQ_DAMPS)
         else:
             out.pop("gptq_damp_select")
-        for k in ("gptq_sequential", "gptq_asymmetric"):
+        for k in ("gptq_sequential", "gptq_asymmetric", "gptq_sink_weight"):
             if not (getattr(self, k) and self.weights == "gptq"):
                 out.pop(k)
         if not self.reconstruct:
@@ -381,15 +390,20 @@ class _Hessians(llama._Calib):
 
     PATHS = {("attn", "s_x"): ("attn.q", "attn.k", "attn.v"), ("attn", "o", "s_x"): ("attn.o",),
              ("mlp", "s_x"): ("mlp.gate", "mlp.up"), ("mlp", "down", "s_x"): ("mlp.down",)}
+    SINK_WEIGHED = tuple(PATHS)  # also X^T X of their sink rows alone, at key + ("sink",)
 
-    def __init__(self):
+    def __init__(self, sink_rows: bool = False):
         super().__init__("mse")
         self.xtx: dict[tuple, jax.Array] = {}
+        self.sink_rows = sink_rows
 
     def see(self, path, v, tq, sink=None):
         if path in self.PATHS:
-            x = _rows(v, sink)[0]
+            x, rows = _rows(v, sink)
             self.xtx[path] = x.T @ x
+            if self.sink_rows and sink is not None and path in self.SINK_WEIGHED:  # for `gptq_sink_weight`
+                s = rows - x
+                self.xtx[path + ("sink",)] = s.T @ s
 
 
 def _rows(v, sink):
@@ -407,10 +421,11 @@ class _Inputs(_Hessians):
 
 
 def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, batch: int = 4,
-                   log: Log | None = None, halves: bool = False):
+                   log: Log | None = None, halves: bool = False, sink_rows: bool = False):
     """Per layer, X^T X of each linear's inputs over the calibration windows ([N, K, K] per input).
     `halves`: also those of the first and of the second half of the windows, (all, (first, second)),
-    for choices checked on windows they were not made on."""
+    for choices checked on windows they were not made on. `sink_rows`: also X^T X of the sink rows
+    of the attention's input alone (`_Hessians.SINK_WEIGHED` + ("sink",))."""
     prec = llama.Precision(get_policy("float"), jnp.float32, llama.resolve("float", cfg).tilings)
 
     @jax.jit
@@ -419,7 +434,7 @@ def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, 
         pos = jnp.broadcast_to(jnp.arange(L), (B, L))
 
         def body(x, lp):
-            calib = _Hessians()
+            calib = _Hessians(sink_rows)
             x_new, _ = llama.layer(lp, x, pos, None, cfg, prec, calib)
             return x_new.astype(jnp.float32), calib.xtx
 
@@ -443,6 +458,21 @@ def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, 
     if not halves:
         return full
     return full, tuple({path: np.asarray(h) for path, h in p.items()} for p in parts)
+
+
+def weigh_sink_rows(hessians: dict, weight: float) -> dict:
+    """`layer_hessians(..., sink_rows=True)` with each weighed input's Hessian (`_Hessians.SINK_WEIGHED`)
+    H + weight x H_sink, each sink row counting as `weight` ordinary rows, and at key + ("damp",)
+    the factor [layers] that keeps GPTQ's dampening (a fraction of the mean diagonal) what it is for
+    H: the sink's input is hundreds of times larger than the others', and its rows would otherwise
+    raise every input's dampening with them. (`weight` = 0 gives H and factors of 1.)"""
+    out = {k: v for k, v in hessians.items() if k[-1] != "sink"}
+    mean = lambda a: np.trace(a, axis1=-2, axis2=-1) / a.shape[-1]  # noqa: E731
+    for key in _Hessians.SINK_WEIGHED:
+        h, hs = hessians[key], hessians[key + ("sink",)]
+        out[key] = h + weight * hs
+        out[key + ("damp",)] = mean(h) / np.maximum(mean(out[key]), 1e-30)
+    return out
 
 
 def _held_out_error(w: np.ndarray, codes: np.ndarray, s: np.ndarray, h: np.ndarray) -> float:
@@ -514,11 +544,13 @@ def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str
             for name in names:
                 w = np.asarray(_linear(lay, name)["w"], np.float32)
                 steps, out = [], []
+                scale = np.ones(cfg.n_layers) if hessians is None else hessians.get(hpath + ("damp",),
+                                                                                       np.ones(cfg.n_layers))
                 for i in range(cfg.n_layers):
                     wq, s, d = _quantize_matrix(
                         w[i], prec.at(i).layer(f"{name}.w"), method, None if hessians is None else hessians[hpath][i],
                         None if halves is None else tuple(hh[hpath][i] for hh in halves),
-                        act_order=act_order, refit_steps=refit_steps, damp=damp)
+                        act_order=act_order, refit_steps=refit_steps, damp=damp * float(scale[i]))
                     if halves is not None:
                         chosen[name][d] = chosen[name].get(d, 0) + 1
                     steps.append(s)
@@ -536,7 +568,7 @@ def quantize_weights(params: llama.Params, cfg: ModelConfig, policy, method: str
 def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, windows: np.ndarray, log: Log,
                                 progress_log: Log | None = None, *, act_order: bool = False,
                                 refit_steps: bool = False, damp: float = 0.01, asymmetric: bool = False,
-                                batch: int = 8) -> llama.Params:
+                                sink_weight: float = 0.0, batch: int = 8) -> llama.Params:
     """GPTQ layer by layer, in the reference implementation's order: each layer's input Hessians
     come from the calibration windows run through the layers before it with their weights already
     quantized (activations in float), so that each layer's codes are chosen for the inputs the
@@ -545,7 +577,7 @@ def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, 
     `asymmetric` (as GPTAQ, arXiv 2504.02692): each matrix is fitted to the float model's output
     on the float model's inputs X from the quantized model's inputs X^: min ||X^ W^ - X W||^2, which
     is GPTQ on H^ = X^T^ X^ towards W~ = W + (H^ + damping)^-1 X^T^ (X - X^) W, so that each layer
-    also takes back some of the error of the layers before it."""
+    also takes back some of the error of the layers before it. `sink_weight`: as `weigh_sink_rows`."""
     prec = llama.resolve(policy, cfg)
     fprec = llama.Precision(get_policy("float"), jnp.float32, llama.resolve("float", cfg).tilings)
 
@@ -555,10 +587,18 @@ def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, 
         x_new, _ = llama.layer(lp, x, pos, None, cfg, fprec, seen)
         return x_new.astype(jnp.float32), seen.xtx
 
+    def hessians(xs):
+        """GPTQ's Hessians of the inputs (the sink rows left out), and the sink rows' own when weighed."""
+        out = {k: kept.T @ kept for k, (kept, _) in xs.items()}
+        for k in _Hessians.SINK_WEIGHED if sink_weight else ():
+            kept, rows = xs[k]
+            out[k + ("sink",)] = (rows - kept).T @ (rows - kept)
+        return out
+
     @jax.jit
     def run(lp, x):
         x_new, xs = layer_inputs(lp, x)
-        return x_new, {k: kept.T @ kept for k, (kept, _) in xs.items()}
+        return x_new, hessians(xs)
 
     @jax.jit
     def run_pair(lp, x_q, x_f):
@@ -567,8 +607,7 @@ def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, 
         X^T^ X^ and X^T^ X."""
         _, xq = layer_inputs(lp, x_q)
         xf_new, xf = layer_inputs(lp, x_f)
-        return xf_new, {k: kept.T @ kept for k, (kept, _) in xq.items()}, \
-            {k: (v.T @ v, v.T @ xf[k][1]) for k, (_, v) in xq.items()}
+        return xf_new, hessians(xq), {k: (v.T @ v, v.T @ xf[k][1]) for k, (_, v) in xq.items()}
 
     embed = jax.jit(lambda p, t: llama.embed(p, t, fprec))
     xs = [embed(params, jnp.asarray(windows[i:i + batch])) for i in range(0, len(windows), batch)]
@@ -586,8 +625,12 @@ def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, 
                 else:
                     h = run(lp, x)[1]
                 hess = add(hess, h)
+            hess = {k: np.asarray(v, np.float64) for k, v in hess.items()}
+            if sink_weight and all(k + ("sink",) in hess for k in _Hessians.SINK_WEIGHED):
+                hess = weigh_sink_rows(hess, sink_weight)
             for hpath, names in _Hessians.PATHS.items():
-                h = np.asarray(hess[hpath], np.float64)
+                h = hess[hpath]
+                d = damp * float(hess.get(hpath + ("damp",), 1.0))
                 for name in names:
                     path = tuple(name.split("."))
                     w = np.asarray(llama._get(lp, path + ("w",)), np.float32)
@@ -595,7 +638,7 @@ def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, 
                         h_all, c_all = (np.asarray(a, np.float64) for a in cross[hpath])
                         w = gptq.asymmetric_target(w, h_all, c_all, damp).astype(np.float32)
                     wq, s, _ = _quantize_matrix(w, prec.at(i).layer(f"{name}.w"), "gptq", h, None,
-                                                act_order=act_order, refit_steps=refit_steps, damp=damp)
+                                                act_order=act_order, refit_steps=refit_steps, damp=d)
                     lp = llama._set(llama._set(lp, path + ("w",), jnp.asarray(wq)), path + ("s_w",), jnp.asarray(s))
             xs = [run(lp, x)[0] for x in xs]
             layers.append(lp)
@@ -755,11 +798,15 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
     if recipe.weights == "gptq" and recipe.gptq_sequential:
         params = quantize_weights_sequential(params, cfg, policy, windows, log, progress_log, act_order=recipe.act_order,
                                              refit_steps=recipe.refit_steps, damp=recipe.gptq_damp,
-                                             asymmetric=recipe.gptq_asymmetric)
+                                             asymmetric=recipe.gptq_asymmetric,
+                                             sink_weight=recipe.gptq_sink_weight)
     elif recipe.weights == "gptq":
         t0 = time.perf_counter()
-        hess = layer_hessians(params, cfg, windows, log=progress_log, halves=recipe.gptq_damp_select)
+        hess = layer_hessians(params, cfg, windows, log=progress_log, halves=recipe.gptq_damp_select,
+                              sink_rows=bool(recipe.gptq_sink_weight))
         hess, halves = hess if recipe.gptq_damp_select else (hess, None)
+        if recipe.gptq_sink_weight:
+            hess = weigh_sink_rows(hess, recipe.gptq_sink_weight)
         log(f"recipe {recipe.name}: input Hessians of every layer on {len(windows)} windows in "
             f"{time.perf_counter() - t0:.1f} s")
     if not (recipe.weights == "gptq" and recipe.gptq_sequential):

@@ -17,7 +17,7 @@ from models.config import get_config
 from models.io.load import load_model
 from np_jax import cost
 from np_jax.appliance.mapping import map_model
-from np_jax.quant import gptq, hadamard
+from np_jax.quant import get_policy, gptq, hadamard
 
 # d_ff 96: the down rotation is H12 (x) H8, a Paley factor and a Sylvester one
 CFG = get_config("tiny").replace(d_ff=96)
@@ -391,6 +391,56 @@ def test_gptq_switches_reach_every_matrix(model):
     assert prepared.cache_key(model, sel, "w4a4")[0] != prepared.cache_key(model, RECIPE, "w4a4")[0]
 
 
+def test_sink_rows_weigh_in_the_hessians_as_asked(model):
+    """`gptq_sink_weight`: every input's Hessian gains weight x the sink rows' own X^T X (the sink
+    rows, position 0, taken from the layer inputs by an independent layer-by-layer forward), GPTQ's
+    dampening stays H's (the factor), the codes change (at weight 0 they do not), and the weight is
+    in the cache key (0, the rule so far, is not)."""
+    cfg, p = R.transform(model.params, CFG, RECIPE, "w4a4")
+    windows = prepared.calibration_windows(model, 2)
+    plain, with_sink = R.layer_hessians(p, cfg, windows), R.layer_hessians(p, cfg, windows, sink_rows=True)
+    keys = R._Hessians.SINK_WEIGHED
+    assert set(keys) == set(R._Hessians.PATHS) and set(with_sink) == set(plain) | {k + ("sink",) for k in keys}
+    # the sink rows' X^T X from the layers' inputs, by the float forward with a recording hook
+    fprec = llama.Precision(get_policy("float"), jnp.float32, llama.resolve("float", cfg).tilings)
+    seen = R._Inputs()
+    x = llama.embed(p, jnp.asarray(windows), fprec)
+    pos = jnp.broadcast_to(jnp.arange(windows.shape[1]), windows.shape)
+    want: dict = {k: [] for k in keys}
+    for lp in llama.unstack_layers(p["layers"]):
+        seen.xtx = {}
+        x_next, _ = llama.layer(lp, x, pos, None, cfg, fprec, seen)
+        for k in keys:
+            rows = np.asarray(seen.xtx[k][1], np.float64).reshape(len(windows), windows.shape[1], -1)[:, 0]
+            want[k].append(rows.T @ rows)
+        x = x_next.astype(jnp.float32)
+    for k in keys:
+        np.testing.assert_allclose(with_sink[k + ("sink",)], np.stack(want[k]), rtol=1e-4,
+                                   atol=1e-6 * np.abs(want[k]).max())
+    weighed, zero = R.weigh_sink_rows(with_sink, 50.0), R.weigh_sink_rows(with_sink, 0.0)
+    trace = lambda a: np.trace(a, axis1=-2, axis2=-1)  # noqa: E731
+    for k in keys:
+        np.testing.assert_allclose(weighed[k], with_sink[k] + 50.0 * with_sink[k + ("sink",)], rtol=1e-12)
+        np.testing.assert_allclose(weighed[k + ("damp",)] * trace(weighed[k]), trace(plain[k]), rtol=1e-5)
+        assert (weighed[k + ("damp",)] < 1).all() and (zero[k + ("damp",)] == 1).all()
+    quiet = lambda m: None  # noqa: E731
+    a, b, c = (R.quantize_weights(p, cfg, "w4a4", "gptq", h, quiet)["layers"] for h in (with_sink, weighed, zero))
+    for n in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"):
+        i, j = n.split(".")
+        assert not np.array_equal(np.asarray(a[i][j]["w"]), np.asarray(b[i][j]["w"])), n
+        np.testing.assert_array_equal(np.asarray(a[i][j]["w"]), np.asarray(c[i][j]["w"]))
+    # layer by layer too (each layer's Hessians from the quantized layers before it): the weight moves the codes
+    seq = [R.quantize_weights_sequential(p, cfg, "w4a4", windows, quiet, sink_weight=w)["layers"] for w in (0.0, 50.0)]
+    assert not np.array_equal(np.asarray(seq[0]["attn"]["v"]["w"]), np.asarray(seq[1]["attn"]["v"]["w"]))
+    one = dataclasses.replace(RECIPE, gptq_sink_weight=50.0)
+    assert "gptq_sink_weight" not in RECIPE.to_json() and one.to_json()["gptq_sink_weight"] == 50.0
+    assert prepared.cache_key(model, one, "w4a4")[0] != prepared.cache_key(model, RECIPE, "w4a4")[0]
+    for bad in (dict(gptq_sink_weight=-1.0), dict(gptq_sink_weight=1.0, sink=0),
+                dict(gptq_sink_weight=1.0, gptq_damp_select=True)):
+        with pytest.raises(ValueError, match="gptq_sink_weight"):
+            dataclasses.replace(RECIPE, **bad)
+
+
 def test_sequential_gptq_sees_the_quantized_layers_inputs(model):
     """`gptq_sequential`: layer i's q, k, v codes are GPTQ's for the Hessian of the inputs that the
     quantized layers before it give (recomputed here in one pass over the finished model), not the
@@ -441,7 +491,7 @@ def test_recipe_options_set_fields_by_their_types():
     base = R.get_recipe("rotate-gptq-learned")  # every switch on: each field below differs from it
     flipped = dict(fold_norms=True, rotate_residual=False, rotate_vo=False, qk_rotation=True, down_rotation=False,
                    sink=2, weights="rtn", act_order=False, refit_steps=False, gptq_damp=0.03,
-                   gptq_sequential=True, gptq_asymmetric=True, gptq_damp_select=False,
+                   gptq_sequential=True, gptq_asymmetric=True, gptq_damp_select=False, gptq_sink_weight=8.0,
                    activations="lsq",
                    sink_activations=None, calib_windows=7, seed=3, reconstruct=4, reconstruct_windows=2,
                    reconstruct_lr=0.25, learn_rotation=0, learn_rotation_lr=0.01)
