@@ -711,6 +711,33 @@ def test_the_floor_table_is_its_data_file():
     assert f"`{data['commands'][0].split(' > ')[0]}`" in _page("docs/quantization.md").replace("\n", " ")
 
 
+def test_the_sink_weight_tables_are_their_data_files():
+    """Rows at W = 0 on 32 calibration windows are the results table's; the others the file's, each
+    one command; the NumPy table's rows are its own file's."""
+    data, base = _result("gptq_sink_weight_smollm2.json"), _result("quality_smollm2.json")
+    assert data["held_out"] == base["held_out"] and data["agreement"] == base["agreement"]
+    rows = {(r["precision"], r["sink_weight"], r["calib_windows"]): r for r in data["rows"][1:]}
+    rows |= {(r["precision"], 0, 32): r for r in base["rows"][1:] if r["recipe"] == "rotate-gptq"}
+    table = _table("docs/quantization.md", "| Precision | Sink weight W | Calibration windows |")
+    shown = [(p, int(w), int(c)) for p, w, c, *_ in table]
+    assert len(set(shown)) == len(shown)  # every row of the file is shown, once
+    assert {(r["precision"], r["sink_weight"], r["calib_windows"]) for r in data["rows"][1:]} <= set(shown)
+    for precision, w, cw, vs, kl, top1, same in table:
+        r = rows[(precision, int(w), int(cw))]
+        assert _shown(vs, r["vs_float"]) and _shown(kl, r["kl"]) and _shown(top1, r["top1_agreement"]), (precision, w)
+        assert _shown(same, r["same_as_float_tokens"]), (precision, w)
+    for r in data["rows"][1:]:
+        assert r["command"] in data["commands"] and f"gptq_sink_weight={r['sink_weight']}" in r["command"] or (
+            r["sink_weight"] == 0 and "gptq_sink_weight" not in r["command"])
+    numpy = _result("gptq_sink_weight_numpy.json")
+    table = _table("docs/quantization.md", "| NumPy: Precision | Sink weight W |")
+    assert len(table) == len(numpy["rows"]) - 1 and numpy["held_out"]["dirs"][0].endswith("numpy")
+    for (precision, w, vs, kl, top1, same), r in zip(table, numpy["rows"][1:]):
+        assert (precision, int(w)) == (r["precision"], r["sink_weight"]) and r["command"] in numpy["commands"]
+        assert _shown(vs, r["vs_float"]) and _shown(kl, r["kl"]) and _shown(top1, r["top1_agreement"]), w
+        assert _shown(same, r["same_as_float_tokens"]), w
+
+
 def test_the_gptq_settings_table_is_its_data_file():
     data, base = _result("gptq_settings_smollm2.json"), _result("quality_smollm2.json")
     rows = data["rows"][1:]
