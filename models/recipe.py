@@ -426,8 +426,8 @@ def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, 
                    log: Log | None = None, halves: bool = False, sink_rows: bool = False):
     """Per layer, X^T X of each linear's inputs over the calibration windows ([N, K, K] per input).
     `halves`: also those of the first and of the second half of the windows, (all, (first, second)),
-    for choices checked on windows they were not made on. `sink_rows`: also X^T X of the sink rows
-    of the attention's input alone (`_Hessians.SINK_WEIGHED` + ("sink",))."""
+    for choices checked on windows they were not made on. `sink_rows`: also X^T X of each input's
+    sink rows alone (at key + ("sink",), for `weigh_sink_rows`)."""
     prec = llama.Precision(get_policy("float"), jnp.float32, llama.resolve("float", cfg).tilings)
 
     @jax.jit

@@ -399,19 +399,27 @@ def test_sink_rows_weigh_in_the_hessians_as_asked(model):
     cfg, p = R.transform(model.params, CFG, RECIPE, "w4a4")
     windows = prepared.calibration_windows(model, 2)
     plain, with_sink = R.layer_hessians(p, cfg, windows), R.layer_hessians(p, cfg, windows, sink_rows=True)
-    keys = R._Hessians.SINK_WEIGHED
-    assert set(keys) == set(R._Hessians.PATHS) and set(with_sink) == set(plain) | {k + ("sink",) for k in keys}
-    # the sink rows' X^T X from the layers' inputs, by the float forward with a recording hook
+    keys = [("attn", "s_x"), ("attn", "o", "s_x"), ("mlp", "s_x"), ("mlp", "down", "s_x")]  # every linear's input
+    assert set(plain) == set(keys) and set(with_sink) == set(keys) | {k + ("sink",) for k in keys}
+
+    class Recorder:  # what the layer shows a calibration: each quantization point's float input
+        def see(self, path, v, tq, sink=None):
+            self.seen[path] = v
+
+        def see_sink(self, path, v):
+            pass
+
+    # the sink rows' X^T X from the layers' inputs (position 0), by the float forward layer by layer
     fprec = llama.Precision(get_policy("float"), jnp.float32, llama.resolve("float", cfg).tilings)
-    seen = R._Inputs()
+    rec = Recorder()
     x = llama.embed(p, jnp.asarray(windows), fprec)
     pos = jnp.broadcast_to(jnp.arange(windows.shape[1]), windows.shape)
     want: dict = {k: [] for k in keys}
     for lp in llama.unstack_layers(p["layers"]):
-        seen.xtx = {}
-        x_next, _ = llama.layer(lp, x, pos, None, cfg, fprec, seen)
+        rec.seen = {}
+        x_next, _ = llama.layer(lp, x, pos, None, cfg, fprec, rec)
         for k in keys:
-            rows = np.asarray(seen.xtx[k][1], np.float64).reshape(len(windows), windows.shape[1], -1)[:, 0]
+            rows = np.asarray(rec.seen[k], np.float64)[:, 0].reshape(len(windows), -1)
             want[k].append(rows.T @ rows)
         x = x_next.astype(jnp.float32)
     for k in keys:
