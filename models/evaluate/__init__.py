@@ -17,7 +17,8 @@ from models import _lazy
 
 _EXPORTS = {
     **{m: f"models.evaluate.{m}" for m in ("agreement", "humaneval", "perplexity")},
-    **dict.fromkeys(("evaluate", "held_out", "nll_fn", "rounded_weights", "token_kl", "token_nll"), "models.evaluate.perplexity"),
+    **dict.fromkeys(("evaluate", "held_out", "nll_fn", "rounded_weights", "token_kl", "token_nll"),
+                    "models.evaluate.perplexity"),
     **dict.fromkeys(("BATCH", "PROMPT_TOKENS", "common_prefix_lengths", "greedy_continuations", "held_out_prompts"),
                     "models.evaluate.agreement"),
     **dict.fromkeys(("HumanEvalResult", "STOP_SEQUENCES", "check", "load_problems", "pass_at_k", "sampling_settings",
