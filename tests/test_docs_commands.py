@@ -716,12 +716,13 @@ def test_the_sink_weight_tables_are_their_data_files():
     one command; the NumPy table's rows are its own file's."""
     data, base = _result("gptq_sink_weight_smollm2.json"), _result("quality_smollm2.json")
     assert data["held_out"] == base["held_out"] and data["agreement"] == base["agreement"]
-    rows = {(r["precision"], r["sink_weight"], r["calib_windows"]): r for r in data["rows"][1:]}
+    name = lambda r: r["precision"] if r["recipe"] == "rotate-gptq" else f"{r['precision']}, {r['recipe']}"  # noqa: E731
+    rows = {(name(r), r["sink_weight"], r["calib_windows"]): r for r in data["rows"][1:]}
     rows |= {(r["precision"], 0, 32): r for r in base["rows"][1:] if r["recipe"] == "rotate-gptq"}
     table = _table("docs/quantization.md", "| Precision | Sink weight W | Calibration windows |")
     shown = [(p, int(w), int(c)) for p, w, c, *_ in table]
     assert len(set(shown)) == len(shown)  # every row of the file is shown, once
-    assert {(r["precision"], r["sink_weight"], r["calib_windows"]) for r in data["rows"][1:]} <= set(shown)
+    assert {(name(r), r["sink_weight"], r["calib_windows"]) for r in data["rows"][1:]} <= set(shown)
     for precision, w, cw, vs, kl, top1, same in table:
         r = rows[(precision, int(w), int(cw))]
         assert _shown(vs, r["vs_float"]) and _shown(kl, r["kl"]) and _shown(top1, r["top1_agreement"]), (precision, w)
