@@ -392,7 +392,6 @@ class _Hessians(llama._Calib):
 
     PATHS = {("attn", "s_x"): ("attn.q", "attn.k", "attn.v"), ("attn", "o", "s_x"): ("attn.o",),
              ("mlp", "s_x"): ("mlp.gate", "mlp.up"), ("mlp", "down", "s_x"): ("mlp.down",)}
-    SINK_WEIGHED = tuple(PATHS)  # also X^T X of their sink rows alone, at key + ("sink",)
 
     def __init__(self, sink_rows: bool = False):
         super().__init__("mse")
@@ -403,7 +402,7 @@ class _Hessians(llama._Calib):
         if path in self.PATHS:
             x, rows = _rows(v, sink)
             self.xtx[path] = x.T @ x
-            if self.sink_rows and sink is not None and path in self.SINK_WEIGHED:  # for `gptq_sink_weight`
+            if self.sink_rows and sink is not None:  # its sink rows alone, at path + ("sink",): `gptq_sink_weight`
                 s = rows - x
                 self.xtx[path + ("sink",)] = s.T @ s
 
@@ -463,14 +462,14 @@ def layer_hessians(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, 
 
 
 def weigh_sink_rows(hessians: dict, weight: float) -> dict:
-    """`layer_hessians(..., sink_rows=True)` with each weighed input's Hessian (`_Hessians.SINK_WEIGHED`)
-    H + weight x H_sink, each sink row counting as `weight` ordinary rows, and at key + ("damp",)
-    the factor [layers] that keeps GPTQ's dampening (a fraction of the mean diagonal) what it is for
-    H: the sink's input is hundreds of times larger than the others', and its rows would otherwise
-    raise every input's dampening with them. (`weight` = 0 gives H and factors of 1.)"""
+    """`layer_hessians(..., sink_rows=True)` with each input's Hessian H + weight x H_sink, each sink
+    row counting as `weight` ordinary rows, and at key + ("damp",) the factor [layers] that keeps
+    GPTQ's dampening (a fraction of the mean diagonal) what it is for H: the sink's input is
+    hundreds of times larger than the others', and its rows would otherwise raise every input's
+    dampening with them. (`weight` = 0 gives H and factors of 1.)"""
     out = {k: v for k, v in hessians.items() if k[-1] != "sink"}
     mean = lambda a: np.trace(a, axis1=-2, axis2=-1) / a.shape[-1]  # noqa: E731
-    for key in _Hessians.SINK_WEIGHED:
+    for key in _Hessians.PATHS:
         h, hs = hessians[key], hessians[key + ("sink",)]
         out[key] = h + weight * hs
         out[key + ("damp",)] = mean(h) / np.maximum(mean(out[key]), 1e-30)
@@ -592,7 +591,7 @@ def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, 
     def hessians(xs):
         """GPTQ's Hessians of the inputs (the sink rows left out), and the sink rows' own when weighed."""
         out = {k: kept.T @ kept for k, (kept, _) in xs.items()}
-        for k in _Hessians.SINK_WEIGHED if sink_weight else ():
+        for k in _Hessians.PATHS if sink_weight else ():
             kept, rows = xs[k]
             out[k + ("sink",)] = (rows - kept).T @ (rows - kept)
         return out
@@ -628,7 +627,7 @@ def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, 
                     h = run(lp, x)[1]
                 hess = add(hess, h)
             hess = {k: np.asarray(v, np.float64) for k, v in hess.items()}
-            if sink_weight and all(k + ("sink",) in hess for k in _Hessians.SINK_WEIGHED):
+            if sink_weight:
                 hess = weigh_sink_rows(hess, sink_weight)
             for hpath, names in _Hessians.PATHS.items():
                 h = hess[hpath]
