@@ -140,10 +140,11 @@ class Recipe:
                 + ([f"reconstruct:{self.reconstruct}"] if self.reconstruct else []))
 
     def to_json(self) -> dict:
-        """The recipe's fields (a prepared model's cache key): a switch that is off (reconstruction,
-        the sink's own calibration) is left out, so that the entries made before
-        it existed stay valid."""
+        """The recipe's fields (a prepared model's cache key), its description left out: a switch that
+        is off (reconstruction, the sink's own calibration) is left out, so that the entries made
+        before it existed stay valid."""
         out = dataclasses.asdict(self)
+        out.pop("description")  # words for people: rewording one must not orphan its prepared models
         if not self.sink_activations:
             out.pop("sink_activations")
         for k, earlier in _GPTQ_EARLIER.items():
@@ -177,15 +178,18 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            sink=0, sink_activations=None, weights="rtn", calib_windows=1,
            description="the earlier path: MSE steps on one calibration window, no transforms"),
     Recipe("rotate", weights="rtn", description="rotations and the sink prefix; weights rounded to nearest"),
-    Recipe("rotate-gptq", description="rotations, the sink prefix and GPTQ weights (the default)"),
+    Recipe("rotate-gptq", description="rotations, the sink prefix and GPTQ weights (the sink rows left out of GPTQ's "
+                                      "Hessians: the default until the sink weight was measured)"),
+    Recipe("rotate-gptq-sink", gptq_sink_weight=16.0,
+           description="rotate-gptq with each sink row counted as 16 ordinary rows in GPTQ's Hessians (the default)"),
     Recipe("rotate-gptq-recon", reconstruct=20,
-           description="the default, then every layer's steps fitted to the float layer's output (block-wise "
+           description="rotate-gptq, then every layer's steps fitted to the float layer's output (block-wise "
                        "reconstruction: a few minutes more on 2 cores)"),
     Recipe("rotate-gptq-learned", learn_rotation=60,
-           description="the default with a learned residual rotation after the Hadamard (the normed layer inputs' "
+           description="rotate-gptq with a learned residual rotation after the Hadamard (the normed layer inputs' "
                        "fourth moment minimised: a minute more on 2 cores)"),
 ]}
-DEFAULT_RECIPE = "rotate-gptq"
+DEFAULT_RECIPE = "rotate-gptq-sink"
 
 
 def get_recipe(name: str | Recipe) -> Recipe:

@@ -405,7 +405,7 @@ def _check_default_run(o: Outcome):
     if "--dry-run" in o.argv:
         assert re.search(r"^smollm2-135m, w8a8-pdd, 1 users? x 512 context: 16 cards: .*; fits$", o.out, re.M), o.out
     else:
-        assert re.search(r"^model smollm2-135m .*precision w8a8-pdd.*recipe rotate-gptq", o.out, re.M), o.out
+        assert re.search(r"^model smollm2-135m .*precision w8a8-pdd.*recipe rotate-gptq-sink\b", o.out, re.M), o.out
         assert re.search(r"^mapping: 16 cards: .*; fits", o.out, re.M), o.out
 
 
@@ -786,7 +786,8 @@ def test_the_search_table_is_its_data_file():
 
 
 @pytest.mark.parametrize("file,recipe", [("quality_recon_smollm2.json", "rotate-gptq-recon"),
-                                         ("learned_rotation_smollm2.json", "rotate-gptq-learned")])
+                                         ("learned_rotation_smollm2.json", "rotate-gptq-learned"),
+                                         ("quality_sink_smollm2.json", "rotate-gptq-sink")])
 def test_a_recipe_table_is_its_data_file(file, recipe):
     data, base = _result(file), _result("quality_smollm2.json")
     rows = {r["precision"]: r for r in data["rows"] if r["recipe"] == recipe}

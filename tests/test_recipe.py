@@ -443,6 +443,12 @@ def test_sink_rows_weigh_in_the_hessians_as_asked(model):
     one = dataclasses.replace(RECIPE, gptq_sink_weight=50.0)
     assert "gptq_sink_weight" not in RECIPE.to_json() and one.to_json()["gptq_sink_weight"] == 50.0
     assert prepared.cache_key(model, one, "w4a4")[0] != prepared.cache_key(model, RECIPE, "w4a4")[0]
+    # the default recipe is this switch at 16 on rotate-gptq: the same prepared model but for its name
+    assert R.get_recipe(R.DEFAULT_RECIPE) == dataclasses.replace(R.get_recipe("rotate-gptq"), gptq_sink_weight=16.0,
+                                                                 name=R.DEFAULT_RECIPE,
+                                                                 description=R.get_recipe(R.DEFAULT_RECIPE).description)
+    reworded = dataclasses.replace(one, description="other words")  # words are not part of the key
+    assert prepared.cache_key(model, reworded, "w4a4")[0] == prepared.cache_key(model, one, "w4a4")[0]
     for bad in (dict(gptq_sink_weight=-1.0), dict(gptq_sink_weight=1.0, sink=0),
                 dict(gptq_sink_weight=1.0, gptq_damp_select=True)):
         with pytest.raises(ValueError, match="gptq_sink_weight"):

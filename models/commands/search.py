@@ -45,7 +45,7 @@ def register(sub) -> None:
         epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--model", default="smollm2-135m", help="a named config; smollm2-135m is read from its GGUF")
     p.add_argument("--gguf", default=None, help="GGUF file of the model (default: the installed one)")
-    p.add_argument("--recipe", default="rotate-gptq", choices=RECIPES, metavar="RECIPE",
+    p.add_argument("--recipe", default="rotate-gptq-sink", choices=RECIPES, metavar="RECIPE",
                    help=f"how the model is prepared: {', '.join(RECIPES)} (docs/quantization.md)")
     p.add_argument("--options", default=",".join(OPTIONS), metavar="P1,P2,...",
                    help="the presets a layer may take, narrowest first; the last is the base (and the output "

@@ -47,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--gguf", default=None, help="GGUF file of the model (default: the installed one)")
     p.add_argument("--precision", default="w8a8", type=precision_type(PRECISIONS),
                    help="the starting policy; its weights must be 8-bit per channel (default: w8a8)")
-    p.add_argument("--recipe", default="rotate-gptq", choices=RECIPES, metavar="RECIPE",
+    p.add_argument("--recipe", default="rotate-gptq-sink", choices=RECIPES, metavar="RECIPE",
                    help=f"how the model is prepared: {', '.join(RECIPES)} (docs/quantization.md)")
     p.add_argument("--fisher-windows", type=count, default=16, help="held-out windows of the gradient estimate")
     p.add_argument("--windows", type=count, default=32, help="further held-out windows of each measurement")

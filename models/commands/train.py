@@ -21,7 +21,7 @@ from np_jax.progress import Progress
 
 # Spelled out so that `--help` needs no JAX import; tests/test_train.py keeps them equal to
 # models.recipe.RECIPES and models.llama.CALIBRATIONS.
-RECIPES = ("rotate-gptq", "rotate", "plain", "rotate-gptq-recon", "rotate-gptq-learned")
+RECIPES = ("rotate-gptq", "rotate-gptq-sink", "rotate", "plain", "rotate-gptq-recon", "rotate-gptq-learned")
 CALIBRATIONS = ("mse", "lsq", "max")
 
 TRAIN_EPILOG = """\
@@ -65,13 +65,13 @@ TRAIN_FLAGS = [
      f"float: float training; {', '.join(PRECISIONS)} or a policy file (.json): QAT at that policy "
      "(default: float)"),
     ("--recipe", "recipe", str, RECIPES, "how QAT's starting point is made from the float model "
-                                         "(docs/quantization.md) (default: rotate-gptq)"),
+                                         "(docs/quantization.md) (default: rotate-gptq-sink)"),
     ("--calibration", "calibration", str, CALIBRATIONS, "initial activation step sizes for QAT: mse "
                                                         "(MSE-optimal), lsq (the LSQ paper's "
                                                         "2*mean|v|/sqrt(Q_P)) or max (max|v|/Q_P: "
                                                         "nothing clipped) (default: mse)"),
     ("--calib-windows", "calib_windows", int, None, "training windows the recipe calibrates on (default: the "
-                                                    "recipe's, 32 for rotate-gptq)"),
+                                                    "recipe's, 32 for rotate-gptq-sink)"),
     ("--steps", "steps", int, None, "optimizer steps in total (default: 100)"),
     ("--batch-size", "batch_size", int, None, "sequences per micro-batch (default: 1)"),
     ("--grad-accum", "grad_accum", int, None, "micro-batches accumulated per optimizer step; the effective batch "
@@ -188,7 +188,7 @@ def register(sub) -> None:
                         "default: the first quantized checkpoint's, else w4a4)")
     p.add_argument("--recipe", action="append", default=None, choices=RECIPES,
                    help="PTQ recipe (repeatable: one row per precision and recipe; default: the first quantized "
-                        "checkpoint's, else rotate-gptq; see docs/quantization.md)")
+                        "checkpoint's, else rotate-gptq-sink; see docs/quantization.md)")
     p.add_argument("--calibration", action="append", default=None, choices=CALIBRATIONS,
                    help="PTQ activation calibration method(s) (repeatable; default: the checkpoint's, else mse)")
     p.add_argument("--recipe-option", action="append", default=[], metavar="KEY=VALUE", type=recipe_option,
