@@ -52,7 +52,9 @@ from models.train.data import Corpus, DataConfig, TrainStream
 from np_jax.cli import cache_dir
 from np_jax.quant import get_policy, gptq, hadamard
 
-FORMAT_VERSION = 4
+# 5: the key no longer holds the recipe's description (every key changed, so the version moves and
+# the next preparation sweeps the entries no key can reach)
+FORMAT_VERSION = 5
 FORMAT = f"np_jax.prepared/{FORMAT_VERSION}"
 CALIB_SEQ_LEN = 256
 META, ARRAYS = "meta.json", "arrays.bin"
