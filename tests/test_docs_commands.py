@@ -805,6 +805,18 @@ def test_a_recipe_table_is_its_data_file(file, recipe):
     assert data["rows"][0]["perplexity"] == pytest.approx(base["rows"][0]["perplexity"], rel=1e-5)
 
 
+def test_the_qat_starts_table_is_its_data_files():
+    """codesign.md's QAT-from-each-start table: every figure is its data file's PTQ or QAT row."""
+    table = _table("docs/codesign.md", "| Start (PTQ) | Precision | PTQ vs float |")
+    for start, precision, ptq_vs, qat_vs, kl, same, file in table:
+        rows = _result(file.strip("`"))["rows"]
+        ptq, qat = (next(r for r in rows if r["precision"] == precision and bool(r.get("qat")) == q) for q in (0, 1))
+        assert _shown(ptq_vs, ptq["vs_float"]) and _shown(qat_vs, qat["vs_float"]), start
+        assert all(_shown(c, r["kl"]) for c, r in zip(kl.split(" -> "), (ptq, qat))), start
+        assert all(_shown(c, r["same_as_float_tokens"]) for c, r in zip(same.split(" -> "), (ptq, qat))), start
+        assert start.split(" (")[0].split(",")[0] == ptq["recipe"] == qat["recipe"], start
+
+
 def test_the_qat_tables_are_their_data_files():
     rotate, plain = _result("qat_rotate_smollm2.json"), _result("qat_smollm2.json")
     table = _table("docs/training.md", "| Model | Precision | Steps | Train tokens | Perplexity |")
