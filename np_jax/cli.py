@@ -74,6 +74,10 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
                                          subsequent_indent=indent))
         return "\n\n".join(out)
 
+    def _split_lines(self, text, width):
+        # a flag's help wrapped at spaces only: names such as rotate-gptq-recon stay whole
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
     def _get_help_string(self, action):
         text = action.help or ""
         # identity, not equality: a default of 0 (`--seed 0`, `--card 0`) is shown; None, False and

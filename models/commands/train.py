@@ -64,8 +64,9 @@ TRAIN_FLAGS = [
     ("--precision", "precision", precision_type(("float",) + PRECISIONS), None,
      f"float: float training; {', '.join(PRECISIONS)} or a policy file (.json): QAT at that policy "
      "(default: float)"),
-    ("--recipe", "recipe", str, RECIPES, "how QAT's starting point is made from the float model "
-                                         "(docs/quantization.md) (default: rotate-gptq-sink)"),
+    ("--recipe", "recipe", str, RECIPES, f"how QAT's starting point is made from the float model: "
+                                         f"{', '.join(RECIPES)} (docs/quantization.md) (default: "
+                                         "rotate-gptq-sink)"),
     ("--calibration", "calibration", str, CALIBRATIONS, "initial activation step sizes for QAT: mse "
                                                         "(MSE-optimal), lsq (the LSQ paper's "
                                                         "2*mean|v|/sqrt(Q_P)) or max (max|v|/Q_P: "
@@ -152,7 +153,8 @@ def register(sub) -> None:
                     "manifest; an interrupted run resumes exactly where its last good checkpoint left off.",
         epilog=TRAIN_EPILOG, formatter_class=Formatter)
     for flag, dest, typ, choices, help_ in TRAIN_FLAGS:
-        p.add_argument(flag, dest=dest, type=typ, choices=choices, default=argparse.SUPPRESS, help=help_)
+        p.add_argument(flag, dest=dest, type=typ, choices=choices, default=argparse.SUPPRESS, help=help_,
+                       metavar="RECIPE" if flag == "--recipe" else None)  # the recipes, listed in its help
     p.add_argument("--recipe-option", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
                    type=recipe_option, dest="recipe_options",
                    help="set one field of the recipe that makes QAT's start, as eval's --recipe-option does: e.g. "
@@ -186,9 +188,10 @@ def register(sub) -> None:
     p.add_argument("--precision", action="append", default=None, type=precision_type(("float",) + PRECISIONS),
                    help=f"PTQ precision: float, {', '.join(PRECISIONS)} or a policy file (.json) (repeatable; "
                         "default: the first quantized checkpoint's, else w4a4)")
-    p.add_argument("--recipe", action="append", default=None, choices=RECIPES,
-                   help="PTQ recipe (repeatable: one row per precision and recipe; default: the first quantized "
-                        "checkpoint's, else rotate-gptq-sink; see docs/quantization.md)")
+    p.add_argument("--recipe", action="append", default=None, choices=RECIPES, metavar="RECIPE",
+                   help=f"PTQ recipe: {', '.join(RECIPES)} (repeatable: one row per precision and recipe; "
+                        "default: the first quantized checkpoint's, else rotate-gptq-sink; see "
+                        "docs/quantization.md)")
     p.add_argument("--calibration", action="append", default=None, choices=CALIBRATIONS,
                    help="PTQ activation calibration method(s) (repeatable; default: the checkpoint's, else mse)")
     p.add_argument("--recipe-option", action="append", default=[], metavar="KEY=VALUE", type=recipe_option,
