@@ -186,7 +186,8 @@ def test_the_extraction_sees_the_docs():
     assert {"make run", "np-jax map --precision a8c8w4", ".venv/bin/np-jax spec [--json]",
             "np-jax plan --model llama-70b"} <= texts
     assert any(d.transcript and d.text == "$ np-jax run --dry-run" for d in COMMANDS)
-    train = next(d for d in COMMANDS if d.text.startswith("np-jax train --recipe rotate-gptq --precision w4a4 --steps 60 --grad-accum 2"))
+    train = next(d for d in COMMANDS
+                 if d.text.startswith("np-jax train --recipe rotate-gptq --precision w4a4 --steps 60 --grad-accum 2"))
     assert train.text.endswith("--out runs/qat-w4a4-rotate") and "16.9 minutes" in train.comment  # continuation lines
     assert variants(next(d for d in COMMANDS if d.text == ".venv/bin/np-jax spec [--json]")) == \
         [(["spec"], None), (["spec", "--json"], None)]

@@ -456,7 +456,10 @@ def test_help_lists_the_choices_and_states_every_default(capsys):
         assert choices is None or want in choices
     assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
-    assert "float: float training; w4a4, a8c8w4, w8a8," in " ".join(text.split()) and "policy file" in " ".join(text.split()) and f"starting point is made from the float model: {', '.join(cmd.RECIPES)} (docs" in " ".join(text.split()) and "{mse,lsq,max}" in text
+    flat = " ".join(text.split())
+    assert "float: float training; w4a4, a8c8w4, w8a8," in flat and "policy file" in flat
+    assert f"starting point is made from the float model: {', '.join(cmd.RECIPES)} (docs" in flat
+    assert "{mse,lsq,max}" in text
     assert main(["eval", "--help"]) == 0
     assert "held-out windows (default: 32)" in " ".join(capsys.readouterr().out.split())
 
