@@ -31,7 +31,8 @@ A recipe is a list of switchable transforms, each exact in float or run by the c
   inputs the already-quantized layers before it give), `gptq_asymmetric` (layer by layer, each
   matrix fitted to the float model's outputs from the quantized model's inputs) and
   `gptq_sink_weight` (the sink rows, left out of the Hessians, counted as that many ordinary rows:
-  a8c8w4-pdd 1.205x -> 1.115x float perplexity at 16; docs/quantization.md).
+  a8c8w4-pdd 1.205x -> 1.115x float perplexity at 16; 0 in `rotate-gptq`, 16 in the default
+  recipe `rotate-gptq-sink`; docs/quantization.md).
 - `activations`: static steps calibrated ("mse" or the paper's "lsq") on training windows,
   the sink rows excluded from the other rows' steps.
 
@@ -407,8 +408,13 @@ class _Hessians(llama._Calib):
             x, rows = _rows(v, sink)
             self.xtx[path] = x.T @ x
             if self.sink_rows and sink is not None:  # its sink rows alone, at path + ("sink",): `gptq_sink_weight`
-                s = rows - x
-                self.xtx[path + ("sink",)] = s.T @ s
+                self.xtx[path + ("sink",)] = _sink_xtx(x, rows)
+
+
+def _sink_xtx(kept, rows):
+    """X^T X of the sink rows alone, from `_rows`' pair (the rows with the sink zeroed, the rows)."""
+    s = rows - kept
+    return s.T @ s
 
 
 def _rows(v, sink):
@@ -596,8 +602,7 @@ def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, 
         """GPTQ's Hessians of the inputs (the sink rows left out), and the sink rows' own when weighed."""
         out = {k: kept.T @ kept for k, (kept, _) in xs.items()}
         for k in _Hessians.PATHS if sink_weight else ():
-            kept, rows = xs[k]
-            out[k + ("sink",)] = (rows - kept).T @ (rows - kept)
+            out[k + ("sink",)] = _sink_xtx(*xs[k])
         return out
 
     @jax.jit
