@@ -809,6 +809,23 @@ def test_a_recipe_table_is_its_data_file(file, recipe):
     assert data["rows"][0]["perplexity"] == pytest.approx(base["rows"][0]["perplexity"], rel=1e-5)
 
 
+def test_the_second_corpus_table_is_its_data_file():
+    """quantization.md's table of both recipes on NumPy's source: each figure is its data file's row,
+    measured on that corpus by the command the page gives."""
+    data = _result("quality_sink_numpy.json")
+    assert data["held_out"]["dirs"][0].endswith("numpy")
+    rows = {(r["precision"], r["recipe"]): r for r in data["rows"][1:]}
+    table = _table("docs/quantization.md", "| Precision | rotate-gptq vs float | KL | rotate-gptq-sink vs float |")
+    assert len(table) * 2 == len(rows)
+    for precision, vs0, kl0, vs1, kl1, same in table:
+        before, after = rows[precision, "rotate-gptq"], rows[precision, "rotate-gptq-sink"]
+        assert _shown(vs0, before["vs_float"]) and _shown(kl0, before["kl"]), precision
+        assert _shown(vs1, after["vs_float"]) and _shown(kl1, after["kl"]), precision
+        assert all(_shown(c, r["same_as_float_tokens"]) for c, r in zip(same.split(" -> "), (before, after))), precision
+    page = " ".join((ROOT / "docs" / "quantization.md").read_text().split())
+    assert f"`{data['command']}`" in page
+
+
 def test_the_qat_starts_table_is_its_data_files():
     """codesign.md's QAT-from-each-start table: every figure is its data file's PTQ or QAT row."""
     table = _table("docs/codesign.md", "| Start (PTQ) | Precision | PTQ vs float |")
