@@ -155,6 +155,10 @@ def test_cli_rows_carry_kl_and_same_as_float(capsys):
     assert rep["agreement"] == {"prompts": 2, "tokens": 4, "prompt_tokens": PROMPT_TOKENS}
     assert "kl" not in fl and "same_as_float_tokens" not in fl  # the reference row
     assert q["kl"] >= 0 and 0 <= q["same_as_float_tokens"] <= 4 and 0 <= q["top1_agreement"] <= 1
+    # each prompt's count is kept, and the mean's standard error is theirs (sample standard deviation / sqrt(P))
+    per = np.asarray(q["same_as_float_per_prompt"])
+    assert per.shape == (2,) and np.all((0 <= per) & (per <= 4)) and per.mean() == q["same_as_float_tokens"]
+    assert q["same_as_float_sem"] == pytest.approx(np.std(per, ddof=1) / np.sqrt(2))
     assert main(base + ["--no-ptq", "--agreement-prompts", "0", "--rounded-float", "bf16"]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith("model"))

@@ -407,7 +407,12 @@ def eval_command(args) -> int:
             with Progress(f"greedy {name}", steps, unit="step", log=log) as bar:
                 cont = greedy_continuations(params, cfg_, policy, prompts, t_agree, progress=bar.update)
             if not is_float_row:
-                rows[-1]["same_as_float_tokens"] = float(common_prefix_lengths(reference["continuations"], cont).mean())
+                same = common_prefix_lengths(reference["continuations"], cont)
+                rows[-1]["same_as_float_tokens"] = float(same.mean())
+                # each prompt's count and the mean's standard error: one prompt's count swings by tens of
+                # tokens on a near-tie, so a mean over 32 prompts moves by several (docs/quantization.md)
+                rows[-1]["same_as_float_per_prompt"] = [int(n) for n in same]
+                rows[-1]["same_as_float_sem"] = float(same.std(ddof=1) / len(same) ** 0.5) if len(same) > 1 else None
             rows[-1]["agreement_seconds"] = time.perf_counter() - t0
         if is_float_row:
             reference.update(top1=top1, continuations=cont)
@@ -415,6 +420,7 @@ def eval_command(args) -> int:
             + (f", top-1 agreement with float {r['top1_agreement']:.3f}" if "top1_agreement" in r else "")
             + (f", KL(float || {name}) {r['kl']:.4f} nats/token" if "kl" in r else "")
             + (f", {rows[-1]['same_as_float_tokens']:.1f} of {t_agree} greedy tokens as float's"
+               + (f" (± {rows[-1]['same_as_float_sem']:.1f})" if rows[-1]["same_as_float_sem"] is not None else "")
                if "same_as_float_tokens" in rows[-1] else "")
             + f" ({rows[-1]['seconds']:.0f} s" + (f" + {rows[-1]['agreement_seconds']:.0f} s generating)"
                                                   if prompts else ")"))
