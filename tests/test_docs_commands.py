@@ -822,8 +822,9 @@ def test_the_second_corpus_table_is_its_data_file():
         assert _shown(vs0, before["vs_float"]) and _shown(kl0, before["kl"]), precision
         assert _shown(vs1, after["vs_float"]) and _shown(kl1, after["kl"]), precision
         assert all(_shown(c, r["same_as_float_tokens"]) for c, r in zip(same.split(" -> "), (before, after))), precision
-    page = " ".join((ROOT / "docs" / "quantization.md").read_text().split())
-    assert f"`{data['command']}`" in page
+    numpy = ".venv311/lib/python3.11/site-packages/numpy"
+    quoted = _quoted("docs/quantization.md", f"np-jax eval --data {numpy} --precision w4a4 --")
+    assert " ".join(quoted.split()) == data["command"]
 
 
 def test_the_qat_starts_table_is_its_data_files():
