@@ -22,7 +22,9 @@ A damaged entry (truncated, emptied, a byte changed anywhere, a file missing, me
 reported in one line, removed and prepared again: it is never used. Entries are written to a
 temporary folder and renamed into place, so an interrupted run leaves no half-written entry;
 temporary folders a killed run left behind, and entries of an older format, are removed by the
-next `prepare`. `np-jax cache` lists the entries and frees them (models.commands.cache).
+next `prepare`. The cache is bounded (`NP_JAX_CACHE_MAX`, default 5 GB): after an entry is
+written, the least recently used ones are removed until the entries of this format fit
+(`cache_limit`, `_trim`). `np-jax cache` lists the entries and frees them (models.commands.cache).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ META, ARRAYS = "meta.json", "arrays.bin"
 ALIGN = 64  # bytes: each array in arrays.bin starts on a multiple
 BLOCK = 32  # values per step of a Q8_0 table row (GGUF's block)
 STALE_TMP_S = 600  # a temporary folder this old is a killed run's: writing an entry takes seconds
+LIMIT_ENV = "NP_JAX_CACHE_MAX"
+DEFAULT_LIMIT = 5_000_000_000  # bytes: ~90 SmolLM2 entries at 4-bit weights, ~45 at w8a8
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+         "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 TMP_PREFIX = ".tmp-"
 DERIVED = ("rotated", "head")  # codecs recomputed from the model file (`_derive`): no array stored
 FILE_TENSORS = ("embed", "final_norm")  # the model file's tensors they read
@@ -75,6 +81,23 @@ class DamagedEntry(Exception):
 
 def cache_root() -> Path:
     return cache_dir() / "prepared"
+
+
+def cache_limit() -> int | None:
+    """The most bytes the entries of this format may take together: `$NP_JAX_CACHE_MAX` (a size
+    such as 5GB, 800MB, 2GiB, or a plain number of bytes; `none` for no bound), default 5 GB.
+    ValueError, naming the variable, for anything else."""
+    raw = os.environ.get(LIMIT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LIMIT
+    if raw.lower() in ("none", "unlimited", "off"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)", raw)
+    unit = m and UNITS.get(m.group(2).lower())
+    if not unit or not float(m.group(1)) * unit >= 1:
+        raise ValueError(f"{LIMIT_ENV}={raw!r}: give the prepared-model cache's size bound as a size such as 5GB, "
+                         "800MB or 2GiB, or none for no bound")
+    return int(float(m.group(1)) * unit)
 
 
 def calib_seq_len(cfg: ModelConfig) -> int:
@@ -455,9 +478,19 @@ class Entry:
     model: str | None = None
     precision: str | None = None
     recipe: str | None = None
+    used: float | None = None  # when it was last written or read (the folder's mtime, `_touch`), Unix time
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "path": str(self.path)}
+
+
+def _touch(d: Path) -> None:
+    """Mark the entry `d` as used now (its folder's mtime), before it is read: so a concurrent
+    `_trim` takes it for the newest. A read-only cache is read all the same."""
+    try:
+        os.utime(d)
+    except OSError:
+        pass
 
 
 def _size(p: Path) -> int:
@@ -492,6 +525,10 @@ def entries(root: Path | None = None) -> list[Entry]:
     out = []
     for p in sorted(root.iterdir()) if root.is_dir() else []:
         size = _size(p)
+        try:
+            used = p.lstat().st_mtime
+        except OSError:
+            continue  # removed meanwhile (a concurrent `_trim` or `np-jax cache clear`)
         if p.name.startswith(TMP_PREFIX):
             out.append(Entry(p.name, p, size, "unfinished"))
             continue
@@ -503,7 +540,7 @@ def entries(root: Path | None = None) -> list[Entry]:
                       else "newer format" if version else "unreadable")
             recipe = inputs.get("recipe")
             out.append(Entry(p.name, p, size, status, meta.get("created"), inputs.get("model"),
-                             inputs.get("precision"), recipe.get("name") if isinstance(recipe, dict) else None))
+                             inputs.get("precision"), recipe.get("name") if isinstance(recipe, dict) else None, used))
         except (OSError, ValueError, AttributeError):
             out.append(Entry(p.name, p, size, "unreadable"))
     return sorted(out, key=lambda e: (e.created or "", e.key))
@@ -527,6 +564,30 @@ def _sweep(root: Path, log: Log) -> None:
             f"{len(old) - n_old} unfinished one(s) from {root} ({freed / 1e6:.0f} MB)")
 
 
+def _trim(root: Path, limit: int | None, keep: Path, log: Log) -> None:
+    """Remove the least recently used entries of this format until they fit in `limit` bytes
+    together; never `keep` (the entry just written, which may exceed the bound alone). Entries of
+    other formats and unfinished folders are not counted (`_sweep` handles them)."""
+    if limit is None:
+        return
+    current = sorted((e for e in entries(root) if e.status == "current"), key=lambda e: (e.used or 0.0, e.key))
+    total = sum(e.bytes for e in current)
+    gone = []
+    for e in current:
+        if total <= limit:
+            break
+        if e.path != keep:
+            gone.append(e)
+            total -= e.bytes
+    if gone:
+        freed = remove(gone)
+        log(f"removed {len(gone)} least recently used prepared-model cache entr{'y' if len(gone) == 1 else 'ies'} "
+            f"({freed / 1e6:.0f} MB) to keep {root} under {limit / 1e9:.2f} GB ({LIMIT_ENV})")
+    if total > limit:
+        log(f"warning: the prepared-model cache entry {keep} alone exceeds the {limit / 1e9:.2f} GB bound "
+            f"({LIMIT_ENV}); it is kept")
+
+
 def _unwritable(root: Path, cfg: ModelConfig) -> str | None:
     """Why an entry for `cfg` cannot be written in `root` (None if it can), found before preparing."""
     try:
@@ -544,8 +605,8 @@ def _unwritable(root: Path, cfg: ModelConfig) -> str | None:
 def read_cached(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: DataConfig = DataConfig(),
                 seed: int = 0) -> tuple[ModelConfig, llama.Params, float] | None:
     """(config, parameters, seconds) of `prepare`'s verified cache entry, or None (no entry, a damaged
-    one, or nothing to cache): quiet, and changes nothing, so that it can run ahead of `prepare` in
-    another thread (`prepare(..., cached=...)` takes its result)."""
+    one, or nothing to cache): quiet, and changes nothing but the entry's time of use, so that it can
+    run ahead of `prepare` in another thread (`prepare(..., cached=...)` takes its result)."""
     recipe = recipes.get_recipe(recipe)
     if model.sha256 is None or get_policy(policy).is_float:
         return None
@@ -553,6 +614,7 @@ def read_cached(model: Model, recipe: str | recipes.Recipe, policy: str, *, data
     d = cache_root() / key
     if not d.is_dir():
         return None
+    _touch(d)
     t0 = time.perf_counter()
     try:
         cfg, params, _ = read_entry(d, inputs, model.file_tensors)
@@ -583,11 +645,13 @@ def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: Da
         return model.cfg, model.params, info | {"cache": None}
     cacheable = use_cache and model.sha256 is not None
     if cacheable:
+        limit = cache_limit()  # a bad NP_JAX_CACHE_MAX is refused now, not after the preparation
         _sweep(root, log)
         if cached is not None:
             log(f"prepared model from the cache {d} in {cached[2]:.1f} s")
             return cached[0], cached[1], info | {"cached": True}
         if d.exists() or d.is_symlink():
+            _touch(d)
             t0 = time.perf_counter()
             try:
                 cfg, params, _ = read_entry(d, inputs, model.file_tensors)
@@ -624,6 +688,7 @@ def prepare(model: Model, recipe: str | recipes.Recipe, policy: str, *, data: Da
                      and sum(b["nbytes"] for b in r["buffers"]) > 1 << 20]
             log(f"cached the prepared model in {d} ({meta['bytes'] / 1e6:.0f} MB"
                 + (f"; kept as they are: {', '.join(as_is)}" if as_is else "") + ")")
+            _trim(root, limit, d, log)
         except (OSError, TypeError) as e:
             log(f"warning: could not cache the prepared model in {d}: {e}")
     return cfg, params, info

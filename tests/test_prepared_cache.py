@@ -385,6 +385,7 @@ def test_a_file_digest_is_remembered_with_a_check_of_its_own(gguf_file, monkeypa
 
 def test_cache_command_lists_and_frees(real, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("NP_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("NP_JAX_CACHE_MAX", "2GiB")
     root = prepared.cache_root()
     shutil.copytree(real.entry, root / real.entry.name)
     (root / "old").mkdir()
@@ -393,9 +394,10 @@ def test_cache_command_lists_and_frees(real, monkeypatch, tmp_path, capsys):
     assert main(["cache"]) == 0
     out = capsys.readouterr().out
     assert str(root) in out and real.entry.name[:12] in out and "tiny" in out and "w4a4" in out and "rotate-gptq" in out
-    assert "older format" in out and "2 entries" in out
+    assert "older format" in out and "2 entries" in out and "bound 2.15 GB" in out and "USED" in out
     assert main(["cache", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
+    assert listed["limit_bytes"] == 2**31 and all(isinstance(e["used"], float) for e in listed["entries"])
     by_key = {e["key"]: e for e in listed["entries"]}
     assert by_key[real.entry.name]["bytes"] == size(root / real.entry.name)
     assert listed["total_bytes"] == size(root) and listed["location"] == str(root)
@@ -428,3 +430,87 @@ def test_a_stack_of_layers_of_several_widths_keeps_each_at_its_own(widths, k, m,
     rec = next(r for r in meta["leaves"] if r["path"] == ["lin", "w"])
     assert rec["codec"] == "grid" and rec["bits"] == widths
     assert rec["buffers"][0]["nbytes"] == sum(-(-k * m // 2) if b == 4 else k * m for b in widths)
+
+
+# --- the size bound ($NP_JAX_CACHE_MAX) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, want", [("", prepared.DEFAULT_LIMIT), ("5GB", 5 * 10**9), ("800 MB", 8 * 10**8),
+                                       ("2GiB", 2 * 2**30), ("1.5g", 15 * 10**8), ("123", 123), ("none", None),
+                                       ("Unlimited", None)])
+def test_the_size_bound_reads_sizes_with_units(monkeypatch, raw, want):
+    monkeypatch.setenv("NP_JAX_CACHE_MAX", raw)
+    assert prepared.cache_limit() == want
+
+
+@pytest.mark.parametrize("raw", ["5x", "-1GB", "0", "GB", "1e9", "0.1"])
+def test_a_bad_size_bound_is_refused_before_preparing(model, fast, monkeypatch, raw):
+    monkeypatch.setenv("NP_JAX_CACHE_MAX", raw)
+    with pytest.raises(ValueError, match="NP_JAX_CACHE_MAX="):
+        prepared.prepare(model, RECIPE, "w4a4")
+    assert not fast  # nothing prepared
+
+
+def _fake_entries(root: Path, sizes: list[int], fmt: str = prepared.FORMAT) -> list[Path]:
+    """Entries of format `fmt` (default: this one, which the bound counts) of the given sizes, used
+    one second apart in order."""
+    root.mkdir(parents=True, exist_ok=True)
+    out, t0 = [], time.time() - 3600
+    for i, n in enumerate(sizes):
+        d = root / f"fake{i:02d}-v{fmt.rsplit('/', 1)[1]}"
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps({"format": fmt, "inputs": {"model": "tiny"}}))
+        (d / "arrays.bin").write_bytes(bytes(n))
+        os.utime(d, (t0 + i, t0 + i))
+        out.append(d)
+    return out
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(0, 400_000), min_size=0, max_size=6), slack=st.floats(0, 1.5),
+       order=st.randoms(use_true_random=False))
+def test_a_new_entry_evicts_the_least_recently_used_until_the_cache_fits(model, real, fast, monkeypatch,
+                                                                          sizes, slack, order):
+    root = prepared.cache_root()
+    shutil.rmtree(root, ignore_errors=True)
+    fast.clear()
+    fakes = _fake_entries(root, sizes)
+    other = _fake_entries(root, [10**6], "np_jax.prepared/99")[0]  # another format: never counted
+    used = fakes[:]
+    order.shuffle(used)  # then read in this order: the time of use, not of making, decides
+    t0 = time.time() - 1800
+    for i, d in enumerate(used):
+        os.utime(d, (t0 + i, t0 + i))
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+    sizes = {d: size(d) for d in fakes}
+    limit = max(1, int(slack * (sum(sizes.values()) + size(real.entry))))
+    monkeypatch.setenv("NP_JAX_CACHE_MAX", str(limit))
+    logs = []
+    cfg, params, info = prepared.prepare(model, RECIPE, "w4a4", log=logs.append)
+    entry = Path(info["cache"])
+    assert entry.is_dir() and other.is_dir() and fast == ["w4a4"]  # the new entry is kept, whatever its size
+    kept = [d for d in used if d.is_dir()]
+    gone = [d for d in used if not d.is_dir()]
+    total = size(entry) + sum(sizes[d] for d in kept)
+    assert total <= limit or not kept  # it fits, or only the new entry is left
+    assert used[:len(gone)] == gone  # the least recently used went first ...
+    if gone:  # ... and no more than needed
+        assert total + sizes[gone[-1]] > limit
+        assert any(m.startswith(f"removed {len(gone)} least recently used prepared-model cache entr") for m in logs)
+    assert any(m.startswith("warning:") and "alone exceeds" in m for m in logs) == (size(entry) > limit)
+
+
+def test_reading_an_entry_makes_it_the_most_recently_used(model, real, fast, monkeypatch):
+    root = prepared.cache_root()
+    a, b = _fake_entries(root, [1000, 1000])
+    shutil.copytree(real.entry, root / real.entry.name)
+    past = time.time() - 7200
+    os.utime(root / real.entry.name, (past, past))  # the oldest, until it is read
+    assert prepared.prepare(model, RECIPE, "w4a4")[2]["cached"]
+    listed = {e.path.name: e.used for e in prepared.entries()}
+    assert listed[real.entry.name] > max(listed[a.name], listed[b.name])
+    # a new entry (of about the same size) that passes the bound removes a and b, not the entry just read
+    size = sum(f.stat().st_size for f in real.entry.rglob("*") if f.is_file())
+    monkeypatch.setenv("NP_JAX_CACHE_MAX", str(2 * size + 500))
+    assert not prepared.prepare(model, RECIPE, "w8a8")[2]["cached"]
+    assert not a.exists() and not b.exists() and (root / real.entry.name).is_dir()
