@@ -423,10 +423,12 @@ REFERENCE_STYLES = [("tab:red", (0, (7, 3)), 3.2), ("tab:orange", (0, (1.5, 1.5)
                     ("tab:brown", (0, (1, 3)), 1.0)]
 
 
-def loss_figure(metrics: list[dict], title: str = "", smooth: int = 10, evals: dict[str, float] | None = None):
+def loss_figure(metrics: list[dict], title: str = "", smooth: int = 10, evals: dict[str, float] | None = None,
+                held_out: list[dict] | None = None):
     """Training cross-entropy vs optimizer step (raw and a moving average); `evals`: horizontal
     reference lines (e.g. held-out NLLs, nats/token), each labelled at the right edge with its
-    value, labels moved apart where the lines are close."""
+    value, labels moved apart where the lines are close; `held_out`: validation rows (`step`,
+    `nll`, `windows`; with `kl`, a second axis of it) drawn as points along the steps."""
     from matplotlib.ticker import MaxNLocator
 
     if not metrics:
@@ -441,6 +443,17 @@ def loss_figure(metrics: list[dict], title: str = "", smooth: int = 10, evals: d
         k = np.ones(smooth) / smooth
         ax.plot(steps[smooth - 1:], np.convolve(loss, k, "valid"), lw=2.0, color="C0",
                 label=f"training cross-entropy, mean of the last {smooth} steps")
+    if held_out:
+        vs, vn = [r["step"] for r in held_out], [r["nll"] for r in held_out]
+        ax.plot(vs, vn, "s-", ms=5, lw=1.4, color="C3",
+                label=f"held-out cross-entropy, {held_out[-1].get('windows', '?')} windows")
+        if all(r.get("kl") is not None for r in held_out):
+            ax2 = ax.twinx()
+            ax2.plot(vs, [r["kl"] for r in held_out], "^--", ms=5, lw=1.2, color="C2")
+            ax2.set_ylabel("held-out KL(float base || model), nats/token", color="C2")
+            ax2.tick_params(axis="y", colors="C2")
+            ax.plot([], [], "^--", ms=5, lw=1.2, color="C2", label="held-out KL to the float base (right axis)")
+        steps = np.concatenate([steps, vs])
     refs = list((evals or {}).items())
     styles = [REFERENCE_STYLES[i % len(REFERENCE_STYLES)] for i in range(len(refs))]
     for (name, v), (color, dash, lw) in zip(refs, styles):
@@ -473,6 +486,6 @@ def loss_figure(metrics: list[dict], title: str = "", smooth: int = 10, evals: d
 
 
 def plot_loss(metrics: list[dict], path: str | os.PathLike, title: str = "", smooth: int = 10,
-              evals: dict[str, float] | None = None) -> Path:
+              evals: dict[str, float] | None = None, held_out: list[dict] | None = None) -> Path:
     """Write `loss_figure(...)` to `path` (.png added when missing); returns the path."""
-    return _save(loss_figure(metrics, title=title, smooth=smooth, evals=evals), path)
+    return _save(loss_figure(metrics, title=title, smooth=smooth, evals=evals, held_out=held_out), path)

@@ -4,6 +4,7 @@ exact resumption after an interruption (in-process and a real killed process), c
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,6 +93,18 @@ def test_held_out_windows_come_from_held_out_files(tmp_path):
     held = {f"MARK{int(f.rel.split('mod')[1][:-3]):03d}" for f in c.held_out}
     assert marks and marks <= held
     np.testing.assert_array_equal(w, held_out_windows(c, 32, 50, 100))
+    # training's validation reads them from the last file backwards: with a few files on each side
+    # (2 here: 101 tokens a file, 5 windows of 32) the two share none
+    assert len(c.held_out) >= 4
+    for n in range(1, 6):
+        first, last = held_out_windows(c, 32, n, 100), held_out_windows(c, 32, n, 100, from_end=True)
+        assert _marks(last) <= held and _marks(first) and not _marks(first) & _marks(last)
+
+
+def _marks(windows) -> set[str]:
+    """The MARK numbers of `_write_corpus`'s files whose lines the windows hold."""
+    text = bytes(np.concatenate([x[:-1] for x in windows]).astype(np.uint8)).decode()
+    return {f"MARK{int(i):03d}" for i in re.findall(r"\bv(\d+)_", text)}
 
 
 def test_data_errors(tmp_path):
@@ -566,6 +579,80 @@ def test_cli_eval_table(reference, capsys, tmp_path):
     assert main(["eval", "--checkpoint", out, "--windows", "4", "--seq-len", "32"]) == 0
     text = capsys.readouterr().out
     assert "held-out perplexity of tiny" in text and "ptq plain" in text and "qat" in text
+
+
+# --- held-out validation and the best step ---------------------------------------------------------
+
+VALIDATED = dict(RESUME, save_every=4, keep=8, eval_every=1, eval_windows=2, keep_best="perplexity")
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory):
+    """RESUME's run validated at every step, its lowest held-out perplexity kept in OUT/best."""
+    out = tmp_path_factory.mktemp("validated") / "run"
+    return out, train.train(train.TrainConfig(out=str(out), **VALIDATED), **QUIET)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_validation_changes_nothing_and_keeps_the_best_step(reference, validated):
+    out, res = validated
+    assert _leaves_equal(res.params, reference.params)  # the same trajectory as without validation
+    rows = _rows(out / train.VALIDATION)
+    assert rows == res.validation and [r["step"] for r in rows] == list(range(9))
+    windows = held_out_windows(Corpus(DataConfig(), load_model("tiny").encoder), 32, 2, from_end=True)
+    assert rows[-1]["perplexity"] == evaluate(res.params, res.cfg, "w4a4", windows)["perplexity"]
+    assert all(r["windows"] == 2 and r["tokens"] == 2 * 32 and r["kl"] >= 0 and 0 <= r["top1_agreement"] <= 1
+               and r["vs_float"] > 0 for r in rows)
+    best = min(rows, key=lambda r: r["perplexity"])
+    assert (res.best["step"], res.best["by"], res.best["value"]) == (best["step"], "perplexity", best["perplexity"])
+    assert train.checkpoint_steps(out / train.BEST) == [best["step"]]  # only the best is kept
+    ck = train.load_checkpoint(out / train.BEST, log=lambda s: None)
+    assert ck.meta["validation"] == best
+    regular = train.load_checkpoint(out, step=best["step"], log=lambda s: None)  # saved at 4 and 8
+    assert _leaves_equal(ck.params, regular.params)
+
+
+def test_a_float_run_validates_against_its_own_start(tmp_path):
+    res = train.train(train.TrainConfig(out=str(tmp_path / "f"), precision="float", steps=2, eval_every=2,
+                                        eval_windows=2, **COMMON), **QUIET)
+    start, end = res.validation
+    assert (start["step"], start["kl"], start["vs_float"], start["top1_agreement"]) == (0, 0.0, 1.0, 1.0)
+    assert end["step"] == 2 and end["kl"] > 0 and res.best is None
+
+
+def test_validation_and_the_best_step_survive_an_interruption(validated, tmp_path):
+    """Stopped after step 7: checkpoint 4, validated 0-6, its best (step 6) kept. Resumed from step
+    4, the steps after it are validated (and the best kept) again, as in the uninterrupted run."""
+    _, ref = validated
+    out = tmp_path / "run"
+    tc = train.TrainConfig(out=str(out), **VALIDATED)
+    part = train.train(tc, stop_after=7, **QUIET)
+    assert [r["step"] for r in part.validation] == list(range(7)) and train.checkpoint_steps(out) == [4]
+    assert train.checkpoint_steps(out / train.BEST) == [part.best["step"]]
+    res = train.train(tc, **QUIET)
+    assert res.resumed_from == 4 and res.validation == ref.validation == _rows(out / train.VALIDATION)
+    assert {k: res.best[k] for k in ("step", "by", "value")} == {k: ref.best[k] for k in ("step", "by", "value")}
+    assert train.checkpoint_steps(out / train.BEST) == [ref.best["step"]]
+    ck = train.load_checkpoint(out / train.BEST, log=lambda s: None)
+    assert _leaves_equal(ck.params, train.load_checkpoint(Path(ref.best["checkpoint"]).parent, log=lambda s: None).params)
+
+
+def test_eval_reads_the_best_step_and_plots_its_run(validated, capsys, tmp_path):
+    from np_jax.cli import main
+
+    out, res = validated
+    png = tmp_path / "loss.png"
+    assert main(["eval", "--checkpoint", str(out / train.BEST), "--windows", "2", "--seq-len", "32", "--no-ptq",
+                 "--agreement-prompts", "0", "--json", "--plot-loss", str(png)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["rows"][-1]["step"] == res.best["step"] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="give --eval-every"):
+        train.TrainConfig(keep_best="kl")
+    with pytest.raises(ValueError, match="keep-best measure"):
+        train.TrainConfig(keep_best="loss", eval_every=1)
 
 
 # --- training through the appliance pipeline ------------------------------------------------------

@@ -32,6 +32,8 @@ examples:
   np-jax train --precision w4a4 --steps 60 --out runs/qat-w4a4
   # QAT from a float run's checkpoint
   np-jax train --precision w4a4 --init-from runs/ft --out runs/qat
+  # validated every 10 steps; the step closest to float (held-out KL) kept in runs/qat/best
+  np-jax train --precision a8c8w4-pdd --steps 60 --eval-every 10 --keep-best kl --out runs/qat
   # data parallel over 8 devices
   np-jax train --devices 8 --batch-size 8 --out runs/dp
   # through the 16-card pipeline
@@ -95,6 +97,15 @@ TRAIN_FLAGS = [
     ("--distill", "distill", fraction, None, "weight in [0, 1] of KL(float teacher || model) in the loss; the "
                                              "rest is next-token cross-entropy (default: 0)"),
     ("--seed", "seed", int, None, "data order, and the random init of named configs (default: 0)"),
+    ("--eval-every", "eval_every", int, None, "validate on held-out windows at the start and every this many "
+                                              "steps: perplexity, its ratio to the float base's, KL(float base || "
+                                              "model) and top-1 agreement, logged and kept in OUT/validation.jsonl "
+                                              "(default: 0, none)"),
+    ("--eval-windows", "eval_windows", int, None, "held-out windows of --seq-len tokens each validation "
+                                                  "evaluates (default: 8)"),
+    ("--keep-best", "keep_best", str, ("kl", "perplexity"), "also keep the validated step with the lowest KL to "
+                                                            "the float base, or the lowest perplexity, in OUT/best "
+                                                            "(np-jax eval --checkpoint OUT/best) (default: none)"),
     ("--held-out-fraction", "held_out_fraction", float, None, "fraction of files held out, chosen by a hash of "
                                                               "each file's relative path (default: 0.05)"),
     ("--split-seed", "split_seed", int, None, "seed of the train/held-out split (default: 0)"),
@@ -283,16 +294,24 @@ def train_command(args) -> int:
                "tokens": res.tokens, "minutes": res.elapsed_s / 60, "resumed_from": res.resumed_from,
                "final_loss": res.metrics[-1]["loss"] if res.metrics else None,
                "checkpoint": str(res.checkpoint) if res.checkpoint else None}
+    if tc.eval_every:
+        summary["validation"] = res.validation
+    if tc.keep_best:
+        summary["best"] = res.best
     if plot:
         from np_jax.plots import plot_loss
 
         summary["plot"] = save_plot(lambda p: plot_loss(res.metrics, p, title=f"{res.cfg.name} {tc.precision} "
-                                                                               "training"), plot)
+                                                                               "training", held_out=res.validation),
+                                    plot)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"{tc.out}: step {res.step}, {res.tokens} tokens, {res.elapsed_s / 60:.1f} min of steps, "
               f"final loss {summary['final_loss'] if summary['final_loss'] is None else round(summary['final_loss'], 4)}")
+        if res.best:
+            print(f"best held-out {res.best['by']}: {res.best['value']:.4f} at step {res.best['step']}, kept in "
+                  f"{res.best['checkpoint']} (np-jax eval --checkpoint {Path(tc.out) / T.BEST})")
     return 0
 
 
@@ -487,7 +506,9 @@ def eval_command(args) -> int:
     if plot:
         ck = cks[0]
         tc = ck.train_config
-        metrics = T.read_metrics(ck.path.parent / "metrics.jsonl", ck.step)
+        run = T.run_directory(ck.path.parent)  # OUT for OUT/best as for OUT
+        metrics = T.read_metrics(run / "metrics.jsonl", ck.step)
+        validation = T.read_metrics(run / T.VALIDATION, ck.step)
         ref_name = lambda r: (f"{r['precision']} post-training quantized ({r['name'][4:]})"  # noqa: E731
                               if r["name"].startswith("ptq") else f"this run at step {r['step']} "
                               f"({'QAT ' + r['precision'] if r['qat'] else 'float training'})")
@@ -495,7 +516,7 @@ def eval_command(args) -> int:
         refs["held-out NLL, float model"] = rows[0]["nll"]
         title = (f"{cfg.name} {tc.precision}: {ck.step} steps x {tc.tokens_per_step} tokens"
                  + (f", distill {tc.distill:g}" if tc.distill else ""))
-        report["plot"] = save_plot(lambda p: plot_loss(metrics, p, evals=refs, title=title), plot)
+        report["plot"] = save_plot(lambda p: plot_loss(metrics, p, evals=refs, title=title, held_out=validation), plot)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

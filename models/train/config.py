@@ -51,9 +51,13 @@ class TrainConfig:
     keep: int = 3                           # checkpoints kept
     log_every: int = 10                     # plain log lines (when no progress bar is shown)
     appliance_cards: int = 0                # >0: the forward runs through the card pipeline on this many cards
+    eval_every: int = 0                     # >0: held-out validation at the start and every this many steps
+    eval_windows: int = 8                   # held-out windows of seq_len tokens the validation evaluates
+    keep_best: str | None = None            # "kl" or "perplexity": keep the best validated step in out/best
 
     # Settings that do not change the trajectory (may differ when resuming).
-    FREE = ("out", "save_every", "keep", "log_every")
+    FREE = ("out", "save_every", "keep", "log_every", "eval_every", "eval_windows", "keep_best")
+    BEST_BY = ("kl", "perplexity")
 
     def __post_init__(self):
         get_policy(self.precision)
@@ -64,9 +68,17 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine or constant")
         if self.appliance_cards < 0:
             raise ValueError(f"appliance cards must be >= 0, got {self.appliance_cards}")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep", "calib_windows", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "save_every", "keep", "calib_windows", "log_every",
+                     "eval_windows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval-every must be >= 0 (0: no validation), got {self.eval_every}")
+        if self.keep_best is not None:
+            if self.keep_best not in self.BEST_BY:
+                raise ValueError(f"unknown keep-best measure {self.keep_best!r}; choose one of {', '.join(self.BEST_BY)}")
+            if not self.eval_every:
+                raise ValueError("keep-best keeps the best validated step: give --eval-every too")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill must be in [0, 1], got {self.distill}")
         # `not x > 0` and friends: NaN fails every comparison, so it is refused with the rest

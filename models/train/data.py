@@ -216,13 +216,17 @@ class TrainStream:
         return np.stack([self.window(w)[: self.L] for w in range(n_windows)])
 
 
-def held_out_windows(corpus: Corpus, seq_len: int, n_windows: int, tokens_per_file: int = 512) -> np.ndarray:
-    """The first `n_windows` held-out windows, int32 [n, seq_len + 1] (fewer if the set runs out)."""
+def held_out_windows(corpus: Corpus, seq_len: int, n_windows: int, tokens_per_file: int = 512,
+                     from_end: bool = False) -> np.ndarray:
+    """The first `n_windows` held-out windows, int32 [n, seq_len + 1] (fewer if the set runs out).
+    `from_end`: read the held-out files from the last one backwards (training's validation), so
+    that these windows and evaluation's (from the first file on) share no file until together
+    they need more tokens than the held-out files hold."""
     if seq_len < 1 or n_windows < 1 or tokens_per_file < 1:
         raise ValueError("seq_len, the number of windows and tokens per file must be >= 1")
     need = n_windows * seq_len + 1
     parts, total = [], 0
-    for f in corpus.held_out:
+    for f in reversed(corpus.held_out) if from_end else corpus.held_out:
         t = corpus.tokens(f)
         if len(t) > tokens_per_file + 1:
             t = np.concatenate([t[:tokens_per_file], t[-1:]])  # keep the separator

@@ -25,6 +25,17 @@ any size or hash mismatch, unreadable file or failing restore marks it corrupt. 
 the newest step that verifies and reports each rejected one with the reason; when resuming
 training, rejected steps are moved to `out/rejected/` so the run can write those steps again.
 
+Validation (`eval_every` > 0): at the start and every `eval_every` steps (and the last), the
+model is evaluated on `eval_windows` held-out windows, read from the last held-out file
+backwards (evaluation reads from the first on, so choosing a step by them does not choose it by
+`np-jax eval`'s windows): perplexity, its ratio to the
+float base's on the same windows, KL(float base || model) and top-1 agreement with the float
+base (the float base: the model QAT started from, in the recipe's coordinates, exact in float;
+for float training the starting model). Each result is a line of `out/validation.jsonl` and of
+the log. With `keep_best` ("kl" or "perplexity") the step with the lowest value so far is also
+saved, as a checkpoint like any other, under `out/best/` (the newest step there is the best);
+it survives resumption (its steps past the resumed step are removed and found again).
+
 Data parallelism (`train(tc, devices=N)`, and always in a multi-process run, see
 `np_jax.appliance.distributed`): the parameters and optimizer state are replicated over a 1-D "data"
 mesh of N devices, each device takes `batch_size / N` sequences of every micro-batch, and the
@@ -42,6 +53,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,18 +69,21 @@ from jax.sharding import PartitionSpec as P
 from models import llama, recipe as recipes
 from models.config import ModelConfig
 from models.appliance import pipelined_logits, schedule_of
-from models.evaluate.perplexity import token_nll
+from models.evaluate.perplexity import evaluate, token_nll
 from models.io.load import Model, load_model, model_encoder
 from models.train.checkpoint import (FORMAT, CheckpointWriter, NoGoodCheckpoint, RunLock, barrier,
-                                     checkpoint_steps, load_checkpoint, quarantine_unverified)
+                                     checkpoint_steps, load_checkpoint, newest_meta, quarantine_unverified)
 from models.train.config import TrainConfig
-from models.train.data import Corpus, TrainStream
+from models.train.data import Corpus, TrainStream, held_out_windows
 from np_jax.appliance.distributed import to_global, to_host
 from np_jax.appliance.mapping import map_model
 from np_jax.appliance.pipeline import card_mesh
 from np_jax.quant import get_policy, optim
 
 STEP_FLOOR = 1e-8  # step sizes are kept >= this after every update (same floor as quant.init_step)
+BEST = "best"  # the folder of a run that holds its best validated step (`TrainConfig.keep_best`)
+VALIDATION = "validation.jsonl"
+VALIDATION_BATCH = 4  # held-out windows per validation forward
 
 Log = Callable[[str], None]
 
@@ -252,6 +267,37 @@ def data_mesh(devices: int | None = None) -> jax.sharding.Mesh | None:
     return None if n == 1 else jax.sharding.Mesh(np.array(devs[:n]), ("data",))
 
 
+def run_directory(checkpoints: str | Path) -> Path:
+    """The run folder of a folder of checkpoints: itself, or the run's for its `best` folder."""
+    p = Path(checkpoints)
+    return p.parent if p.name == BEST and (p.parent / "metrics.jsonl").is_file() else p
+
+
+class Validator:
+    """`validator(params) -> dict`: the held-out validation of `TrainConfig.eval_every` (see the
+    module docstring). The float `reference` runs once, here."""
+
+    def __init__(self, reference: llama.Params, corpus: Corpus, cfg: ModelConfig, tc: TrainConfig):
+        # from the last held-out file backwards: np-jax eval's windows come from the first on
+        self.windows = held_out_windows(corpus, tc.seq_len, tc.eval_windows, from_end=True)
+        self.cfg, self.policy, self.reference = cfg, get_policy(tc.precision), reference
+        self.float = evaluate(reference, cfg, "float", self.windows, VALIDATION_BATCH)
+
+    def __call__(self, params: llama.Params) -> dict:
+        r = evaluate(params, self.cfg, self.policy, self.windows, VALIDATION_BATCH, reference_top1=self.float["top1"],
+                     reference_params=self.reference, reference_cfg=self.cfg)
+        return {"perplexity": r["perplexity"], "vs_float": r["perplexity"] / self.float["perplexity"], "kl": r["kl"],
+                "top1_agreement": r["top1_agreement"], "nll": r["nll"], "windows": len(self.windows),
+                "tokens": r["tokens"]}
+
+
+def _jsonl_upto(path: Path, rows: list[dict]) -> None:
+    """Replace `path` with `rows`, one JSON object a line (a temporary file renamed: never half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 @dataclass
 class TrainResult:
     params: llama.Params
@@ -262,6 +308,8 @@ class TrainResult:
     tokens: int = 0
     resumed_from: int | None = None
     checkpoint: Path | None = None
+    validation: list[dict] = field(default_factory=list)  # rows of out/validation.jsonl, this run's steps
+    best: dict | None = None  # the best validated step kept (`keep_best`): step, by, value, checkpoint
 
 
 def read_metrics(path: Path, upto: int) -> list[dict]:
@@ -316,9 +364,12 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
     stream = TrainStream(corpus, tc.seq_len, tc.batch_size, tc.grad_accum, tc.seed)
     tx = make_optimizer(tc)
     teacher = None
-    if tc.distill:  # the float model in the student's coordinates (the recipe's transforms are exact in float)
+    if tc.distill or tc.eval_every:  # the float model in the student's coordinates (the recipe's transforms are exact in float)
         teacher = base.params if cfg == base.cfg else recipes.transform(base.params, base.cfg, tc.quant_recipe(),
                                                                         policy)[1]
+    validator = Validator(teacher, corpus, cfg, tc) if tc.eval_every else None
+    if not tc.distill:
+        teacher = None  # the step does not use it
 
     start, resumed_from, elapsed0, metrics = 0, None, 0.0, []
     ck = None
@@ -352,17 +403,29 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
         repl, batch_sharding = (jax.sharding.NamedSharding(mesh, spec) for spec in (P(), P(None, "data", None)))
         params, opt_state, teacher = (None if t is None else jax.tree.map(lambda x: to_global(to_host(x), repl), t)
                                       for t in (params, opt_state, teacher))
+    # a run (re)started at step 0 validates step 0 again
+    validation = read_metrics(out / VALIDATION, start) if validator and start else []
     if start >= tc.steps:
         log(f"{out} is already at step {start} (of {tc.steps})")
         return TrainResult(params, start, cfg, metrics, elapsed0, start * tc.tokens_per_step, resumed_from,
-                           ck.path if ck else None)
+                           ck.path if ck else None, validation, _best_kept(out / BEST, tc.keep_best))
 
     out.mkdir(parents=True, exist_ok=True)
     mpath = out / "metrics.jsonl"
     if lead:  # replaced whole (a temporary file renamed): an interruption never leaves it half-written
-        tmp = mpath.with_name(mpath.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in metrics))
-        os.replace(tmp, mpath)
+        _jsonl_upto(mpath, metrics)
+        if validator:
+            _jsonl_upto(out / VALIDATION, validation)
+    best_writer, best = None, None
+    if tc.keep_best:
+        if lead:  # steps saved after the resumed one are made again, and found best again or not
+            for s_ in checkpoint_steps(out / BEST):
+                if s_ > start:
+                    shutil.rmtree(out / BEST / str(s_), ignore_errors=True)
+        if jax.process_count() > 1:
+            barrier("best steps pruned")
+        best = _best_kept(out / BEST, tc.keep_best)
+        best_writer = CheckpointWriter(out / BEST, 1)
     writer = CheckpointWriter(out, tc.keep)
     step_fn = train_step_fn(cfg, tc, mesh, devices if tc.appliance_cards else None)
     lr_at = make_schedule(tc.lr, tc.steps, tc.warmup_steps, tc.schedule)
@@ -379,14 +442,41 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
         g = good()
         return ValueError(f"step {done}: {what}; stopped without saving it (the last good checkpoint is "
                           f"{g if g else 'none: no step was saved'}); lower the learning rate or --grad-clip")
+
+    def validate(done: int, vfile) -> None:
+        nonlocal best
+        host = params if mesh is None else jax.tree.map(lambda x: jnp.asarray(to_host(x)), params)
+        v = {"step": done, **validator(host)}
+        validation.append(v)
+        vfile.write(json.dumps(v) + "\n")
+        vfile.flush()
+        kept = ""
+        if best_writer is not None and (best is None or v[tc.keep_best] < best["value"]):
+            meta = _meta(done, m_last.get("loss")) | {"validation": v}
+            best = {"step": done, "by": tc.keep_best, "value": v[tc.keep_best],
+                    "checkpoint": str(best_writer.save(done, params, opt_state, meta))}
+            kept = f"; the best so far, kept in {out / BEST}"
+        with tqdm.external_write_mode(file=sys.stderr):
+            log(f"step {done}/{tc.steps} held-out ({v['windows']} windows): perplexity {v['perplexity']:.3f}, "
+                f"{v['vs_float']:.4f}x the float base's, KL {v['kl']:.4f}, top-1 {v['top1_agreement']:.3f}{kept}")
+
+    def _meta(done: int, loss) -> dict:
+        return {"format": FORMAT, "step": done, "train_config": tc.to_json(), "model_config": dataclasses.asdict(cfg),
+                "source": base.source, "precision": policy.name, "elapsed_s": elapsed,
+                "tokens": done * tc.tokens_per_step, "data": corpus.describe(), "loss": loss}
+
+    m_last: dict = {}
     try:
-        with open(mpath if lead else os.devnull, "a") as mfile:
+        with open(mpath if lead else os.devnull, "a") as mfile, \
+                open(out / VALIDATION if lead and validator else os.devnull, "a") as vfile:
+            if validator and start == 0:
+                validate(0, vfile)  # the start, for comparison
             for step in range(start, tc.steps):
                 toks = stream.batch(step)
                 toks = jnp.asarray(toks) if mesh is None else to_global(toks, batch_sharding)
                 t0 = time.perf_counter()
                 params, opt_state, m = step_fn(params, opt_state, teacher, toks)
-                m = {k: float(to_host(v)) for k, v in m.items()}  # waits for the step
+                m = m_last = {k: float(to_host(v)) for k, v in m.items()}  # waits for the step
                 dt = time.perf_counter() - t0
                 elapsed += dt
                 done = step + 1
@@ -404,15 +494,25 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
                         f"{row['tokens_per_s']:.0f} tokens/s, {elapsed / 60:.1f} min")
                 if stop_after is not None and done >= stop_after:
                     break
+                if validator and (done % tc.eval_every == 0 or done == tc.steps):
+                    validate(done, vfile)
                 if done % tc.save_every == 0 or done == tc.steps:
-                    meta = {"format": FORMAT, "step": done, "train_config": tc.to_json(),
-                            "model_config": dataclasses.asdict(cfg), "source": base.source,
-                            "precision": policy.name, "elapsed_s": elapsed, "tokens": done * tc.tokens_per_step,
-                            "data": corpus.describe(), "loss": m["loss"]}
                     if not bool(to_host(_all_finite(params))):  # an update can overflow with a finite loss
                         raise diverged(done, f"the update made parameters non-finite (loss {m['loss']:.4f})")
-                    last_ckpt = writer.save(done, params, opt_state, meta)
+                    last_ckpt = writer.save(done, params, opt_state, _meta(done, m["loss"]))
     finally:
         bar.close()
         writer.close()
-    return TrainResult(params, done, cfg, metrics, elapsed, done * tc.tokens_per_step, resumed_from, last_ckpt)
+        if best_writer is not None:
+            best_writer.close()
+    return TrainResult(params, done, cfg, metrics, elapsed, done * tc.tokens_per_step, resumed_from, last_ckpt,
+                       validation, best)
+
+
+def _best_kept(best_dir: Path, by: str | None) -> dict | None:
+    """The best validated step kept under `best_dir` (its newest), from its metadata; None if none."""
+    meta = newest_meta(best_dir) if by else None
+    v = (meta or {}).get("validation") or {}
+    if by not in v:
+        return None
+    return {"step": meta["step"], "by": by, "value": v[by], "checkpoint": str(best_dir.resolve() / str(meta["step"]))}
