@@ -443,16 +443,19 @@ def loss_figure(metrics: list[dict], title: str = "", smooth: int = 10, evals: d
         k = np.ones(smooth) / smooth
         ax.plot(steps[smooth - 1:], np.convolve(loss, k, "valid"), lw=2.0, color="C0",
                 label=f"training cross-entropy, mean of the last {smooth} steps")
+    twin = False
     if held_out:
         vs, vn = [r["step"] for r in held_out], [r["nll"] for r in held_out]
-        ax.plot(vs, vn, "s-", ms=5, lw=1.4, color="C3",
-                label=f"held-out cross-entropy, {held_out[-1].get('windows', '?')} windows")
-        if all(r.get("kl") is not None for r in held_out):
+        # colours of their own: the reference lines take red, orange, green, purple and brown
+        ax.plot(vs, vn, "s-", ms=5, lw=1.4, color="0.2",
+                label=f"validation cross-entropy ({held_out[-1].get('windows', '?')} windows from the last held-out files)")
+        twin = all(r.get("kl") is not None for r in held_out)
+        if twin:
             ax2 = ax.twinx()
-            ax2.plot(vs, [r["kl"] for r in held_out], "^--", ms=5, lw=1.2, color="C2")
-            ax2.set_ylabel("held-out KL(float base || model), nats/token", color="C2")
-            ax2.tick_params(axis="y", colors="C2")
-            ax.plot([], [], "^--", ms=5, lw=1.2, color="C2", label="held-out KL to the float base (right axis)")
+            ax2.plot(vs, [r["kl"] for r in held_out], "^--", ms=5, lw=1.2, color="tab:cyan")
+            ax2.set_ylabel("validation KL(float base || model), nats/token", color="tab:cyan")
+            ax2.tick_params(axis="y", colors="tab:cyan")
+            ax.plot([], [], "^--", ms=5, lw=1.2, color="tab:cyan", label="validation KL to the float base (right axis)")
         steps = np.concatenate([steps, vs])
     refs = list((evals or {}).items())
     styles = [REFERENCE_STYLES[i % len(REFERENCE_STYLES)] for i in range(len(refs))]
@@ -467,8 +470,9 @@ def loss_figure(metrics: list[dict], title: str = "", smooth: int = 10, evals: d
     ax.grid(alpha=0.3)
     ax.margins(y=0.08)
     ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2)
-    if refs:
+    if refs and not twin:
         # direct labels at the right edge, at least 5 % of the height apart, joined to their lines
+        # (not beside a second axis's ticks: the legend has the values)
         lo, hi = ax.get_ylim()
         frac = [(v - lo) / (hi - lo) for _, v in refs]
         order = np.argsort(frac)

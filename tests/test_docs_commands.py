@@ -839,6 +839,31 @@ def test_the_qat_starts_table_is_its_data_files():
         assert start.split(" (")[0].split(",")[0] == ptq["recipe"] == qat["recipe"], start
 
 
+def test_the_validated_qat_runs_are_their_data_files():
+    """codesign.md's validated QAT runs: each kept step is its run's least validation KL, the
+    evaluated checkpoint is that step, and the figures the page quotes are the runs' rows."""
+    runs = {(r["lr"], r["step_lr"]): r for r in _result("qat_validation_a8c8w4_pdd_smollm2.json")["runs"]}
+    for r in runs.values():
+        v = r["validation"]
+        assert [x["step"] for x in v] == list(range(0, r["steps_run"] + 1, 5))[:len(v)] and len(v) >= r["steps_run"] // 5
+        assert "--eval-every 5 --eval-windows 16 --keep-best kl" in r["command"]
+        if "best" in r:
+            least = min(v, key=lambda x: x["kl"])
+            assert (r["best"]["step"], r["best"]["value"]) == (least["step"], least["kl"])
+    kept = _result("qat_a8c8w4_pdd_sink_lr3e-5_smollm2.json")
+    assert next(r for r in kept["rows"] if r.get("qat"))["step"] == kept["best"]["step"] == runs[3e-5, 3e-5]["best"]["step"]
+    assert kept["commands"][0] == runs[3e-5, 3e-5]["command"]
+    text = " ".join((ROOT / "docs" / "codesign.md").read_text().split())
+    by_step = {x["step"]: x for x in runs[1e-4, 1e-4]["validation"]}
+    quoted = re.search(r"the validation KL rises from the first steps, ([\d.]+) at the start, ([\d.]+) at step 10, "
+                       r"([\d.]+) at step 30, ([\d.]+) at step 60", text)
+    assert quoted and all(_shown(q, by_step[s]["kl"]) for q, s in zip(quoted.groups(), (0, 10, 30, 60)))
+    low = {x["step"]: x for x in runs[3e-5, 3e-5]["validation"]}
+    quoted = re.search(r"falls to ([\d.]+) at step (\d+) \(validation perplexity ([\d.]+)x\)", text)
+    step = int(quoted.group(2))
+    assert _shown(quoted.group(1), low[step]["kl"]) and _shown(quoted.group(3), low[step]["vs_float"])
+
+
 def test_the_qat_tables_are_their_data_files():
     rotate, plain = _result("qat_rotate_smollm2.json"), _result("qat_smollm2.json")
     table = _table("docs/training.md", "| Model | Precision | Steps | Train tokens | Perplexity |")

@@ -225,6 +225,19 @@ def test_loss_steps_are_labelled_with_integers(n, first):
     assert ticks and all(float(t).is_integer() for t in ticks)
 
 
+def test_validation_points_are_drawn_at_their_steps_with_kl_on_a_second_axis():
+    rows = [{"step": s, "nll": 3.5 - 0.01 * s, "kl": 0.2 + 0.001 * s, "windows": 8} for s in (0, 5, 10)]
+    fig = plots.loss_figure(metrics(10), held_out=rows, evals={"held-out NLL, float model": 3.0})
+    ax, kl_ax = fig.axes
+    val = next(ln for ln in ax.get_lines() if ln.get_label().startswith("validation cross-entropy (8 windows"))
+    assert list(val.get_xdata()) == [0, 5, 10] and list(val.get_ydata()) == [r["nll"] for r in rows]
+    assert [list(ln.get_ydata()) for ln in kl_ax.get_lines()] == [[r["kl"] for r in rows]]
+    assert ax.get_xlim()[0] < 0 < 10 < ax.get_xlim()[1]  # step 0 (before training) in view
+    assert not ax.texts  # no value labels beside the second axis's ticks: the legend has them
+    without_kl = plots.loss_figure(metrics(10), held_out=[{k: v for k, v in r.items() if k != "kl"} for r in rows])
+    assert len(without_kl.axes) == 1
+
+
 def test_loss_reference_lines_stay_visible_when_they_coincide():
     evals = {"held-out NLL, w4a4 post-training quantized (plain)": 3.0, "held-out NLL, float model": 3.0,
              "held-out NLL, this run at step 4 (QAT w4a4)": 3.001}
