@@ -1,8 +1,9 @@
 """`np-jax cache`: list the prepared-model cache (models.prepared) and free it.
 
 `np-jax cache [--json]` lists every entry (key, model, precision, recipe, size, date made, date
-last used) with the total, the size bound ($NP_JAX_CACHE_MAX) and the folder; `np-jax cache clear KEY...` removes entries (a key or an unambiguous
-prefix of one, as listed), `np-jax cache clear --all` all of them. Registered through the
+last used) with the total, the size bound ($NP_JAX_CACHE_MAX) and the folder; `np-jax cache
+clear KEY...` removes entries (a key or an unambiguous prefix of one, as listed), `np-jax cache
+clear --all` all of them. Registered through the
 `np_jax.commands` entry point.
 """
 
@@ -19,8 +20,8 @@ def register(sub) -> None:
         "cache", help="list or free the prepared-model cache",
         description="List the prepared-model cache: each quantized model a recipe made once (about 54 MB for "
                     "SmolLM2 at 4-bit weights, 107 MB at w8a8), kept under $NP_JAX_CACHE/prepared (default "
-                    "~/.cache/np_jax/prepared) and reused by np-jax run, eval and train. The cache is bounded: after a new "
-                    "entry is written, the least recently used ones are removed until the entries fit in "
+                    "~/.cache/np_jax/prepared) and reused by np-jax run, eval and train. The cache is bounded: "
+                    "after a new entry is written, the least recently used ones are removed until the entries fit in "
                     "$NP_JAX_CACHE_MAX (a size such as 5GB, 800MB or 2GiB, or none; default 5GB). "
                     "`np-jax cache clear` frees it.",
         formatter_class=Formatter)

@@ -275,15 +275,17 @@ def run_directory(checkpoints: str | Path) -> Path:
 
 class Validator:
     """`validator(params) -> dict`: the held-out validation of `TrainConfig.eval_every` (see the
-    module docstring). The float `reference` runs once, here."""
+    module docstring). The float `reference` runs once, at the first call."""
 
     def __init__(self, reference: llama.Params, corpus: Corpus, cfg: ModelConfig, tc: TrainConfig):
         # from the last held-out file backwards: np-jax eval's windows come from the first on
         self.windows = held_out_windows(corpus, tc.seq_len, tc.eval_windows, from_end=True)
         self.cfg, self.policy, self.reference = cfg, get_policy(tc.precision), reference
-        self.float = evaluate(reference, cfg, "float", self.windows, VALIDATION_BATCH)
+        self.float: dict | None = None
 
     def __call__(self, params: llama.Params) -> dict:
+        if self.float is None:
+            self.float = evaluate(self.reference, self.cfg, "float", self.windows, VALIDATION_BATCH)
         r = evaluate(params, self.cfg, self.policy, self.windows, VALIDATION_BATCH, reference_top1=self.float["top1"],
                      reference_params=self.reference, reference_cfg=self.cfg)
         return {"perplexity": r["perplexity"], "vs_float": r["perplexity"] / self.float["perplexity"], "kl": r["kl"],
@@ -364,7 +366,8 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
     stream = TrainStream(corpus, tc.seq_len, tc.batch_size, tc.grad_accum, tc.seed)
     tx = make_optimizer(tc)
     teacher = None
-    if tc.distill or tc.eval_every:  # the float model in the student's coordinates (the recipe's transforms are exact in float)
+    if tc.distill or tc.eval_every:
+        # the float model in the student's coordinates (the recipe's transforms are exact in float)
         teacher = base.params if cfg == base.cfg else recipes.transform(base.params, base.cfg, tc.quant_recipe(),
                                                                         policy)[1]
     validator = Validator(teacher, corpus, cfg, tc) if tc.eval_every else None
@@ -451,9 +454,10 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
         vfile.write(json.dumps(v) + "\n")
         vfile.flush()
         kept = ""
-        if best_writer is not None and (best is None or v[tc.keep_best] < best["value"]):
+        value = v[tc.keep_best] if best_writer is not None else math.nan
+        if math.isfinite(value) and (best is None or value < best["value"]):
             meta = _meta(done, m_last.get("loss")) | {"validation": v}
-            best = {"step": done, "by": tc.keep_best, "value": v[tc.keep_best],
+            best = {"step": done, "by": tc.keep_best, "value": value,
                     "checkpoint": str(best_writer.save(done, params, opt_state, meta))}
             kept = f"; the best so far, kept in {out / BEST}"
         with tqdm.external_write_mode(file=sys.stderr):
