@@ -843,7 +843,9 @@ def test_the_validated_qat_runs_are_their_data_files():
     """codesign.md's validated QAT runs: each kept step is its run's least validation KL, the
     evaluated checkpoint is that step, and the figures the page quotes are the runs' rows."""
     runs = {(r["lr"], r["step_lr"]): r for r in _result("qat_validation_a8c8w4_pdd_smollm2.json")["runs"]}
-    for r in runs.values():
+    w8a8 = _result("qat_validation_w8a8_pdd_smollm2.json")
+    assert next(r for r in w8a8["evaluation"]["rows"] if r.get("qat"))["step"] == w8a8["runs"][-1]["best"]["step"]
+    for r in [*runs.values(), *w8a8["runs"]]:
         v = r["validation"]
         assert [x["step"] for x in v] == list(range(0, r["steps_run"] + 1, 5))[:len(v)] and len(v) >= r["steps_run"] // 5
         assert "--eval-every 5 --eval-windows 16 --keep-best kl" in r["command"]
