@@ -457,6 +457,7 @@ def test_help_lists_the_choices_and_states_every_default(capsys):
     from np_jax.cli import main
 
     assert set(cmd.RECIPES) == set(recipe.RECIPES) and set(cmd.CALIBRATIONS) == set(llama.CALIBRATIONS)
+    assert cmd.BEST_BY == train.TrainConfig.BEST_BY
     defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
     for flag, dest, _, choices, help_ in cmd.TRAIN_FLAGS:
         m = re.search(r"\(default: ([^,;)]+)", help_)

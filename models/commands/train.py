@@ -20,9 +20,10 @@ from np_jax.cli import (Formatter, add_process_arguments, count, fraction, nonne
 from np_jax.progress import Progress
 
 # Spelled out so that `--help` needs no JAX import; tests/test_train.py keeps them equal to
-# models.recipe.RECIPES and models.llama.CALIBRATIONS.
+# models.recipe.RECIPES, models.llama.CALIBRATIONS and TrainConfig.BEST_BY.
 RECIPES = ("rotate-gptq", "rotate-gptq-sink", "rotate", "plain", "rotate-gptq-recon", "rotate-gptq-learned")
 CALIBRATIONS = ("mse", "lsq", "max")
+BEST_BY = ("kl", "perplexity")
 
 TRAIN_EPILOG = """\
 examples:
@@ -103,9 +104,9 @@ TRAIN_FLAGS = [
                                               "(default: 0, none)"),
     ("--eval-windows", "eval_windows", int, None, "held-out windows of --seq-len tokens each validation "
                                                   "evaluates (default: 8)"),
-    ("--keep-best", "keep_best", str, ("kl", "perplexity"), "also keep the validated step with the lowest KL to "
-                                                            "the float base, or the lowest perplexity, in OUT/best "
-                                                            "(np-jax eval --checkpoint OUT/best) (default: none)"),
+    ("--keep-best", "keep_best", str, BEST_BY, "also keep the validated step with the lowest KL to the float "
+                                               "base, or the lowest perplexity, in OUT/best (np-jax eval "
+                                               "--checkpoint OUT/best) (default: none)"),
     ("--held-out-fraction", "held_out_fraction", float, None, "fraction of files held out, chosen by a hash of "
                                                               "each file's relative path (default: 0.05)"),
     ("--split-seed", "split_seed", int, None, "seed of the train/held-out split (default: 0)"),
