@@ -242,3 +242,44 @@ def test_optimizer_groups_and_activation_step_warm_start():
     assert sizes[0][0] == pytest.approx(200 * sizes[0][1], rel=1e-4)  # warm start: 200x
     assert sizes[1][0] == pytest.approx(200 * sizes[1][1], rel=1e-4)
     assert sizes[2][0] == pytest.approx(sizes[2][1], rel=1e-4)  # after the warm-up steps: 1x
+
+
+def _adam_oracle(grads, b1=0.9, b2=0.95, eps=1e-8):
+    """Adam's normalised direction at every step (numpy float64): optax.scale_by_adam's."""
+    m = v = 0.0
+    for t, g in enumerate(grads, 1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        yield (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.floats(1e-4, 1.0), min_size=3, max_size=3), st.integers(0, 2 ** 31 - 1),
+       st.sampled_from([False, True]))
+def test_relative_step_rate_moves_each_step_by_a_fraction_of_itself(sizes, seed, relative):
+    """With `relative_steps`, a step size moves by rate x Adam's direction x |step| per update (Adam on
+    log(step) to first order), so steps 10^4 apart move alike in proportion; without it, by rate x
+    direction. Oracle: Adam in numpy float64, applied update by update; the weights' updates never
+    depend on the mode."""
+    from np_jax.quant.optim import lsq_optimizer
+    rng = np.random.default_rng(seed)
+    s_w, s_x = np.asarray(sizes[:2], np.float32), np.float32(sizes[2])
+    params = {"w": jnp.asarray(rng.normal(size=(2, 2)), jnp.float32), "s_w": jnp.asarray(s_w), "s_x": jnp.asarray(s_x)}
+    rate, mult, warm = 1e-2, 3.0, 2
+    tx = lsq_optimizer(1e-3, step_learning_rate=rate, relative_steps=relative, act_step_lr_mult=mult,
+                       act_step_warmup_steps=warm, grad_clip=None)
+    absolute = lsq_optimizer(1e-3, step_learning_rate=rate, act_step_lr_mult=mult, act_step_warmup_steps=warm,
+                             grad_clip=None)
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=np.shape(p)), jnp.float32), params) for _ in range(4)]
+    state, state_abs, p = tx.init(params), absolute.init(params), params
+    want = {"s_w": s_w.astype(np.float64), "s_x": np.float64(s_x)}
+    dirs = {k: _adam_oracle([np.asarray(g[k], np.float64) for g in grads]) for k in want}
+    for t, g in enumerate(grads):
+        upd, state = tx.update(g, state, p)
+        upd_abs, state_abs = absolute.update(g, state_abs, p)
+        np.testing.assert_array_equal(np.asarray(upd["w"]), np.asarray(upd_abs["w"]))
+        for k in want:
+            r = rate * (mult if k == "s_x" and t < warm else 1.0)
+            want[k] = want[k] - r * next(dirs[k]) * (np.abs(want[k]) if relative else 1.0)
+        p = jax.tree.map(lambda a, b: a + b, p, upd)
+        for k in want:
+            np.testing.assert_allclose(np.asarray(p[k], np.float64), want[k], rtol=2e-5, atol=1e-7 * (not relative))

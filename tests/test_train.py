@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -301,6 +302,10 @@ def test_resume_with_other_settings_is_refused(reference, tmp_path):
     out = str(reference.checkpoint.parent)
     with pytest.raises(ValueError, match="lr: 0.003 .saved. vs 0.001 .now."):
         train.train(train.TrainConfig(**{**RESUME, "out": out, "lr": 1e-3}), **QUIET)
+    with pytest.raises(ValueError, match="step_lr_mode: 'absolute' .saved. vs 'relative' .now."):
+        train.train(train.TrainConfig(**{**RESUME, "out": out, "step_lr_mode": "relative"}), **QUIET)
+    with pytest.raises(ValueError, match="unknown step-lr mode 'log'; choose one of absolute, relative"):
+        train.TrainConfig(**{**RESUME, "step_lr_mode": "log"})
     # the recipe makes QAT's starting point: another recipe is another run
     with pytest.raises(ValueError, match="recipe: 'plain' .saved. vs 'rotate-gptq' .now."):
         train.train(train.TrainConfig(**{**RESUME, "out": out, "recipe": "rotate-gptq"}), **QUIET)
@@ -309,6 +314,23 @@ def test_resume_with_other_settings_is_refused(reference, tmp_path):
     assert train.TrainConfig.from_json(old).recipe == "plain"
     fl = train.TrainConfig(precision="float")
     assert not [d for d in fl.differences(dataclasses.replace(fl, recipe="plain", calib_windows=4))]
+
+
+def test_the_run_setting_step_lr_mode_reaches_the_optimizer():
+    """--step-lr-mode relative: one update moves steps 100x apart by the same fraction of themselves
+    (absolute: by the same amount); the weights' update is the same in both modes."""
+    params = {"w": jnp.ones((2,)), "s_w": jnp.asarray([0.01, 1.0])}
+    grads = jax.tree.map(jnp.ones_like, params)
+    moved = {}
+    for mode in train.TrainConfig.STEP_LR_MODES:
+        tc = train.TrainConfig(model="tiny", precision="w4a4", lr=1e-3, step_lr=1e-2, schedule="constant",
+                               step_lr_mode=mode, grad_clip=None)
+        tx = train.make_optimizer(tc)
+        upd, _ = tx.update(grads, tx.init(params), params)
+        moved[mode] = (np.asarray(upd["s_w"]), np.asarray(upd["w"]))
+    np.testing.assert_allclose(moved["relative"][0] / params["s_w"], -1e-2, rtol=1e-4)
+    np.testing.assert_allclose(moved["absolute"][0], -1e-2, rtol=1e-4)
+    np.testing.assert_array_equal(moved["relative"][1], moved["absolute"][1])
 
 
 def test_ctrl_c_during_training_stops_cleanly_and_resumes_bit_identical(reference, tmp_path):
@@ -457,7 +479,7 @@ def test_help_lists_the_choices_and_states_every_default(capsys):
     from np_jax.cli import main
 
     assert set(cmd.RECIPES) == set(recipe.RECIPES) and set(cmd.CALIBRATIONS) == set(llama.CALIBRATIONS)
-    assert cmd.BEST_BY == train.TrainConfig.BEST_BY
+    assert cmd.BEST_BY == train.TrainConfig.BEST_BY and cmd.STEP_LR_MODES == train.TrainConfig.STEP_LR_MODES
     defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
     for flag, dest, _, choices, help_ in cmd.TRAIN_FLAGS:
         m = re.search(r"\(default: ([^,;)]+)", help_)

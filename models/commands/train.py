@@ -20,10 +20,11 @@ from np_jax.cli import (Formatter, add_process_arguments, count, fraction, nonne
 from np_jax.progress import Progress
 
 # Spelled out so that `--help` needs no JAX import; tests/test_train.py keeps them equal to
-# models.recipe.RECIPES, models.llama.CALIBRATIONS and TrainConfig.BEST_BY.
+# models.recipe.RECIPES, models.llama.CALIBRATIONS, TrainConfig.BEST_BY and TrainConfig.STEP_LR_MODES.
 RECIPES = ("rotate-gptq", "rotate-gptq-sink", "rotate", "plain", "rotate-gptq-recon", "rotate-gptq-learned")
 CALIBRATIONS = ("mse", "lsq", "max")
 BEST_BY = ("kl", "perplexity")
+STEP_LR_MODES = ("absolute", "relative")
 
 TRAIN_EPILOG = """\
 examples:
@@ -83,6 +84,9 @@ TRAIN_FLAGS = [
     ("--seq-len", "seq_len", int, None, "tokens per sequence (default: 256, or the model's context if shorter)"),
     ("--lr", "lr", positive_number, None, "peak learning rate of weights, norms and biases, > 0 (default: 1e-4)"),
     ("--step-lr", "step_lr", positive_number, None, "peak learning rate of the step sizes, > 0 (default: --lr)"),
+    ("--step-lr-mode", "step_lr_mode", str, STEP_LR_MODES, "absolute: --step-lr is in the steps' own units, as for "
+                                                           "weights; relative: a fraction of each step's size, so 8- "
+                                                           "and 4-bit steps move alike (default: absolute)"),
     ("--weight-decay", "weight_decay", nonnegative_number, None, "AdamW decay of the weight matrices, >= 0 "
                                                                  "(default: 0)"),
     ("--warmup-steps", "warmup_steps", int, None, "linear learning-rate warm-up steps (default: 0)"),

@@ -36,6 +36,7 @@ class TrainConfig:
     seq_len: int = 256
     lr: float = 1e-4                        # weights (AdamW) and other float parameters (Adam)
     step_lr: float | None = None            # step sizes (default: lr)
+    step_lr_mode: str = "absolute"          # step_lr per update in the steps' units, or "relative": times each step
     weight_decay: float = 0.0
     warmup_steps: int = 0                   # linear learning-rate warm-up
     schedule: str = "cosine"                # cosine (to 10% at `steps`) or constant
@@ -58,12 +59,15 @@ class TrainConfig:
     # Settings that do not change the trajectory (may differ when resuming).
     FREE = ("out", "save_every", "keep", "log_every", "eval_every", "eval_windows", "keep_best")
     BEST_BY = ("kl", "perplexity")
+    STEP_LR_MODES = ("absolute", "relative")
 
     def __post_init__(self):
         get_policy(self.precision)
         with_options(self.recipe, self.recipe_options)  # an unknown recipe, key or value fails here
         if self.calibration not in llama.CALIBRATIONS:
             raise ValueError(f"unknown calibration {self.calibration!r}; choose one of {', '.join(llama.CALIBRATIONS)}")
+        if self.step_lr_mode not in self.STEP_LR_MODES:
+            raise ValueError(f"unknown step-lr mode {self.step_lr_mode!r}; choose one of {', '.join(self.STEP_LR_MODES)}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine or constant")
         if self.appliance_cards < 0:

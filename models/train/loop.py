@@ -147,7 +147,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     slr = make_schedule(tc.step_lr if tc.step_lr is not None else tc.lr, tc.steps, tc.warmup_steps, tc.schedule)
     return optim.lsq_optimizer(lr, weight_decay=tc.weight_decay, act_step_lr_mult=tc.act_step_lr_mult,
                                act_step_warmup_steps=tc.act_step_warmup_steps, step_learning_rate=slr,
-                               grad_clip=tc.grad_clip)
+                               relative_steps=tc.step_lr_mode == "relative", grad_clip=tc.grad_clip)
 
 
 def _global_norm(tree) -> jax.Array:
@@ -165,8 +165,25 @@ def _floor_steps(params):
     return jax.tree_util.tree_map_with_path(f, params)
 
 
-_TRAJECTORY_KEYS = ("precision", "steps", "lr", "step_lr", "weight_decay", "warmup_steps", "schedule",
-                    "act_step_lr_mult", "act_step_warmup_steps", "grad_clip", "distill", "appliance_cards")
+def _saved_config(meta: dict | None) -> TrainConfig | None:
+    """The settings in a step's metadata read without restoring it (None if unreadable: loading the
+    step verifies it and says why)."""
+    try:
+        return TrainConfig.from_json(meta["train_config"]) if meta else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _refuse_other_settings(tc: TrainConfig, saved: TrainConfig | None, out: Path) -> None:
+    """Raise (ValueError) if the run saved in `out` was made with settings that change the trajectory."""
+    diff = tc.differences(saved) if saved is not None else []
+    if diff:
+        raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}); "
+                         "use another output directory or remove it")
+
+
+_TRAJECTORY_KEYS = ("precision", "steps", "lr", "step_lr", "step_lr_mode", "weight_decay", "warmup_steps",
+                    "schedule", "act_step_lr_mult", "act_step_warmup_steps", "grad_clip", "distill", "appliance_cards")
 
 
 @functools.lru_cache(maxsize=8)
@@ -377,6 +394,8 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
     start, resumed_from, elapsed0, metrics = 0, None, 0.0, []
     ck = None
     if checkpoint_steps(out):
+        # other settings are refused before restoring: another optimizer's state has another structure
+        _refuse_other_settings(tc, _saved_config(newest_meta(out)), out)
         if jax.process_count() > 1:  # process 0 sets rejected steps aside, then all restore the same step
             if lead:
                 quarantine_unverified(out, log)
@@ -386,10 +405,7 @@ def _train(tc: TrainConfig, *, stop_after: int | None, progress: bool | None, lo
         except NoGoodCheckpoint as e:
             log(f"{e}; starting from step 0")
     if ck is not None:
-        diff = tc.differences(ck.train_config)
-        if diff:
-            raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}); "
-                             "use another output directory or remove it")
+        _refuse_other_settings(tc, ck.train_config, out)
         if ck.cfg != cfg:
             raise ValueError(f"{out} holds a checkpoint of another model ({ck.cfg.name})")
         params, opt_state, start, resumed_from = ck.params, ck.opt_state, ck.step, ck.step

@@ -8,6 +8,12 @@ norm gains and biases a leading layer axis):
 - everything else (norm gains, biases): Adam, no decay.
 The warm start (HPEC24 sec. V): the activation step sizes' learning rate is multiplied by
 `act_step_lr_mult` (200) for the first `act_step_warmup_steps` (250) steps.
+
+Step sizes' rate, absolute or relative: Adam moves every parameter by about its learning rate per
+update, whatever the parameter's size. An 8-bit step is about 18 times (127/7) smaller than a
+4-bit step of the same tensor, so one absolute rate cannot suit both, nor a policy that mixes the
+two widths. `relative_steps=True` multiplies each step-size update by the step's own magnitude
+(Adam on log(step), to first order): every step then moves by about the rate times itself.
 """
 
 from __future__ import annotations
@@ -38,13 +44,31 @@ def param_groups(params):
     return jax.tree_util.tree_map_with_path(param_group, params)
 
 
+def scale_by_magnitude() -> optax.GradientTransformation:
+    """Multiply every update by |its parameter| (stateless; needs `params` in `update`)."""
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_magnitude needs the parameters: call update(updates, state, params)")
+        return jax.tree.map(lambda u, p: u * jax.numpy.abs(p).astype(u.dtype), updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _step_adam(rate, b1: float, b2: float, relative: bool) -> optax.GradientTransformation:
+    if not relative:
+        return optax.adam(rate, b1=b1, b2=b2)
+    return optax.chain(optax.scale_by_adam(b1=b1, b2=b2), scale_by_magnitude(), optax.scale_by_learning_rate(rate))
+
+
 def lsq_optimizer(learning_rate: float | optax.Schedule, *, weight_decay: float = 0.0,
                   act_step_lr_mult: float = 200.0, act_step_warmup_steps: int = 250,
-                  step_learning_rate: float | None = None, b1: float = 0.9, b2: float = 0.95,
-                  grad_clip: float | None = 1.0) -> optax.GradientTransformation:
+                  step_learning_rate: float | None = None, relative_steps: bool = False, b1: float = 0.9,
+                  b2: float = 0.95, grad_clip: float | None = 1.0) -> optax.GradientTransformation:
     """AdamW for weights, Adam for step sizes (no decay), with the activation-step warm start.
 
-    `step_learning_rate` defaults to `learning_rate` (a float) for the step-size groups.
+    `step_learning_rate` defaults to `learning_rate` (a float) for the step-size groups;
+    `relative_steps`: it is a fraction of each step's size per update (module docstring).
     """
     base = learning_rate if step_learning_rate is None else step_learning_rate
     base_fn = base if callable(base) else (lambda _: base)
@@ -53,8 +77,8 @@ def lsq_optimizer(learning_rate: float | optax.Schedule, *, weight_decay: float 
         {
             "weights": optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay),
             "other": optax.adam(learning_rate, b1=b1, b2=b2),
-            "weight_steps": optax.adam(base_fn, b1=b1, b2=b2),
-            "act_steps": optax.adam(warm, b1=b1, b2=b2),
+            "weight_steps": _step_adam(base_fn, b1, b2, relative_steps),
+            "act_steps": _step_adam(warm, b1, b2, relative_steps),
         },
         param_groups,
     )
