@@ -91,6 +91,7 @@ class Recipe:
     reconstruct: int = 0  # block-wise reconstruction: Adam steps per layer (0: off)
     reconstruct_windows: int = 8  # ... on the first calibration windows (2,048 tokens)
     reconstruct_lr: float = 5e-3  # ... on log(step)
+    reconstruct_max_bits: int = 8  # ... only the steps of roles this wide or narrower (8: all; 4: the 4-bit ones)
     learn_rotation: int = 0  # Adam steps of the learned residual rotation after the Hadamard (0: off)
     learn_rotation_lr: float = 2e-3  # ... on its Cayley parameters
 
@@ -115,6 +116,8 @@ class Recipe:
             raise ValueError(f"recipe gptq_damp must be in (0, 10), got {self.gptq_damp!r}")
         if self.reconstruct < 0 or self.reconstruct_windows < 1 or not self.reconstruct_lr > 0:
             raise ValueError("recipe reconstruct must be >= 0, on >= 1 window, at a learning rate > 0")
+        if self.reconstruct_max_bits not in (2, 4, 8):
+            raise ValueError(f"recipe reconstruct_max_bits must be 2, 4 or 8 (a VMM width), got {self.reconstruct_max_bits}")
         if self.learn_rotation < 0 or not self.learn_rotation_lr > 0:
             raise ValueError("recipe learn_rotation must be >= 0 steps, at a learning rate > 0")
         if self.learn_rotation and not self.rotate_residual:
@@ -138,7 +141,9 @@ class Recipe:
             weights += f":sink-weight-{self.gptq_sink_weight:g}" if self.gptq_sink_weight else ""
         return (on + ([f"sink{self.sink}{sink_acts}"] if self.sink else []) + [f"weights:{weights}",
                                                                                f"activations:{self.activations}"]
-                + ([f"reconstruct:{self.reconstruct}"] if self.reconstruct else []))
+                + ([f"reconstruct:{self.reconstruct}" + (f":max-bits-{self.reconstruct_max_bits}"
+                                                          if self.reconstruct_max_bits != 8 else "")]
+                   if self.reconstruct else []))
 
     def to_json(self) -> dict:
         """The recipe's fields (a prepared model's cache key), its description left out: a switch that
@@ -162,6 +167,8 @@ class Recipe:
         if not self.reconstruct:
             for k in ("reconstruct", "reconstruct_windows", "reconstruct_lr"):
                 out.pop(k)
+        if not self.reconstruct or self.reconstruct_max_bits == 8:
+            out.pop("reconstruct_max_bits")  # every step fitted: the entries made before the switch
         if not self.learn_rotation:
             for k in ("learn_rotation", "learn_rotation_lr"):
                 out.pop(k)
@@ -661,11 +668,15 @@ def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, 
 
 # --- block-wise reconstruction ---------------------------------------------------------------------------
 
-def _log_steps(lp: llama.Params, cfg: ModelConfig) -> dict:
+def _log_steps(lp: llama.Params, cfg: ModelConfig, prec: llama.Precision | None = None, max_bits: int = 8) -> dict:
     """The steps block-wise reconstruction fits in one layer, as logarithms: every activation step
-    and every weight step (per output channel) of the layer matrices."""
-    out = {"act": {".".join(path): jnp.log(llama._get(lp, path)) for path in llama.act_steps(cfg)}}
-    out["w"] = {name: jnp.log(_linear(lp, name)["s_w"]) for name in llama.LINEARS}
+    and every weight step (per output channel) of the layer matrices; with `max_bits` < 8 only
+    those whose role in `prec`'s layer is that narrow or narrower (the sink's steps are INT8)."""
+    def narrow(role):
+        return max_bits >= 8 or (role != "sink" and prec.layer(role).bits <= max_bits)
+    out = {"act": {".".join(path): jnp.log(llama._get(lp, path)) for path, role in llama.act_steps(cfg).items()
+                   if narrow(role)}}
+    out["w"] = {name: jnp.log(_linear(lp, name)["s_w"]) for name in llama.LINEARS if narrow(f"{name}.w")}
     return out
 
 
@@ -682,7 +693,8 @@ def _with_log_steps(lp: llama.Params, theta: dict, codes: dict) -> llama.Params:
 
 
 def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConfig, policy, windows: np.ndarray,
-                iters: int, lr: float = 5e-3, log: Log | None = None, errors: list | None = None) -> llama.Params:
+                iters: int, lr: float = 5e-3, log: Log | None = None, errors: list | None = None,
+                max_bits: int = 8) -> llama.Params:
     """Block-wise reconstruction of the step sizes (BRECQ, arXiv 2102.05426; OmniQuant, arXiv
     2308.13137, with the integer codes kept): layer by layer, in order, every activation step and
     every weight step of the layer (the GPTQ codes fixed, so a matrix stays on its grid) is fitted
@@ -690,7 +702,8 @@ def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConf
     model's own input, match the float layer's output on the float model's input (relative squared
     error, the sink positions left out: they have their own INT8 steps). The training forward is
     the chip's integer forward with LSQ gradients, so what is fitted is what runs. `errors` (a list)
-    receives each layer's (relative error before, after)."""
+    receives each layer's (relative error before, after). `max_bits` < 8: only the steps of roles
+    that narrow are fitted, the wider ones keep their calibration (`_log_steps`)."""
     import optax
 
     prec = llama.resolve(policy, cfg)
@@ -717,7 +730,7 @@ def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConf
             updates, state = opt.update(grads, state)
             return (optax.apply_updates(theta, updates), state), value
 
-        theta0 = _log_steps(lp, cfg)
+        theta0 = _log_steps(lp, cfg, p, max_bits)
         (theta, _), losses = jax.lax.scan(body, (theta0, opt.init(theta0)), None, length=iters)
         return _with_log_steps(lp, theta, codes), losses[0], loss(theta)
 
@@ -832,7 +845,8 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
     if recipe.reconstruct:
         t0 = time.perf_counter()
         params = reconstruct(params, float_params, cfg, policy, windows[: recipe.reconstruct_windows],
-                             recipe.reconstruct, recipe.reconstruct_lr, log=progress_log)
+                             recipe.reconstruct, recipe.reconstruct_lr, log=progress_log,
+                             max_bits=recipe.reconstruct_max_bits)
         log(f"recipe {recipe.name}: block-wise reconstruction ({recipe.reconstruct} steps per layer on "
             f"{min(len(windows), recipe.reconstruct_windows)} windows) in {time.perf_counter() - t0:.1f} s")
     if "down_input_token_max" in stats:

@@ -248,20 +248,42 @@ def test_block_reconstruction_keeps_the_codes_and_fits_the_float_layers(model, q
     np.testing.assert_array_equal(np.asarray(f_q(llama.prepare_serving(r, cfg, "w4a4"), TOKS)), np.asarray(f_q(r, TOKS)))
 
 
+def test_reconstruction_of_the_narrow_steps_keeps_the_wide_ones(model, quantized):
+    """`max_bits=4`: the 4-bit roles' steps are fitted, the INT8 ones (SiLU, the sink's twins) keep
+    their calibration exactly; with every step fitted (8) they move too."""
+    cfg, q = quantized
+    _, f = R.transform(model.params, CFG, RECIPE, "w4a4")
+    windows = prepared.calibration_windows(model, 2)
+    fits = {b: R.reconstruct(q, f, cfg, "w4a4", windows, 8, max_bits=b)["layers"] for b in (4, 8)}
+    q = q["layers"]
+    wide = [("mlp", "s_in"), ("mlp", "s_out"), ("attn", "s_x0"), ("mlp", "down", "s_x0")]
+    narrow = [("attn", "s_x"), ("mlp", "down", "s_x"), ("attn", "q", "s_w"), ("mlp", "down", "s_w")]
+    for path in wide + narrow:
+        a, b4, b8 = (np.asarray(functools.reduce(lambda t, k: t[k], path, t)) for t in (q, fits[4], fits[8]))
+        assert np.array_equal(a, b4) == (path in wide), path
+        assert not np.array_equal(a, b8), path
+
+
 def test_the_recipe_switch_runs_the_reconstruction_on_its_windows(model, monkeypatch):
     calls = []
-    monkeypatch.setattr(R, "reconstruct", lambda p, fp, cfg, pol, w, iters, lr, log=None: calls.append(
-        (fp, np.asarray(w), iters, lr)) or p)
+    monkeypatch.setattr(R, "reconstruct", lambda p, fp, cfg, pol, w, iters, lr, log=None, max_bits=8: calls.append(
+        (fp, np.asarray(w), iters, lr, max_bits)) or p)
     on = dataclasses.replace(RECIPE, reconstruct=3, reconstruct_windows=1, reconstruct_lr=0.5)
     windows = prepared.calibration_windows(model, 2)
     R.apply(model.params, CFG, on, "w4a4", windows)
-    (fp, w, iters, lr), = calls
+    R.apply(model.params, CFG, dataclasses.replace(on, reconstruct_max_bits=4), "w4a4", windows)
+    (fp, w, iters, lr, max_bits), narrow = calls
     np.testing.assert_array_equal(w, windows[:1])
-    assert (iters, lr) == (3, 0.5) and on.steps("w4a4")[-1] == "reconstruct:3"
+    assert (iters, lr, max_bits, narrow[-1]) == (3, 0.5, 8, 4) and on.steps("w4a4")[-1] == "reconstruct:3"
+    assert R.with_options(on, ["reconstruct_max_bits=4"]).steps("w4a4")[-1] == "reconstruct:3:max-bits-4"
+    with pytest.raises(ValueError, match="reconstruct_max_bits must be 2, 4 or 8"):
+        R.with_options(on, ["reconstruct_max_bits=6"])
     _, want = R.transform(model.params, CFG, on, "w4a4")  # the reference is the transformed float model
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fp), jax.tree.leaves(want), strict=True))
     # the switch off leaves the cache key of the recipes made before it existed unchanged
     assert "reconstruct" not in RECIPE.to_json() and "reconstruct" in on.to_json()
+    assert "reconstruct_max_bits" not in on.to_json()  # all steps fitted: the key of the entries made before
+    assert dataclasses.replace(on, reconstruct_max_bits=4).to_json()["reconstruct_max_bits"] == 4
     assert prepared.cache_key(model, on, "w4a4")[0] != prepared.cache_key(model, RECIPE, "w4a4")[0]
     with pytest.raises(ValueError, match="reconstruct"):
         R.Recipe("x", reconstruct=-1)
