@@ -117,7 +117,8 @@ class Recipe:
         if self.reconstruct < 0 or self.reconstruct_windows < 1 or not self.reconstruct_lr > 0:
             raise ValueError("recipe reconstruct must be >= 0, on >= 1 window, at a learning rate > 0")
         if self.reconstruct_max_bits not in (2, 4, 8):
-            raise ValueError(f"recipe reconstruct_max_bits must be 2, 4 or 8 (a VMM width), got {self.reconstruct_max_bits}")
+            raise ValueError(f"recipe reconstruct_max_bits must be 2, 4 or 8 (a VMM width), "
+                             f"got {self.reconstruct_max_bits}")
         if self.learn_rotation < 0 or not self.learn_rotation_lr > 0:
             raise ValueError("recipe learn_rotation must be >= 0 steps, at a learning rate > 0")
         if self.learn_rotation and not self.rotate_residual:

@@ -866,6 +866,43 @@ def test_the_validated_qat_runs_are_their_data_files():
     assert _shown(quoted.group(1), low[step]["kl"]) and _shown(quoted.group(3), low[step]["vs_float"])
 
 
+def test_the_relative_step_rate_runs_are_their_data_file():
+    """codesign.md's relative-rate paragraph: each run's command is its settings, the kept step is its
+    least validation KL and the evaluated one, and the quoted figures are the runs' rows."""
+    data = _result("qat_relative_steps_smollm2.json")
+    runs = {(r["precision"], r["step_lr_mode"]): r for r in data["runs"]}
+    for r in data["runs"]:
+        v = r["validation"]
+        assert [x["step"] for x in v] == list(range(0, r["steps_run"] + 1, 10)) and r["steps_run"] == 60
+        assert ("--step-lr-mode relative" in r["command"]) == (r["step_lr_mode"] == "relative")
+        assert f"--precision {r['precision']} " in r["command"] and "--lr 3e-5 " in r["command"]
+        least = min(v, key=lambda x: x["kl"])
+        assert (r["best"]["step"], r["best"]["value"]) == (least["step"], least["kl"])
+        assert next(x for x in r["evaluation"]["rows"] if x.get("qat"))["step"] == least["step"]
+        out = r["command"].split()[-1]
+        assert r["evaluation"]["command"] == f"np-jax eval --checkpoint {out}/best --windows 16 --json"
+    mixed = "docs/policies/smollm2-searched.json"
+    ab, rel, w8 = runs[mixed, "absolute"], runs[mixed, "relative"], runs["w8a8-pdd", "relative"]
+    kl = lambda r, step: next(x["kl"] for x in r["validation"] if x["step"] == step)  # noqa: E731
+    text = " ".join((ROOT / "docs" / "codesign.md").read_text().split())
+    q = re.search(r"absolute the validation KL goes from ([\d.]+) to ([\d.]+) at step 10 and ends at ([\d.]+) at step "
+                  r"60 \(the start is kept\); at 1e-3 relative .{0,40} it is ([\d.]+) at step 10 and ([\d.]+) at "
+                  r"step 60, "
+                  r"the kept step, which measures on the evaluation windows ([\d.]+)x float perplexity against the "
+                  r"start's ([\d.]+)x, with KL ([\d.]+) against ([\d.]+) and ([\d.]+) greedy tokens as float's against "
+                  r"([\d.]+)", text)
+    assert q, "codesign.md no longer quotes the relative-rate runs"
+    ptq, qat = (next(x for x in rel["evaluation"]["rows"] if x["precision"] != "float" and bool(x.get("qat")) == b)
+                for b in (False, True))
+    want = [kl(ab, 0), kl(ab, 10), kl(ab, 60), kl(rel, 10), kl(rel, 60), qat["vs_float"], ptq["vs_float"], qat["kl"],
+            ptq["kl"], qat["same_as_float_tokens"], ptq["same_as_float_tokens"]]
+    assert all(_shown(c, w) for c, w in zip(q.groups(), want, strict=True)), (q.groups(), want)
+    assert ab["best"]["step"] == 0 and rel["best"]["step"] == 60 and w8["best"]["step"] == 0
+    q = re.search(r"keeps the start \(validation KL ([\d.]+), every later step between ([\d.]+) and ([\d.]+)\)", text)
+    later = [x["kl"] for x in w8["validation"][1:]]
+    assert q and all(_shown(c, w) for c, w in zip(q.groups(), (kl(w8, 0), min(later), max(later))))
+
+
 def test_the_qat_tables_are_their_data_files():
     rotate, plain = _result("qat_rotate_smollm2.json"), _result("qat_smollm2.json")
     table = _table("docs/training.md", "| Model | Precision | Steps | Train tokens | Perplexity |")

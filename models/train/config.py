@@ -67,7 +67,8 @@ class TrainConfig:
         if self.calibration not in llama.CALIBRATIONS:
             raise ValueError(f"unknown calibration {self.calibration!r}; choose one of {', '.join(llama.CALIBRATIONS)}")
         if self.step_lr_mode not in self.STEP_LR_MODES:
-            raise ValueError(f"unknown step-lr mode {self.step_lr_mode!r}; choose one of {', '.join(self.STEP_LR_MODES)}")
+            raise ValueError(f"unknown step-lr mode {self.step_lr_mode!r}; "
+                             f"choose one of {', '.join(self.STEP_LR_MODES)}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine or constant")
         if self.appliance_cards < 0:
