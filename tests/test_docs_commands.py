@@ -903,6 +903,23 @@ def test_the_relative_step_rate_runs_are_their_data_file():
     assert q and all(_shown(c, w) for c, w in zip(q.groups(), (kl(w8, 0), min(later), max(later))))
 
 
+def test_the_reconstruction_table_is_its_data_files():
+    """quantization.md's reconstruction table: each row is its data file's row of that precision,
+    recipe and options, and every data file's command names them."""
+    table = _table("docs/quantization.md", "| Precision | Recipe | Options | vs float |")
+    assert len(table) == 7
+    for precision, recipe, options, vs, kl, top1, same, file in table:
+        data = _result(file.strip("`"))
+        opts = options.split(", ")
+        row, = [r for r in data["rows"]
+                if (r["precision"], r["recipe"], r.get("recipe_options")) == (precision, recipe, opts)]
+        assert _shown(vs, row["vs_float"]) and _shown(kl, row["kl"]) and _shown(top1, row["top1_agreement"])
+        assert _shown(same, row["same_as_float_tokens"])
+        commands = data.get("commands") or [data["command"]]
+        assert any(f"--precision {precision} " in c and f"--recipe {recipe} " in c
+                   and all(f"--recipe-option {o} " in c for o in opts) for c in commands), row
+
+
 def test_the_qat_tables_are_their_data_files():
     rotate, plain = _result("qat_rotate_smollm2.json"), _result("qat_smollm2.json")
     table = _table("docs/training.md", "| Model | Precision | Steps | Train tokens | Perplexity |")

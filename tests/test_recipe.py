@@ -530,7 +530,7 @@ def test_recipe_options_set_fields_by_their_types():
                    gptq_sequential=True, gptq_asymmetric=True, gptq_damp_select=False, gptq_sink_weight=8.0,
                    activations="lsq",
                    sink_activations=None, calib_windows=7, seed=3, reconstruct=4, reconstruct_windows=2,
-                   reconstruct_lr=0.25, learn_rotation=0, learn_rotation_lr=0.01)
+                   reconstruct_lr=0.25, reconstruct_max_bits=4, learn_rotation=0, learn_rotation_lr=0.01)
     settable = {f.name for f in dataclasses.fields(R.Recipe)} - {"name", "description"}
     assert set(flipped) == settable
     got = R.with_options("rotate-gptq-learned", [f"{k.replace('_', '-')}={v}" for k, v in flipped.items()])
