@@ -669,7 +669,7 @@ def quantize_weights_sequential(params: llama.Params, cfg: ModelConfig, policy, 
 
 # --- block-wise reconstruction ---------------------------------------------------------------------------
 
-def _log_steps(lp: llama.Params, cfg: ModelConfig, prec: llama.Precision | None = None, max_bits: int = 8) -> dict:
+def _log_steps(lp: llama.Params, cfg: ModelConfig, prec: llama.Precision, max_bits: int = 8) -> dict:
     """The steps block-wise reconstruction fits in one layer, as logarithms: every activation step
     and every weight step (per output channel) of the layer matrices; with `max_bits` < 8 only
     those whose role in `prec`'s layer is that narrow or narrower (the sink's steps are INT8)."""
