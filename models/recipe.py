@@ -57,7 +57,9 @@ from models import llama
 from models.config import ModelConfig
 from np_jax.quant import get_policy, gptq, hadamard, wants_qk_rotation
 from np_jax.progress import Progress
+from np_jax.chip.vector_unit import quantize
 from np_jax.quant.lsq import init_step_mse
+from np_jax.quant.optim import scale_by_tensor_rms
 
 Log = Callable[[str], None]
 
@@ -92,6 +94,9 @@ class Recipe:
     reconstruct_windows: int = 8  # ... on the first calibration windows (2,048 tokens)
     reconstruct_lr: float = 5e-3  # ... on log(step)
     reconstruct_max_bits: int = 8  # ... only the steps of roles this wide or narrower (8: all; 4: the 4-bit ones)
+    reconstruct_codes_lr: float = 0.0  # ... and those matrices' integer codes, at this rate in codes (0: kept)
+    reconstruct_sink_weight: float = 0.0  # ... the sink rows' relative output error added at this weight (0: left out)
+    reconstruct_fisher: bool = False  # ... each output element's error weighed by the float loss's squared gradient
     learn_rotation: int = 0  # Adam steps of the learned residual rotation after the Hadamard (0: off)
     learn_rotation_lr: float = 2e-3  # ... on its Cayley parameters
 
@@ -116,6 +121,13 @@ class Recipe:
             raise ValueError(f"recipe gptq_damp must be in (0, 10), got {self.gptq_damp!r}")
         if self.reconstruct < 0 or self.reconstruct_windows < 1 or not self.reconstruct_lr > 0:
             raise ValueError("recipe reconstruct must be >= 0, on >= 1 window, at a learning rate > 0")
+        if not 0 <= self.reconstruct_codes_lr < 1:
+            raise ValueError(f"recipe reconstruct_codes_lr must be in [0, 1) codes per step, "
+                             f"got {self.reconstruct_codes_lr}")
+        if not 0 <= self.reconstruct_sink_weight < 1e6:
+            raise ValueError(f"recipe reconstruct_sink_weight must be in [0, 1e6), got {self.reconstruct_sink_weight}")
+        if self.reconstruct_sink_weight and not self.sink:
+            raise ValueError("recipe reconstruct_sink_weight weighs the sink rows' error: it needs a sink")
         if self.reconstruct_max_bits not in (2, 4, 8):
             raise ValueError(f"recipe reconstruct_max_bits must be 2, 4 or 8 (a VMM width), "
                              f"got {self.reconstruct_max_bits}")
@@ -143,7 +155,10 @@ class Recipe:
         return (on + ([f"sink{self.sink}{sink_acts}"] if self.sink else []) + [f"weights:{weights}",
                                                                                f"activations:{self.activations}"]
                 + ([f"reconstruct:{self.reconstruct}" + (f":max-bits-{self.reconstruct_max_bits}"
-                                                          if self.reconstruct_max_bits != 8 else "")]
+                                                          if self.reconstruct_max_bits != 8 else "")
+                    + (f":codes-{self.reconstruct_codes_lr:g}" if self.reconstruct_codes_lr else "")
+                    + (f":sink-weight-{self.reconstruct_sink_weight:g}" if self.reconstruct_sink_weight else "")
+                    + (":fisher" if self.reconstruct_fisher else "")]
                    if self.reconstruct else []))
 
     def to_json(self) -> dict:
@@ -170,6 +185,9 @@ class Recipe:
                 out.pop(k)
         if not self.reconstruct or self.reconstruct_max_bits == 8:
             out.pop("reconstruct_max_bits")  # every step fitted: the entries made before the switch
+        for k in ("reconstruct_codes_lr", "reconstruct_sink_weight", "reconstruct_fisher"):
+            if not self.reconstruct or not getattr(self, k):
+                out.pop(k)  # the codes kept, the sink rows left out: the entries made before the switches
         if not self.learn_rotation:
             for k in ("learn_rotation", "learn_rotation_lr"):
                 out.pop(k)
@@ -682,20 +700,62 @@ def _log_steps(lp: llama.Params, cfg: ModelConfig, prec: llama.Precision, max_bi
 
 
 def _with_log_steps(lp: llama.Params, theta: dict, codes: dict) -> llama.Params:
-    """`lp` with the steps exp(theta); each matrix is its fixed integer codes times its new steps."""
+    """`lp` with the steps exp(theta); each matrix is its integer codes times its new steps: the fixed
+    `codes`, or, where `theta["codes"]` has the matrix, those continuous codes (the layer's weight
+    quantizer rounds them, with its straight-through gradient)."""
     for key, t in theta["act"].items():
         lp = llama._set(lp, tuple(key.split(".")), jnp.exp(t))
     for name, t in theta["w"].items():
         s = jnp.exp(t)
         path = tuple(name.split("."))
         lp = llama._set(lp, path + ("s_w",), s)
-        lp = llama._set(lp, path + ("w",), codes[name] * s)
+        lp = llama._set(lp, path + ("w",), theta.get("codes", codes).get(name, codes[name]) * s)
     return lp
+
+
+def _rounded_codes(theta: dict, p: llama.Precision) -> dict:
+    """The integer codes the continuous `theta["codes"]` stand for: what the layer's weight quantizer
+    makes of codes x step (rounded to nearest, clipped to the role's grid), so that the matrix that
+    is kept is the one the last loss was computed with."""
+    out = {}
+    for name, v in theta.get("codes", {}).items():
+        s, tq = jnp.exp(theta["w"][name]), p.layer(f"{name}.w")
+        out[name] = quantize(v * s, s, tq.bits, tq.signed).astype(jnp.float32)
+    return out
+
+
+def layer_output_fisher(params: llama.Params, cfg: ModelConfig, windows: np.ndarray, batch: int = 2) -> jax.Array:
+    """The squared gradient of the float model's next-token loss with respect to every layer's
+    output, [layers, B, L, D] (BRECQ's diagonal Fisher, arXiv 2102.05426 sec. 3.2): how much
+    the model's loss cares about each element of each layer's output on these windows. Computed
+    `batch` windows at a time (the output layer's logits are the memory)."""
+    prec = llama.Precision(get_policy("float"), jnp.float32, llama.model_tilings(cfg))
+
+    @jax.jit
+    def grads(tokens):
+        B, L = tokens.shape
+        pos = jnp.broadcast_to(jnp.arange(L), (B, L))
+
+        def loss(deltas):
+            def body(x, xs):
+                lp, d = xs
+                return llama.layer(lp, x, pos, None, cfg, prec)[0].astype(jnp.float32) + d, None
+
+            x, _ = jax.lax.scan(body, llama.embed(params, tokens, prec).astype(jnp.float32),
+                                (params["layers"], deltas))
+            logp = jax.nn.log_softmax(llama.head(params, x, cfg, prec)[:, :-1])
+            return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+        return jax.grad(loss)(jnp.zeros((cfg.n_layers, B, L, cfg.d_model), jnp.float32)) ** 2
+
+    windows = np.asarray(windows)
+    return jnp.concatenate([grads(jnp.asarray(windows[i:i + batch])) for i in range(0, len(windows), batch)], axis=1)
 
 
 def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConfig, policy, windows: np.ndarray,
                 iters: int, lr: float = 5e-3, log: Log | None = None, errors: list | None = None,
-                max_bits: int = 8) -> llama.Params:
+                max_bits: int = 8, codes_lr: float = 0.0, sink_weight: float = 0.0, fisher: bool = False
+                ) -> llama.Params:
     """Block-wise reconstruction of the step sizes (BRECQ, arXiv 2102.05426; OmniQuant, arXiv
     2308.13137, with the integer codes kept): layer by layer, in order, every activation step and
     every weight step of the layer (the GPTQ codes fixed, so a matrix stays on its grid) is fitted
@@ -704,7 +764,24 @@ def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConf
     error, the sink positions left out: they have their own INT8 steps). The training forward is
     the chip's integer forward with LSQ gradients, so what is fitted is what runs. `errors` (a list)
     receives each layer's (relative error before, after). `max_bits` < 8: only the steps of roles
-    that narrow are fitted, the wider ones keep their calibration (`_log_steps`)."""
+    that narrow are fitted, the wider ones keep their calibration (`_log_steps`).
+
+    `codes_lr` > 0: the integer codes of the matrices whose steps are fitted move too (AdaRound,
+    arXiv 2004.10568, and the block-wise weight fitting of BRECQ and PrefixQuant, in the simplest
+    form): each code is a continuous parameter started at its GPTQ value, moved by Adam at
+    `codes_lr` codes per step through the weight quantizer's straight-through gradient, and rounded
+    to the grid at the end (`scale_by_tensor_rms`: each code moves in proportion to its gradient);
+    a rounding flip can raise the loss, so the best of the points visited is kept (never worse, on
+    the calibration windows, than the start).
+
+    `sink_weight` > 0: the sink rows' own relative output error is added to the loss at this weight.
+    Their activation steps are their own, but the weight steps and codes are shared with every
+    other row: left out of the loss, the sink rows, which every later layer's attention reads, may
+    drift while the ordinary rows' error falls.
+
+    `fisher`: each element of the squared error weighed by how much the float model's loss cares
+    about it (`layer_output_fisher`, BRECQ's objective) instead of alike: a layer's output error
+    is then measured in what the later layers and the output layer make of it."""
     import optax
 
     prec = llama.resolve(policy, cfg)
@@ -713,32 +790,52 @@ def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConf
     B, L = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(L), (B, L))
     keep = (pos >= cfg.sink_positions)[..., None].astype(jnp.float32)
-    opt = optax.adam(lr)
+    codes_opt = optax.chain(scale_by_tensor_rms(), optax.scale_by_learning_rate(codes_lr or lr))
+    opt = optax.multi_transform({"steps": optax.adam(lr), "codes": codes_opt},
+                                lambda theta: {k: jax.tree.map(lambda _: "codes" if k == "codes" else "steps", t)
+                                               for k, t in theta.items()})
 
     @jax.jit
     def float_layer(lp, x):
         return llama.layer(lp, x, pos, None, cfg, fprec)[0].astype(jnp.float32)
 
     @functools.partial(jax.jit, static_argnums=(4,))
-    def fit(lp, x, y, codes, p):
+    def fit(lp, x, y, codes, p, weight):
         def loss(theta):
             out = llama.layer(_with_log_steps(lp, theta, codes), x, pos, None, cfg, p)[0].astype(jnp.float32)
-            return jnp.sum(keep * (out - y) ** 2) / jnp.sum(keep * y ** 2)
+            e = jnp.sum(keep * weight * (out - y) ** 2) / jnp.sum(keep * weight * y ** 2)
+            if sink_weight and cfg.sink_positions:  # the sink rows' own relative error (their norms are far larger)
+                e = e + sink_weight * jnp.sum((1 - keep) * weight * (out - y) ** 2) / jnp.sum(
+                    (1 - keep) * weight * y ** 2)
+            return e
 
         def body(carry, _):
-            theta, state = carry
+            theta, state, best, best_value = carry
             value, grads = jax.value_and_grad(loss)(theta)
+            if codes_lr:  # a rounding flip may raise the loss: the best point seen is kept
+                best, best_value = jax.lax.cond(value < best_value, lambda: (theta, value), lambda: (best, best_value))
             updates, state = opt.update(grads, state)
-            return (optax.apply_updates(theta, updates), state), value
+            return (optax.apply_updates(theta, updates), state, best, best_value), value
 
         theta0 = _log_steps(lp, cfg, p, max_bits)
-        (theta, _), losses = jax.lax.scan(body, (theta0, opt.init(theta0)), None, length=iters)
-        return _with_log_steps(lp, theta, codes), losses[0], loss(theta)
+        if codes_lr:
+            theta0["codes"] = {name: codes[name] for name in theta0["w"]}
+        (theta, _, best, best_value), losses = jax.lax.scan(body, (theta0, opt.init(theta0), theta0, jnp.inf), None,
+                                                            length=iters)
+        last = loss(theta)
+        if codes_lr:
+            theta, last = jax.lax.cond(last < best_value, lambda: (theta, last), lambda: (best, best_value))
+        kept = _with_log_steps(lp, {"act": theta["act"], "w": theta["w"]}, {**codes, **_rounded_codes(theta, p)})
+        return kept, losses[0], last
 
     @functools.partial(jax.jit, static_argnums=(2,))
     def quant_layer(lp, x, p):
         return llama.layer(lp, x, pos, None, cfg, p)[0]
 
+    weights = None
+    if fisher:
+        with Progress(f"the float model's loss gradients at every layer's output ({B * L} tokens)", log=log):
+            weights = layer_output_fisher(float_params, cfg, windows)
     layers, flayers = llama.unstack_layers(params["layers"]), llama.unstack_layers(float_params["layers"])
     x_f = llama.embed(float_params, tokens, fprec).astype(jnp.float32)
     x_q = llama.embed(params, tokens, prec)
@@ -749,7 +846,7 @@ def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConf
             p = prec.at(i)
             y = float_layer(lf, x_f)
             codes = {name: jnp.round(_linear(lp, name)["w"] / _linear(lp, name)["s_w"]) for name in llama.LINEARS}
-            lp, before, after = fit(lp, x_q, y, codes, p)
+            lp, before, after = fit(lp, x_q, y, codes, p, jnp.float32(1.0) if weights is None else weights[i])
             out.append(lp)
             errs.append((float(before), float(after)))
             x_q, x_f = quant_layer(lp, x_q, p), y
@@ -847,7 +944,8 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
         t0 = time.perf_counter()
         params = reconstruct(params, float_params, cfg, policy, windows[: recipe.reconstruct_windows],
                              recipe.reconstruct, recipe.reconstruct_lr, log=progress_log,
-                             max_bits=recipe.reconstruct_max_bits)
+                             max_bits=recipe.reconstruct_max_bits, codes_lr=recipe.reconstruct_codes_lr,
+                             sink_weight=recipe.reconstruct_sink_weight, fisher=recipe.reconstruct_fisher)
         log(f"recipe {recipe.name}: block-wise reconstruction ({recipe.reconstruct} steps per layer on "
             f"{min(len(windows), recipe.reconstruct_windows)} windows) in {time.perf_counter() - t0:.1f} s")
     if "down_input_token_max" in stats:

@@ -252,6 +252,32 @@ def _adam_oracle(grads, b1=0.9, b2=0.95, eps=1e-8):
         yield (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
 
 
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2 ** 31 - 1), st.floats(1e-3, 1e3))
+def test_tensor_rms_adam_moves_each_element_by_its_own_gradient(seed, scale):
+    """`scale_by_tensor_rms`: Adam's first moment per element over one second moment per tensor (the
+    mean squared gradient); oracle in numpy float64, update by update. Within a tensor, an element
+    with twice the gradient moves twice as far (element-wise Adam would move both alike), and the
+    direction does not depend on the gradients' overall scale."""
+    from np_jax.quant.optim import scale_by_tensor_rms
+    rng = np.random.default_rng(seed)
+    shapes = {"a": (3, 4), "b": (5,)}
+    grads = [{k: scale * rng.normal(size=sh) for k, sh in shapes.items()} for _ in range(4)]
+    tx = scale_by_tensor_rms(b1=0.9, b2=0.95)
+    state = tx.init({k: jnp.zeros(sh, jnp.float32) for k, sh in shapes.items()})
+    m = {k: 0.0 for k in shapes}
+    v = {k: 0.0 for k in shapes}
+    for t, g in enumerate(grads, 1):
+        upd, state = tx.update({k: jnp.asarray(x, jnp.float32) for k, x in g.items()}, state)
+        for k, x in g.items():
+            m[k], v[k] = 0.9 * m[k] + 0.1 * x, 0.95 * v[k] + 0.05 * np.mean(x * x)
+            want = (m[k] / (1 - 0.9 ** t)) / np.sqrt(v[k] / (1 - 0.95 ** t))
+            np.testing.assert_allclose(np.asarray(upd[k], np.float64), want, rtol=1e-4, atol=1e-6)
+    g1 = {"a": jnp.asarray([[1.0, 2.0]]), "b": jnp.asarray([-3.0])}
+    upd, _ = tx.update(g1, tx.init(g1))
+    assert float(upd["a"][0, 1]) == pytest.approx(2 * float(upd["a"][0, 0]), rel=1e-6)
+
+
 @settings(max_examples=12, deadline=None)
 @given(st.lists(st.floats(1e-4, 1.0), min_size=3, max_size=3), st.integers(0, 2 ** 31 - 1),
        st.sampled_from([False, True]))

@@ -264,18 +264,112 @@ def test_reconstruction_of_the_narrow_steps_keeps_the_wide_ones(model, quantized
         assert not np.array_equal(a, b8), path
 
 
+def test_reconstruction_of_the_codes_rounds_to_the_grid_it_measured(model, quantized):
+    """`codes_lr`: the codes of the fitted matrices move off GPTQ's (some, not all), stay integers on
+    their role's grid, and the kept layer is the one the last loss measured: the first layer's
+    relative output error, recomputed from the result (the ordinary rows' plus `sink_weight` times
+    the sink rows'), is the reported one and below the start's."""
+    cfg, q = quantized
+    _, f = R.transform(model.params, CFG, RECIPE, "w4a4")
+    windows = prepared.calibration_windows(model, 2)
+    errors: list = []
+    r = R.reconstruct(q, f, cfg, "w4a4", windows, 8, codes_lr=0.1, sink_weight=0.5, errors=errors)
+    moved = 0
+    for name in llama.LINEARS:
+        blk, lin = name.split(".")
+        (w0, s0), (w1, s1) = [(np.asarray(p["layers"][blk][lin]["w"]), np.asarray(p["layers"][blk][lin]["s_w"]))
+                              for p in (q, r)]
+        codes = np.rint(w1 / s1[:, None, :])
+        np.testing.assert_array_equal(codes.astype(np.float32) * s1[:, None, :], w1)  # codes x step
+        tq = get_policy("w4a4").layer(f"{name}.w")
+        assert codes.min() >= -tq.q_n and codes.max() <= tq.q_p, name
+        changed = codes != np.rint(w0 / s0[:, None, :])
+        assert changed.mean() < 0.5, name  # a code moves where the error says so, not everywhere
+        moved += changed.sum()
+    assert moved > 0
+    prec = llama.resolve("w4a4", cfg)
+    fprec = llama.Precision(get_policy("float"), jnp.float32, prec.tilings)
+    tokens = jnp.asarray(windows)
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    y = llama.layer(llama.unstack_layers(f["layers"])[0], llama.embed(f, tokens, fprec).astype(jnp.float32), pos,
+                    None, cfg, fprec)[0]
+    out = llama.layer(llama.unstack_layers(r["layers"])[0], llama.embed(r, tokens, prec), pos, None, cfg,
+                      prec.at(0))[0].astype(jnp.float32)
+    rel = lambda rows: float(jnp.sum(jnp.where(rows, (out - y) ** 2, 0)) / jnp.sum(jnp.where(rows, y ** 2, 0)))  # noqa: E731
+    keep = (pos >= cfg.sink_positions)[..., None]
+    err = rel(keep) + 0.5 * rel(~keep)
+    assert err == pytest.approx(errors[0][1], rel=1e-4) and err < errors[0][0]
+
+
+def test_layer_output_fisher_is_the_squared_loss_gradient(model):
+    """`layer_output_fisher` against an independent oracle: the float model run layer by layer in
+    python, a perturbation added after one layer, the next-token loss differentiated with respect
+    to it (in 2-window batches it is the same as in one)."""
+    cfg, f = R.transform(model.params, CFG, RECIPE, "w4a4")
+    windows = prepared.calibration_windows(model, 3)[:, :12]
+    got = np.asarray(R.layer_output_fisher(f, cfg, windows))
+    assert got.shape == (cfg.n_layers, 3, 12, cfg.d_model)
+    tokens = jnp.asarray(windows)
+    pos = jnp.broadcast_to(jnp.arange(12), tokens.shape)
+    layers = llama.unstack_layers(f["layers"])
+
+    def loss(d, at):
+        x = llama.embed(f, tokens, llama.resolve("float", cfg)).astype(jnp.float32)
+        for i, lp in enumerate(layers):
+            x = llama.layer(lp, x, pos, None, cfg, llama.resolve("float", cfg))[0] + (d if i == at else 0)
+        logits = llama.head(f, x, cfg, llama.resolve("float", cfg))
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+    for at in range(cfg.n_layers):
+        want = np.asarray(jax.grad(loss)(jnp.zeros(tokens.shape + (cfg.d_model,)), at)) ** 2
+        np.testing.assert_allclose(got[at], want, rtol=2e-3, atol=1e-6 * want.max())
+        assert want.max() > 0
+
+
+def test_fisher_weighted_reconstruction_weighs_each_element_by_it(model, quantized, monkeypatch):
+    """`fisher=True`: the reported errors are the Fisher-weighted relative errors (recomputed here for
+    the first layer from the result), and the switch reaches it from the recipe."""
+    cfg, q = quantized
+    _, f = R.transform(model.params, CFG, RECIPE, "w4a4")
+    windows = prepared.calibration_windows(model, 2)
+    errors: list = []
+    r = R.reconstruct(q, f, cfg, "w4a4", windows, 4, fisher=True, errors=errors)
+    weight = R.layer_output_fisher(f, cfg, windows)[0]
+    prec = llama.resolve("w4a4", cfg)
+    fprec = llama.Precision(get_policy("float"), jnp.float32, prec.tilings)
+    tokens = jnp.asarray(windows)
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    y = llama.layer(llama.unstack_layers(f["layers"])[0], llama.embed(f, tokens, fprec).astype(jnp.float32), pos,
+                    None, cfg, fprec)[0]
+    out = llama.layer(llama.unstack_layers(r["layers"])[0], llama.embed(r, tokens, prec), pos, None, cfg,
+                      prec.at(0))[0].astype(jnp.float32)
+    keep = (pos >= cfg.sink_positions)[..., None]
+    err = float(jnp.sum(jnp.where(keep, weight * (out - y) ** 2, 0)) / jnp.sum(jnp.where(keep, weight * y ** 2, 0)))
+    plain = float(jnp.sum(jnp.where(keep, (out - y) ** 2, 0)) / jnp.sum(jnp.where(keep, y ** 2, 0)))
+    assert err == pytest.approx(errors[0][1], rel=1e-4) and err != pytest.approx(plain, rel=1e-2)
+    assert R.with_options(RECIPE, ["reconstruct=2", "reconstruct_fisher=true"]).steps("w4a4")[-1] == \
+        "reconstruct:2:fisher"
+
+
 def test_the_recipe_switch_runs_the_reconstruction_on_its_windows(model, monkeypatch):
     calls = []
-    monkeypatch.setattr(R, "reconstruct", lambda p, fp, cfg, pol, w, iters, lr, log=None, max_bits=8: calls.append(
-        (fp, np.asarray(w), iters, lr, max_bits)) or p)
+    monkeypatch.setattr(R, "reconstruct", lambda p, fp, cfg, pol, w, iters, lr, log=None, max_bits=8, codes_lr=0.0,
+                        sink_weight=0.0, fisher=False: calls.append(
+                            (fp, np.asarray(w), iters, lr, max_bits, codes_lr, sink_weight, fisher)) or p)
     on = dataclasses.replace(RECIPE, reconstruct=3, reconstruct_windows=1, reconstruct_lr=0.5)
     windows = prepared.calibration_windows(model, 2)
     R.apply(model.params, CFG, on, "w4a4", windows)
-    R.apply(model.params, CFG, dataclasses.replace(on, reconstruct_max_bits=4), "w4a4", windows)
-    (fp, w, iters, lr, max_bits), narrow = calls
+    R.apply(model.params, CFG, dataclasses.replace(on, reconstruct_max_bits=4, reconstruct_codes_lr=0.1,
+                                                   reconstruct_sink_weight=2.0, reconstruct_fisher=True),
+            "w4a4", windows)
+    (fp, w, iters, lr, max_bits, codes_lr, sink_weight, fisher), narrow = calls
     np.testing.assert_array_equal(w, windows[:1])
-    assert (iters, lr, max_bits, narrow[-1]) == (3, 0.5, 8, 4) and on.steps("w4a4")[-1] == "reconstruct:3"
-    assert R.with_options(on, ["reconstruct_max_bits=4"]).steps("w4a4")[-1] == "reconstruct:3:max-bits-4"
+    assert (iters, lr, max_bits, codes_lr, sink_weight, fisher) == (3, 0.5, 8, 0.0, 0.0, False)
+    assert narrow[-4:] == (4, 0.1, 2.0, True)
+    assert on.steps("w4a4")[-1] == "reconstruct:3"
+    assert (R.with_options(on, ["reconstruct_max_bits=4", "reconstruct_codes_lr=0.1", "reconstruct_sink_weight=2"])
+            .steps("w4a4")[-1] == "reconstruct:3:max-bits-4:codes-0.1:sink-weight-2")
     with pytest.raises(ValueError, match="reconstruct_max_bits must be 2, 4 or 8"):
         R.with_options(on, ["reconstruct_max_bits=6"])
     _, want = R.transform(model.params, CFG, on, "w4a4")  # the reference is the transformed float model
@@ -284,9 +378,19 @@ def test_the_recipe_switch_runs_the_reconstruction_on_its_windows(model, monkeyp
     assert "reconstruct" not in RECIPE.to_json() and "reconstruct" in on.to_json()
     assert "reconstruct_max_bits" not in on.to_json()  # all steps fitted: the key of the entries made before
     assert dataclasses.replace(on, reconstruct_max_bits=4).to_json()["reconstruct_max_bits"] == 4
+    assert "reconstruct_codes_lr" not in on.to_json()  # the codes kept: the key of the entries made before
+    assert dataclasses.replace(on, reconstruct_codes_lr=0.1).to_json()["reconstruct_codes_lr"] == 0.1
+    assert "reconstruct_sink_weight" not in on.to_json()
+    assert dataclasses.replace(on, reconstruct_sink_weight=2.0).to_json()["reconstruct_sink_weight"] == 2.0
+    assert "reconstruct_fisher" not in on.to_json()
+    assert dataclasses.replace(on, reconstruct_fisher=True).to_json()["reconstruct_fisher"] is True
     assert prepared.cache_key(model, on, "w4a4")[0] != prepared.cache_key(model, RECIPE, "w4a4")[0]
     with pytest.raises(ValueError, match="reconstruct"):
         R.Recipe("x", reconstruct=-1)
+    with pytest.raises(ValueError, match="reconstruct_codes_lr must be in"):
+        R.Recipe("x", reconstruct=1, reconstruct_codes_lr=-0.1)
+    with pytest.raises(ValueError, match="reconstruct_sink_weight .*needs a sink"):
+        R.Recipe("x", reconstruct=1, sink=0, reconstruct_sink_weight=1.0)
 
 
 def test_the_sink_steps_have_their_own_calibration(model, monkeypatch):
@@ -530,7 +634,8 @@ def test_recipe_options_set_fields_by_their_types():
                    gptq_sequential=True, gptq_asymmetric=True, gptq_damp_select=False, gptq_sink_weight=8.0,
                    activations="lsq",
                    sink_activations=None, calib_windows=7, seed=3, reconstruct=4, reconstruct_windows=2,
-                   reconstruct_lr=0.25, reconstruct_max_bits=4, learn_rotation=0, learn_rotation_lr=0.01)
+                   reconstruct_lr=0.25, reconstruct_max_bits=4, reconstruct_codes_lr=0.05,
+                   reconstruct_sink_weight=2.0, reconstruct_fisher=True, learn_rotation=0, learn_rotation_lr=0.01)
     settable = {f.name for f in dataclasses.fields(R.Recipe)} - {"name", "description"}
     assert set(flipped) == settable
     got = R.with_options("rotate-gptq-learned", [f"{k.replace('_', '-')}={v}" for k, v in flipped.items()])

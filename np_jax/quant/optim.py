@@ -18,7 +18,10 @@ two widths. `relative_steps=True` multiplies each step-size update by the step's
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 GROUPS = ("weights", "other", "weight_steps", "act_steps")
@@ -53,6 +56,35 @@ def scale_by_magnitude() -> optax.GradientTransformation:
         return jax.tree.map(lambda u, p: u * jax.numpy.abs(p).astype(u.dtype), updates, params), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+class TensorRmsState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates  # first moment, per element
+    nu: optax.Updates  # second moment, one number per tensor
+
+
+def scale_by_tensor_rms(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-20) -> optax.GradientTransformation:
+    """Adam with one second moment per tensor (the mean of its squared gradients) instead of one per
+    element: every element moves in proportion to its own gradient, the tensor's RMS update being
+    about the rate. Element-wise Adam moves every element by about the rate whatever its gradient:
+    fitting integer codes with it flips every code whose gradient keeps its sign (block-wise
+    reconstruction of the codes, models.recipe)."""
+
+    def init(params):
+        return TensorRmsState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                              jax.tree.map(lambda p: jnp.zeros([], jnp.float32), params))
+
+    def update(updates, state, params=None):
+        count = state.count + 1
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.mean(jnp.square(g.astype(jnp.float32))), state.nu,
+                          updates)
+        c1, c2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
+        out = jax.tree.map(lambda m, v: (m / c1 / jnp.sqrt(v / c2 + eps)).astype(m.dtype), mu, nu)
+        return out, TensorRmsState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
 
 
 def _step_adam(rate, b1: float, b2: float, relative: bool) -> optax.GradientTransformation:
