@@ -97,6 +97,7 @@ class Recipe:
     reconstruct_codes_lr: float = 0.0  # ... and those matrices' integer codes, at this rate in codes (0: kept)
     reconstruct_sink_weight: float = 0.0  # ... the sink rows' relative output error added at this weight (0: left out)
     reconstruct_fisher: bool = False  # ... each output element's error weighed by the float loss's squared gradient
+    reconstruct_own_input: bool = False  # ... the target: the float layer on the quantized input (False: float's)
     learn_rotation: int = 0  # Adam steps of the learned residual rotation after the Hadamard (0: off)
     learn_rotation_lr: float = 2e-3  # ... on its Cayley parameters
 
@@ -158,7 +159,8 @@ class Recipe:
                                                           if self.reconstruct_max_bits != 8 else "")
                     + (f":codes-{self.reconstruct_codes_lr:g}" if self.reconstruct_codes_lr else "")
                     + (f":sink-weight-{self.reconstruct_sink_weight:g}" if self.reconstruct_sink_weight else "")
-                    + (":fisher" if self.reconstruct_fisher else "")]
+                    + (":fisher" if self.reconstruct_fisher else "")
+                    + (":own-input" if self.reconstruct_own_input else "")]
                    if self.reconstruct else []))
 
     def to_json(self) -> dict:
@@ -185,7 +187,7 @@ class Recipe:
                 out.pop(k)
         if not self.reconstruct or self.reconstruct_max_bits == 8:
             out.pop("reconstruct_max_bits")  # every step fitted: the entries made before the switch
-        for k in ("reconstruct_codes_lr", "reconstruct_sink_weight", "reconstruct_fisher"):
+        for k in ("reconstruct_codes_lr", "reconstruct_sink_weight", "reconstruct_fisher", "reconstruct_own_input"):
             if not self.reconstruct or not getattr(self, k):
                 out.pop(k)  # the codes kept, the sink rows left out: the entries made before the switches
         if not self.learn_rotation:
@@ -754,8 +756,8 @@ def layer_output_fisher(params: llama.Params, cfg: ModelConfig, windows: np.ndar
 
 def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConfig, policy, windows: np.ndarray,
                 iters: int, lr: float = 5e-3, log: Log | None = None, errors: list | None = None,
-                max_bits: int = 8, codes_lr: float = 0.0, sink_weight: float = 0.0, fisher: bool = False
-                ) -> llama.Params:
+                max_bits: int = 8, codes_lr: float = 0.0, sink_weight: float = 0.0, fisher: bool = False,
+                own_input: bool = False) -> llama.Params:
     """Block-wise reconstruction of the step sizes (BRECQ, arXiv 2102.05426; OmniQuant, arXiv
     2308.13137, with the integer codes kept): layer by layer, in order, every activation step and
     every weight step of the layer (the GPTQ codes fixed, so a matrix stays on its grid) is fitted
@@ -781,7 +783,11 @@ def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConf
 
     `fisher`: each element of the squared error weighed by how much the float model's loss cares
     about it (`layer_output_fisher`, BRECQ's objective) instead of alike: a layer's output error
-    is then measured in what the later layers and the output layer make of it."""
+    is then measured in what the later layers and the output layer make of it.
+
+    `own_input`: the target is the float layer on the quantized model's own input (each layer
+    fits its own error only, BRECQ's and AdaRound's target) instead of the float model's output
+    there (which also asks each layer to undo the error of the layers before it)."""
     import optax
 
     prec = llama.resolve(policy, cfg)
@@ -844,12 +850,13 @@ def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConf
                   unit="layer", log=log) as bar:
         for i, (lp, lf) in enumerate(zip(layers, flayers)):
             p = prec.at(i)
-            y = float_layer(lf, x_f)
+            y_f = float_layer(lf, x_f)
+            y = float_layer(lf, x_q.astype(jnp.float32)) if own_input else y_f
             codes = {name: jnp.round(_linear(lp, name)["w"] / _linear(lp, name)["s_w"]) for name in llama.LINEARS}
             lp, before, after = fit(lp, x_q, y, codes, p, jnp.float32(1.0) if weights is None else weights[i])
             out.append(lp)
             errs.append((float(before), float(after)))
-            x_q, x_f = quant_layer(lp, x_q, p), y
+            x_q, x_f = quant_layer(lp, x_q, p), y_f
             bar.update()
     if log is not None:
         e = np.asarray(errs)
@@ -945,7 +952,8 @@ def apply(params: llama.Params, cfg: ModelConfig, recipe: str | Recipe, policy, 
         params = reconstruct(params, float_params, cfg, policy, windows[: recipe.reconstruct_windows],
                              recipe.reconstruct, recipe.reconstruct_lr, log=progress_log,
                              max_bits=recipe.reconstruct_max_bits, codes_lr=recipe.reconstruct_codes_lr,
-                             sink_weight=recipe.reconstruct_sink_weight, fisher=recipe.reconstruct_fisher)
+                             sink_weight=recipe.reconstruct_sink_weight, fisher=recipe.reconstruct_fisher,
+                             own_input=recipe.reconstruct_own_input)
         log(f"recipe {recipe.name}: block-wise reconstruction ({recipe.reconstruct} steps per layer on "
             f"{min(len(windows), recipe.reconstruct_windows)} windows) in {time.perf_counter() - t0:.1f} s")
     if "down_input_token_max" in stats:

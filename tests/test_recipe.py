@@ -352,21 +352,49 @@ def test_fisher_weighted_reconstruction_weighs_each_element_by_it(model, quantiz
         "reconstruct:2:fisher"
 
 
+def test_reconstruction_on_its_own_input_fits_each_layer_to_the_float_layer_there(model, quantized):
+    """`own_input`: the second layer's reported starting error is its error against the float layer
+    run on the same (quantized) input, recomputed here from the result's first layer; without it,
+    against the float model's own second-layer output, which differs."""
+    cfg, q = quantized
+    _, f = R.transform(model.params, CFG, RECIPE, "w4a4")
+    windows = prepared.calibration_windows(model, 2)
+    prec = llama.resolve("w4a4", cfg)
+    fprec = llama.Precision(get_policy("float"), jnp.float32, prec.tilings)
+    tokens = jnp.asarray(windows)
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    keep = (pos >= cfg.sink_positions)[..., None]
+    rel = lambda a, b: float(jnp.sum(jnp.where(keep, (a - b) ** 2, 0)) / jnp.sum(jnp.where(keep, b ** 2, 0)))  # noqa: E731
+    fl = llama.unstack_layers(f["layers"])
+    y_f = llama.layer(fl[1], llama.layer(fl[0], llama.embed(f, tokens, fprec).astype(jnp.float32), pos, None, cfg,
+                                         fprec)[0], pos, None, cfg, fprec)[0]
+    for own in (True, False):
+        errors: list = []
+        r = R.reconstruct(q, f, cfg, "w4a4", windows, 2, own_input=own, errors=errors)
+        rl = llama.unstack_layers(r["layers"])
+        x1 = llama.layer(rl[0], llama.embed(r, tokens, prec), pos, None, cfg, prec.at(0))[0]
+        start = llama.layer(llama.unstack_layers(q["layers"])[1], x1, pos, None, cfg, prec.at(1))[0].astype(jnp.float32)
+        target = llama.layer(fl[1], x1.astype(jnp.float32), pos, None, cfg, fprec)[0] if own else y_f
+        assert rel(start, target) == pytest.approx(errors[1][0], rel=1e-4), own
+    assert rel(start, y_f) != pytest.approx(rel(start, llama.layer(fl[1], x1.astype(jnp.float32), pos, None, cfg,
+                                                                   fprec)[0]), rel=1e-3)
+
+
 def test_the_recipe_switch_runs_the_reconstruction_on_its_windows(model, monkeypatch):
     calls = []
     monkeypatch.setattr(R, "reconstruct", lambda p, fp, cfg, pol, w, iters, lr, log=None, max_bits=8, codes_lr=0.0,
-                        sink_weight=0.0, fisher=False: calls.append(
-                            (fp, np.asarray(w), iters, lr, max_bits, codes_lr, sink_weight, fisher)) or p)
+                        sink_weight=0.0, fisher=False, own_input=False: calls.append(
+                            (fp, np.asarray(w), iters, lr, max_bits, codes_lr, sink_weight, fisher, own_input)) or p)
     on = dataclasses.replace(RECIPE, reconstruct=3, reconstruct_windows=1, reconstruct_lr=0.5)
     windows = prepared.calibration_windows(model, 2)
     R.apply(model.params, CFG, on, "w4a4", windows)
     R.apply(model.params, CFG, dataclasses.replace(on, reconstruct_max_bits=4, reconstruct_codes_lr=0.1,
-                                                   reconstruct_sink_weight=2.0, reconstruct_fisher=True),
-            "w4a4", windows)
-    (fp, w, iters, lr, max_bits, codes_lr, sink_weight, fisher), narrow = calls
+                                                   reconstruct_sink_weight=2.0, reconstruct_fisher=True,
+                                                   reconstruct_own_input=True), "w4a4", windows)
+    (fp, w, iters, lr, max_bits, codes_lr, sink_weight, fisher, own), narrow = calls
     np.testing.assert_array_equal(w, windows[:1])
-    assert (iters, lr, max_bits, codes_lr, sink_weight, fisher) == (3, 0.5, 8, 0.0, 0.0, False)
-    assert narrow[-4:] == (4, 0.1, 2.0, True)
+    assert (iters, lr, max_bits, codes_lr, sink_weight, fisher, own) == (3, 0.5, 8, 0.0, 0.0, False, False)
+    assert narrow[-5:] == (4, 0.1, 2.0, True, True)
     assert on.steps("w4a4")[-1] == "reconstruct:3"
     assert (R.with_options(on, ["reconstruct_max_bits=4", "reconstruct_codes_lr=0.1", "reconstruct_sink_weight=2"])
             .steps("w4a4")[-1] == "reconstruct:3:max-bits-4:codes-0.1:sink-weight-2")
@@ -384,6 +412,8 @@ def test_the_recipe_switch_runs_the_reconstruction_on_its_windows(model, monkeyp
     assert dataclasses.replace(on, reconstruct_sink_weight=2.0).to_json()["reconstruct_sink_weight"] == 2.0
     assert "reconstruct_fisher" not in on.to_json()
     assert dataclasses.replace(on, reconstruct_fisher=True).to_json()["reconstruct_fisher"] is True
+    assert "reconstruct_own_input" not in on.to_json()
+    assert dataclasses.replace(on, reconstruct_own_input=True).to_json()["reconstruct_own_input"] is True
     assert prepared.cache_key(model, on, "w4a4")[0] != prepared.cache_key(model, RECIPE, "w4a4")[0]
     with pytest.raises(ValueError, match="reconstruct"):
         R.Recipe("x", reconstruct=-1)
@@ -635,7 +665,8 @@ def test_recipe_options_set_fields_by_their_types():
                    activations="lsq",
                    sink_activations=None, calib_windows=7, seed=3, reconstruct=4, reconstruct_windows=2,
                    reconstruct_lr=0.25, reconstruct_max_bits=4, reconstruct_codes_lr=0.05,
-                   reconstruct_sink_weight=2.0, reconstruct_fisher=True, learn_rotation=0, learn_rotation_lr=0.01)
+                   reconstruct_sink_weight=2.0, reconstruct_fisher=True, reconstruct_own_input=True, learn_rotation=0,
+                   learn_rotation_lr=0.01)
     settable = {f.name for f in dataclasses.fields(R.Recipe)} - {"name", "description"}
     assert set(flipped) == settable
     got = R.with_options("rotate-gptq-learned", [f"{k.replace('_', '-')}={v}" for k, v in flipped.items()])
