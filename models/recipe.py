@@ -55,9 +55,9 @@ import numpy as np
 
 from models import llama
 from models.config import ModelConfig
+from np_jax.chip.vector_unit import quantize
 from np_jax.quant import get_policy, gptq, hadamard, wants_qk_rotation
 from np_jax.progress import Progress
-from np_jax.chip.vector_unit import quantize
 from np_jax.quant.lsq import init_step_mse
 from np_jax.quant.optim import scale_by_tensor_rms
 
@@ -809,10 +809,11 @@ def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConf
     def fit(lp, x, y, codes, p, weight):
         def loss(theta):
             out = llama.layer(_with_log_steps(lp, theta, codes), x, pos, None, cfg, p)[0].astype(jnp.float32)
-            e = jnp.sum(keep * weight * (out - y) ** 2) / jnp.sum(keep * weight * y ** 2)
+            rows = keep if weight is None else keep * weight
+            e = jnp.sum(rows * (out - y) ** 2) / jnp.sum(rows * y ** 2)
             if sink_weight and cfg.sink_positions:  # the sink rows' own relative error (their norms are far larger)
-                e = e + sink_weight * jnp.sum((1 - keep) * weight * (out - y) ** 2) / jnp.sum(
-                    (1 - keep) * weight * y ** 2)
+                sink = 1 - keep if weight is None else (1 - keep) * weight
+                e = e + sink_weight * jnp.sum(sink * (out - y) ** 2) / jnp.sum(sink * y ** 2)
             return e
 
         def body(carry, _):
@@ -838,10 +839,10 @@ def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConf
     def quant_layer(lp, x, p):
         return llama.layer(lp, x, pos, None, cfg, p)[0]
 
-    weights = None
+    fisher_w = None
     if fisher:
         with Progress(f"the float model's loss gradients at every layer's output ({B * L} tokens)", log=log):
-            weights = layer_output_fisher(float_params, cfg, windows)
+            fisher_w = layer_output_fisher(float_params, cfg, windows)
     layers, flayers = llama.unstack_layers(params["layers"]), llama.unstack_layers(float_params["layers"])
     x_f = llama.embed(float_params, tokens, fprec).astype(jnp.float32)
     x_q = llama.embed(params, tokens, prec)
@@ -853,7 +854,7 @@ def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConf
             y_f = float_layer(lf, x_f)
             y = float_layer(lf, x_q.astype(jnp.float32)) if own_input else y_f
             codes = {name: jnp.round(_linear(lp, name)["w"] / _linear(lp, name)["s_w"]) for name in llama.LINEARS}
-            lp, before, after = fit(lp, x_q, y, codes, p, jnp.float32(1.0) if weights is None else weights[i])
+            lp, before, after = fit(lp, x_q, y, codes, p, None if fisher_w is None else fisher_w[i])
             out.append(lp)
             errs.append((float(before), float(after)))
             x_q, x_f = quant_layer(lp, x_q, p), y_f

@@ -920,6 +920,28 @@ def test_the_reconstruction_table_is_its_data_files():
                    and all(f"--recipe-option {o} " in c for o in opts) for c in commands), row
 
 
+def test_the_reconstruction_loss_table_is_its_data_file():
+    """quantization.md's table of the reconstruction's losses: one row per row of its data file (the
+    float row aside), each with that row's recipe, options and figures, and a command naming them."""
+    data = _result("recon_loss_smollm2.json")
+    table = _table("docs/quantization.md", "| Precision | Recipe | Reconstruction options | vs float |")
+    rows = [r for r in data["rows"] if r["precision"] != "float"]
+    assert len(table) == len(rows)
+    for (precision, recipe, options, vs, kl, top1, same), row in zip(table, rows):
+        opts = options.split(", ")
+        assert (precision, recipe, opts) == (row["precision"], row["recipe"], row["recipe_options"])
+        assert _shown(vs, row["vs_float"]) and _shown(kl, row["kl"]) and _shown(top1, row["top1_agreement"])
+        assert _shown(same, row["same_as_float_tokens"])
+        assert any(f"--precision {precision} " in c and f"--recipe {recipe} " in c and "--data" not in c
+                   and all(f"--recipe-option {o} " in c for o in opts) for c in data["commands"]), row
+    # the best w4a4 PTQ, as README and codesign.md quote it
+    best, = [r for r in rows if r["precision"] == "w4a4" and r["recipe_options"] == [
+        "gptq_sink_weight=16", "reconstruct=20", "reconstruct_sink_weight=1"]]
+    assert f"{best['vs_float']:.2f}x with `--recipe rotate-gptq-learned --recipe-option gptq_sink_weight=16" in _page(
+        "README.md")
+    assert f"w4a4 reaches **{best['vs_float']:.2f}x** (KL\n  {best['kl']:.3f})" in _page("docs/codesign.md")
+
+
 def test_the_qat_tables_are_their_data_files():
     rotate, plain = _result("qat_rotate_smollm2.json"), _result("qat_smollm2.json")
     table = _table("docs/training.md", "| Model | Precision | Steps | Train tokens | Perplexity |")
