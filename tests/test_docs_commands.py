@@ -924,7 +924,7 @@ def test_the_reconstruction_loss_table_is_its_data_file():
     """quantization.md's table of the reconstruction's losses: one row per row of its data file (the
     float row aside), each with that row's recipe, options and figures, and a command naming them."""
     data = _result("recon_loss_smollm2.json")
-    table = _table("docs/quantization.md", "| Precision | Recipe | Reconstruction options | vs float |")
+    table = _table("docs/quantization.md", "| Precision | Recipe | Recipe options | vs float |")
     rows = [r for r in data["rows"] if r["precision"] != "float"]
     assert len(table) == len(rows)
     for (precision, recipe, options, vs, kl, top1, same), row in zip(table, rows):
@@ -940,6 +940,11 @@ def test_the_reconstruction_loss_table_is_its_data_file():
     assert f"{best['vs_float']:.2f}x with `--recipe rotate-gptq-learned --recipe-option gptq_sink_weight=16" in _page(
         "README.md")
     assert f"w4a4 reaches **{best['vs_float']:.2f}x** (KL\n  {best['kl']:.3f})" in _page("docs/codesign.md")
+    plain, weighed = _result("recon_loss_numpy.json")["rows"][1:]
+    assert all("--data" in c for c in _result("recon_loss_numpy.json")["commands"])
+    assert weighed["recipe_options"] == plain["recipe_options"] + ["reconstruct_sink_weight=1"]
+    assert (f"w4a4 goes from {plain['vs_float']:.2f}x to {weighed['vs_float']:.2f}x with the sink term (KL\n"
+            f"{plain['kl']:.3f} -> {weighed['kl']:.3f}" in _page("docs/quantization.md"))
 
 
 def test_the_qat_tables_are_their_data_files():
