@@ -56,10 +56,9 @@ import numpy as np
 from models import llama
 from models.config import ModelConfig
 from np_jax.chip.vector_unit import quantize
-from np_jax.quant import get_policy, gptq, hadamard, wants_qk_rotation
+from np_jax.quant import get_policy, gptq, hadamard, scale_by_tensor_rms, wants_qk_rotation
 from np_jax.progress import Progress
 from np_jax.quant.lsq import init_step_mse
-from np_jax.quant.optim import scale_by_tensor_rms
 
 Log = Callable[[str], None]
 

@@ -259,7 +259,7 @@ def test_tensor_rms_adam_moves_each_element_by_its_own_gradient(seed, scale):
     mean squared gradient); oracle in numpy float64, update by update. Within a tensor, an element
     with twice the gradient moves twice as far (element-wise Adam would move both alike), and the
     direction does not depend on the gradients' overall scale."""
-    from np_jax.quant.optim import scale_by_tensor_rms
+    from np_jax.quant import scale_by_tensor_rms
     rng = np.random.default_rng(seed)
     shapes = {"a": (3, 4), "b": (5,)}
     grads = [{k: scale * rng.normal(size=sh) for k, sh in shapes.items()} for _ in range(4)]

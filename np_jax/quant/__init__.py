@@ -9,8 +9,8 @@ products (one integer forward for training and serving), rotations, GPTQ and the
 - `hadamard`: Sylvester, Paley and Kronecker constructions (`hadamard`, `orthogonal`,
   `random_signs`, `factors`, `is_supported`, `kron_apply_int`, `hadamard.apply`).
 - `gptq`: `gptq`, round-to-nearest `rtn` and their Hessian helpers.
-- `optim`: optax parameter groups (`param_group`, `param_groups`) and the activation-step warm
-  start (`lsq_optimizer`).
+- `optim`: optax parameter groups (`param_group`, `param_groups`), the activation-step warm
+  start (`lsq_optimizer`), and Adam with one second moment per tensor (`scale_by_tensor_rms`).
 
 The modules themselves are offered too (`from np_jax.quant import hadamard`).
 """
@@ -20,7 +20,7 @@ from np_jax.quant.gptq import rtn
 from np_jax.quant.hadamard import factors, is_supported, kron_apply_int, orthogonal, random_signs
 from np_jax.quant.lsq import (FLOAT, TensorQuant, act_grad_scale, check_step, dynamic_step, fake_quant, grad_scale,
                               init_step, init_step_max, init_step_mse, lsq_fake_quant, weight_grad_scale)
-from np_jax.quant.optim import lsq_optimizer, param_group, param_groups
+from np_jax.quant.optim import lsq_optimizer, param_group, param_groups, scale_by_tensor_rms
 from np_jax.quant.policy import POLICIES, TRANSFORM_RULES, PrecisionPolicy, get_policy, load_policy, wants_qk_rotation
 from np_jax.quant.products import (ProductSpec, act_codes, check_linear_steps, linear, prepare_linear,
                                    quantized_product, scaled_int_product, silu_lut)
@@ -65,6 +65,7 @@ __all__ = [
     "quantized_product",
     "random_signs",
     "rtn",
+    "scale_by_tensor_rms",
     "scaled_int_product",
     "silu_lut",
     "wants_qk_rotation",
