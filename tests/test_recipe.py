@@ -347,7 +347,7 @@ def test_fisher_weighted_reconstruction_weighs_each_element_by_it(model, quantiz
     keep = (pos >= cfg.sink_positions)[..., None]
     err = float(jnp.sum(jnp.where(keep, weight * (out - y) ** 2, 0)) / jnp.sum(jnp.where(keep, weight * y ** 2, 0)))
     plain = float(jnp.sum(jnp.where(keep, (out - y) ** 2, 0)) / jnp.sum(jnp.where(keep, y ** 2, 0)))
-    assert err == pytest.approx(errors[0][1], rel=1e-4) and err != pytest.approx(plain, rel=1e-2)
+    assert err == pytest.approx(errors[0][1], rel=1e-4) and err != pytest.approx(plain, rel=1e-3)
     assert R.with_options(RECIPE, ["reconstruct=2", "reconstruct_fisher=true"]).steps("w4a4")[-1] == \
         "reconstruct:2:fisher"
 
@@ -374,10 +374,11 @@ def test_reconstruction_on_its_own_input_fits_each_layer_to_the_float_layer_ther
         rl = llama.unstack_layers(r["layers"])
         x1 = llama.layer(rl[0], llama.embed(r, tokens, prec), pos, None, cfg, prec.at(0))[0]
         start = llama.layer(llama.unstack_layers(q["layers"])[1], x1, pos, None, cfg, prec.at(1))[0].astype(jnp.float32)
-        target = llama.layer(fl[1], x1.astype(jnp.float32), pos, None, cfg, fprec)[0] if own else y_f
-        assert rel(start, target) == pytest.approx(errors[1][0], rel=1e-4), own
-    assert rel(start, y_f) != pytest.approx(rel(start, llama.layer(fl[1], x1.astype(jnp.float32), pos, None, cfg,
-                                                                   fprec)[0]), rel=1e-3)
+        e_own, e_float = rel(start, llama.layer(fl[1], x1.astype(jnp.float32), pos, None, cfg, fprec)[0]), rel(start, y_f)
+        # the integer forward rounds: a step recomputed as exp(log(step)) may move a few codes (0.5 %
+        # on one jax version), far less than the two targets differ
+        want, other = (e_own, e_float) if own else (e_float, e_own)
+        assert abs(errors[1][0] - want) < 0.01 * want and abs(errors[1][0] - other) > 0.05 * want, own
 
 
 def test_the_recipe_switch_runs_the_reconstruction_on_its_windows(model, monkeypatch):
