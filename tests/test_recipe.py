@@ -264,6 +264,20 @@ def test_reconstruction_of_the_narrow_steps_keeps_the_wide_ones(model, quantized
         assert not np.array_equal(a, b8), path
 
 
+def _first_layer_outputs(f, r, cfg, windows):
+    """The float model's first layer output and the reconstructed one's on its quantized input (the
+    pair the reconstruction's first loss compares), with the positions."""
+    prec = llama.resolve("w4a4", cfg)
+    fprec = llama.Precision(get_policy("float"), jnp.float32, prec.tilings)
+    tokens = jnp.asarray(windows)
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    y = llama.layer(llama.unstack_layers(f["layers"])[0], llama.embed(f, tokens, fprec).astype(jnp.float32), pos,
+                    None, cfg, fprec)[0]
+    out = llama.layer(llama.unstack_layers(r["layers"])[0], llama.embed(r, tokens, prec), pos, None, cfg,
+                      prec.at(0))[0].astype(jnp.float32)
+    return y, out, pos
+
+
 def test_reconstruction_of_the_codes_rounds_to_the_grid_it_measured(model, quantized):
     """`codes_lr`: the codes of the fitted matrices move off GPTQ's (some, not all), stay integers on
     their role's grid, and the kept layer is the one the last loss measured: the first layer's
@@ -287,14 +301,7 @@ def test_reconstruction_of_the_codes_rounds_to_the_grid_it_measured(model, quant
         assert changed.mean() < 0.5, name  # a code moves where the error says so, not everywhere
         moved += changed.sum()
     assert moved > 0
-    prec = llama.resolve("w4a4", cfg)
-    fprec = llama.Precision(get_policy("float"), jnp.float32, prec.tilings)
-    tokens = jnp.asarray(windows)
-    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    y = llama.layer(llama.unstack_layers(f["layers"])[0], llama.embed(f, tokens, fprec).astype(jnp.float32), pos,
-                    None, cfg, fprec)[0]
-    out = llama.layer(llama.unstack_layers(r["layers"])[0], llama.embed(r, tokens, prec), pos, None, cfg,
-                      prec.at(0))[0].astype(jnp.float32)
+    y, out, pos = _first_layer_outputs(f, r, cfg, windows)
     rel = lambda rows: float(jnp.sum(jnp.where(rows, (out - y) ** 2, 0)) / jnp.sum(jnp.where(rows, y ** 2, 0)))  # noqa: E731
     keep = (pos >= cfg.sink_positions)[..., None]
     err = rel(keep) + 0.5 * rel(~keep)
@@ -336,14 +343,7 @@ def test_fisher_weighted_reconstruction_weighs_each_element_by_it(model, quantiz
     errors: list = []
     r = R.reconstruct(q, f, cfg, "w4a4", windows, 4, fisher=True, errors=errors)
     weight = R.layer_output_fisher(f, cfg, windows)[0]
-    prec = llama.resolve("w4a4", cfg)
-    fprec = llama.Precision(get_policy("float"), jnp.float32, prec.tilings)
-    tokens = jnp.asarray(windows)
-    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    y = llama.layer(llama.unstack_layers(f["layers"])[0], llama.embed(f, tokens, fprec).astype(jnp.float32), pos,
-                    None, cfg, fprec)[0]
-    out = llama.layer(llama.unstack_layers(r["layers"])[0], llama.embed(r, tokens, prec), pos, None, cfg,
-                      prec.at(0))[0].astype(jnp.float32)
+    y, out, pos = _first_layer_outputs(f, r, cfg, windows)
     keep = (pos >= cfg.sink_positions)[..., None]
     err = float(jnp.sum(jnp.where(keep, weight * (out - y) ** 2, 0)) / jnp.sum(jnp.where(keep, weight * y ** 2, 0)))
     plain = float(jnp.sum(jnp.where(keep, (out - y) ** 2, 0)) / jnp.sum(jnp.where(keep, y ** 2, 0)))
