@@ -850,13 +850,12 @@ def reconstruct(params: llama.Params, float_params: llama.Params, cfg: ModelConf
                   unit="layer", log=log) as bar:
         for i, (lp, lf) in enumerate(zip(layers, flayers)):
             p = prec.at(i)
-            y_f = float_layer(lf, x_f)
-            y = float_layer(lf, x_q.astype(jnp.float32)) if own_input else y_f
+            y = float_layer(lf, x_q.astype(jnp.float32) if own_input else x_f)  # own_input: no float trajectory
             codes = {name: jnp.round(_linear(lp, name)["w"] / _linear(lp, name)["s_w"]) for name in llama.LINEARS}
             lp, before, after = fit(lp, x_q, y, codes, p, None if fisher_w is None else fisher_w[i])
             out.append(lp)
             errs.append((float(before), float(after)))
-            x_q, x_f = quant_layer(lp, x_q, p), y_f
+            x_q, x_f = quant_layer(lp, x_q, p), y
             bar.update()
     if log is not None:
         e = np.asarray(errs)
